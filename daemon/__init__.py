@@ -1,0 +1,1 @@
+"""The tomolive service and command line: watching, scheduling, reloading, metrics (wiring only)."""

@@ -1,0 +1,36 @@
+"""The result of segmenting one tomogram: what `core.pipeline.segment` returns and
+`core.export` writes. Everything here is on the INPUT grid, in the file's own axis order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .classes import ClassSpec
+from .filaments import Filament
+from .particles import ParticleTable
+
+
+@dataclass
+class Segmentation:
+    stem: str
+    labels: np.ndarray  # int8 [z, y, x], input grid; value = class index (0 background)
+    voxel_size_a: float  # the input's voxel size (after any override)
+    origin_xyz_a: tuple[float, float, float]
+    classes: list[ClassSpec]  # label value i + 1 is classes[i]
+    particles: dict[str, ParticleTable] = field(default_factory=dict)  # input-grid voxels
+    filaments: dict[str, list[Filament]] = field(default_factory=dict)  # input-grid voxels
+    class_fractions: dict[str, float] = field(default_factory=dict)
+    confidence: float = float("nan")  # mean max class probability inside the specimen, 0..1
+    timings_s: dict[str, float] = field(default_factory=dict)  # per stage
+    model: dict[str, Any] = field(default_factory=dict)  # name, version, sha256
+    input: dict[str, Any] = field(default_factory=dict)  # path, fingerprint, shape, mode, ...
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def class_index(self, name: str) -> int:
+        for i, spec in enumerate(self.classes):
+            if spec.name == name:
+                return i + 1
+        raise KeyError(name)

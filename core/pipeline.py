@@ -1,0 +1,253 @@
+"""One call, one tomogram: `segment(volume, bundle, options) -> Segmentation`.
+
+The data flow is one way (docs/architecture.md): the input is memory-mapped, rescaled to the
+model's grid slab by slab, preprocessed with the bundle's own recipe, predicted, cleaned up and
+turned into particles and filaments on the (smaller) model grid; only the label volume and the
+coordinates are mapped back to the input grid and the file's own axis order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from .cleanup import clean_labels
+from .export import write_outputs
+from .filaments import Filament, trace_filaments
+from .fingerprint import input_fingerprint
+from .infer import InferenceOptions, predict, prepare_network
+from .model import ModelBundle
+from .particles import ParticleTable, find_particles
+from .preprocess import apply_recipe
+from .resample import GridMap, fourier_rescale, grid_for, labels_to_input
+from .segmentation import Segmentation
+from .volume import Volume, from_canonical, read_mrc, thin_axis, to_canonical
+
+STAGES = ("read", "rescale", "preprocess", "inference", "cleanup", "particles", "filaments",
+          "write")
+
+# Progress callback: (stage name, fraction of that stage done in 0..1).
+Progress = Callable[[str, float], None]
+
+# The confidence signal ignores this fraction of slices at the top and the bottom of the
+# volume: they are mostly empty ice and reconstruction artefacts, where any model is unsure.
+_CONFIDENCE_Z_MARGIN = 0.25
+
+
+@dataclass
+class SegmentOptions:
+    """What a caller may choose per run; everything scientific comes from the bundle."""
+
+    inference: InferenceOptions = field(default_factory=InferenceOptions)
+    voxel_size_a: float | None = None  # overrides a header that lies
+
+    def to_json(self) -> dict[str, Any]:
+        inference = self.inference
+        return {
+            "device": str(inference.device),
+            "batch_size": inference.batch_size,
+            "tile_size_px": inference.tile_size_px,
+            "tta_flips": inference.tta_flips,
+            "voxel_size_override_a": self.voxel_size_a,
+        }
+
+
+class _StageTimer:
+    """Wall-clock seconds per stage, accumulated into a dict."""
+
+    def __init__(self, timings_s: dict[str, float]) -> None:
+        self.timings_s = timings_s
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.timings_s[name] = self.timings_s.get(name, 0.0) + elapsed
+
+
+def segment(
+    volume: Volume,
+    bundle: ModelBundle,
+    options: SegmentOptions | None = None,
+    *,
+    network: Any = None,
+    progress: Progress | None = None,
+    stem: str | None = None,
+    timings_s: dict[str, float] | None = None,
+) -> Segmentation:
+    """Segment one tomogram with one model bundle.
+
+    `network` is the bundle's prepared network (`infer.prepare_network`); pass it to reuse one
+    across tomograms, otherwise it is built here. `timings_s` may carry stages measured by the
+    caller (the read).
+    """
+    options = options or SegmentOptions()
+    timings_s = dict(timings_s or {})
+    timer = _StageTimer(timings_s)
+    meta = bundle.meta
+    model_voxel_a = float(meta.voxel_size_a)
+    beam_axis = thin_axis(volume.data.shape)
+    canonical = to_canonical(volume.data, beam_axis)
+
+    with timer.stage("rescale"):
+        grid = grid_for(canonical.shape, volume.voxel_size_a, model_voxel_a)
+        model_data = fourier_rescale(canonical, grid, device=_device_name(options))
+    _report(progress, "rescale", 1.0)
+    with timer.stage("preprocess"):
+        model_data = apply_recipe(model_data, model_voxel_a, meta.preprocess,
+                                  device=_device_name(options))
+    _report(progress, "preprocess", 1.0)
+    with timer.stage("inference"):
+        if network is None:
+            network = prepare_network(bundle, options.inference.device)
+        n_slices = model_data.shape[0]
+        prediction = predict(
+            network, model_data, meta.architecture["in_slices"], options.inference,
+            progress=None if progress is None else
+            (lambda done: progress("inference", done / n_slices)),
+        )
+    del model_data  # the largest float array of the run: free it before post-processing
+    classes = bundle.classes
+    with timer.stage("cleanup"):
+        labels = clean_labels(prediction.labels, classes, model_voxel_a)
+    _report(progress, "cleanup", 1.0)
+    with timer.stage("particles"):
+        particles = {
+            spec.name: find_particles(labels, prediction.confidence, index + 1, spec,
+                                      model_voxel_a)
+            for index, spec in enumerate(classes) if spec.is_particle
+        }
+    _report(progress, "particles", 1.0)
+    with timer.stage("filaments"):
+        filaments = {
+            spec.name: trace_filaments(labels == index + 1, spec, model_voxel_a)
+            for index, spec in enumerate(classes) if spec.is_filament
+        }
+    _report(progress, "filaments", 1.0)
+    with timer.stage("write"):  # mapping back is part of producing the outputs
+        input_labels = np.ascontiguousarray(
+            from_canonical(labels_to_input(labels, grid), beam_axis))
+    return Segmentation(
+        stem=stem or (volume.path.stem if volume.path else "tomogram"),
+        labels=input_labels,
+        voxel_size_a=volume.voxel_size_a,
+        origin_xyz_a=tuple(volume.origin_xyz_a),
+        classes=list(classes),
+        particles={name: _particles_to_input(table, grid, beam_axis)
+                   for name, table in particles.items()},
+        filaments={name: [_filament_to_input(f, grid, beam_axis) for f in found]
+                   for name, found in filaments.items()},
+        class_fractions=_class_fractions(labels, classes),
+        confidence=_specimen_confidence(prediction.confidence),
+        timings_s=timings_s,
+        model=_model_record(bundle),
+        input={
+            "path": str(volume.path) if volume.path else None,
+            "shape_zyx": list(volume.data.shape),
+            "dtype": str(volume.data.dtype),
+            "voxel_size_a": volume.voxel_size_a,
+            "origin_xyz_a": list(volume.origin_xyz_a),
+            "beam_axis": "zyx"[beam_axis],
+            "model_grid_shape_zyx": list(grid.model_shape),
+        },
+        settings=options.to_json(),
+    )
+
+
+def segment_file(
+    path: str | Path,
+    out_parent: str | Path,
+    bundle: ModelBundle,
+    options: SegmentOptions | None = None,
+    *,
+    network: Any = None,
+    progress: Progress | None = None,
+    before_publish: Callable[[], None] | None = None,
+) -> tuple[Segmentation, Path]:
+    """Read, segment and write one file: `out_parent/STEM/` appears whole or not at all.
+
+    `before_publish` runs just before the output folder is renamed into place; raising there
+    (for example because a lease was lost) abandons the result without publishing it.
+    """
+    options = options or SegmentOptions()
+    path = Path(path)
+    timings_s: dict[str, float] = {}
+    start = time.perf_counter()
+    fingerprint = input_fingerprint(path)
+    with _StageTimer(timings_s).stage("read"):
+        volume = read_mrc(path, voxel_size_a=options.voxel_size_a)
+    _report(progress, "read", 1.0)
+    seg = segment(volume, bundle, options, network=network, progress=progress,
+                  stem=path.stem, timings_s=timings_s)
+    seg.input["fingerprint"] = fingerprint
+    seg.input["tomolive_version"] = __version__
+    out_dir = write_outputs(Path(out_parent), seg, tomogram=volume.data, start_time=start,
+                            before_publish=before_publish)
+    _report(progress, "write", 1.0)
+    return seg, out_dir
+
+
+def _device_name(options: SegmentOptions) -> str:
+    from .infer import resolve_device
+
+    return str(resolve_device(options.inference.device))
+
+
+def _report(progress: Progress | None, stage: str, fraction: float) -> None:
+    if progress is not None:
+        progress(stage, fraction)
+
+
+def _model_record(bundle: ModelBundle) -> dict[str, Any]:
+    return {
+        "name": bundle.meta.name,
+        "version": bundle.meta.version,
+        "sha256": bundle.sha256,
+        "path": str(bundle.path) if bundle.path else None,
+        "voxel_size_a": bundle.meta.voxel_size_a,
+    }
+
+
+def _class_fractions(labels: np.ndarray, classes: list) -> dict[str, float]:
+    counts = np.bincount(labels.reshape(-1).view(np.uint8), minlength=len(classes) + 1)
+    total = max(int(labels.size), 1)
+    return {spec.name: float(counts[i + 1]) / total for i, spec in enumerate(classes)}
+
+
+def _specimen_confidence(confidence_u8: np.ndarray) -> float:
+    """Mean max class probability over the central slices (the specimen), in 0..1."""
+    n_z = confidence_u8.shape[0]
+    margin = int(n_z * _CONFIDENCE_Z_MARGIN)
+    central = confidence_u8[margin:n_z - margin] if n_z - 2 * margin > 0 else confidence_u8
+    return float(central.mean(dtype=np.float64) / 255.0)
+
+
+def _points_to_input(zyx_model: np.ndarray, grid: GridMap, beam_axis: int) -> np.ndarray:
+    """Model-grid (canonical) voxel coordinates -> the input file's own voxel coordinates."""
+    zyx = grid.to_input(np.asarray(zyx_model, dtype=np.float64).reshape(-1, 3))
+    return zyx[:, [1, 0, 2]] if beam_axis == 1 else zyx
+
+
+def _particles_to_input(table: ParticleTable, grid: GridMap, beam_axis: int) -> ParticleTable:
+    return replace(table, zyx=_points_to_input(table.zyx, grid, beam_axis))
+
+
+def _filament_to_input(filament: Filament, grid: GridMap, beam_axis: int) -> Filament:
+    directions = np.asarray(filament.directions_zyx, dtype=np.float64).reshape(-1, 3)
+    directions = directions * np.asarray(grid.scale_zyx)  # tangents stretch with the grid
+    norms = np.linalg.norm(directions, axis=1, keepdims=True)
+    directions = directions / np.where(norms > 0, norms, 1.0)
+    if beam_axis == 1:
+        directions = directions[:, [1, 0, 2]]
+    return Filament(points_zyx=_points_to_input(filament.points_zyx, grid, beam_axis),
+                    directions_zyx=directions)

@@ -1,0 +1,461 @@
+"""The `tomolive` command: argument parsing and progress display; the work lives in core/ and
+the service. Every failure prints one line `tomolive: error: ...` and exits non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .. import __version__
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A failure the user can act on: printed as one line, exit status 1."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    try:
+        return int(args.handler(args) or EXIT_OK)
+    except KeyboardInterrupt:
+        print("tomolive: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, OSError) as error:
+        print(f"tomolive: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tomolive",
+        description="Segment cryo-electron tomograms as the microscope produces them.",
+    )
+    parser.add_argument("--version", action="version", version=f"tomolive {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in (_add_demo, _add_run, _add_segment, _add_train, _add_distill, _add_synth,
+                     _add_evaluate, _add_models, _add_status, _add_retry):
+        register(sub)
+    return parser
+
+
+# --- segment ----------------------------------------------------------------------------------
+
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment", help="segment tomogram files into DIR/STEM/")
+    p.add_argument("tomograms", nargs="+", metavar="TOMO", type=Path)
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument("--model", type=Path, metavar="FILE",
+                   help="model bundle (.safetensors); default: the shipped default model")
+    p.add_argument("--pixel-size", type=float, metavar="A", dest="pixel_size_a",
+                   help="voxel size in Å, overriding the file headers")
+    _add_device_args(p)
+    p.add_argument("--claim", action="store_true",
+                   help="take leases in the output folder (batch jobs beside running daemons)")
+    p.add_argument("--lease-seconds", type=float, default=120.0)
+    p.set_defaults(handler=_cmd_segment)
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+
+
+def _segment_options(args: argparse.Namespace):
+    from ..core.infer import InferenceOptions
+    from ..core.pipeline import SegmentOptions
+
+    inference = InferenceOptions(device=args.device, tta_flips=args.tta)
+    if args.batch_size:
+        inference.batch_size = args.batch_size
+    return SegmentOptions(inference=inference, voxel_size_a=args.pixel_size_a)
+
+
+def load_model_or_default(path: Path | None):
+    """The bundle at `path`, or the shipped default model."""
+    from ..core.model import default_bundle_path, load_bundle
+
+    bundle_path = path or default_bundle_path()
+    if not Path(bundle_path).exists():
+        raise CommandError(f"{bundle_path}: model file not found")
+    return load_bundle(bundle_path)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from ..core.infer import prepare_network
+    from ..core.pipeline import segment_file
+
+    bundle = load_model_or_default(args.model)
+    options = _segment_options(args)
+    network = prepare_network(bundle, options.inference.device)
+    print(f"model {bundle.meta.name} v{bundle.meta.version} ({bundle.sha256[:12]}) "
+          f"at {bundle.meta.voxel_size_a:g} Å on {options.inference.device}", file=sys.stderr)
+    if args.claim:
+        from .batch import segment_with_claims
+
+        return segment_with_claims(args.tomograms, args.out, bundle, network, options,
+                                   lease_seconds=args.lease_seconds)
+    failures = 0
+    for path in args.tomograms:
+        try:
+            with _StageProgress(path.name) as progress:
+                seg, out_dir = segment_file(path, args.out, bundle, options, network=network,
+                                            progress=progress)
+        except (ValueError, OSError, RuntimeError) as error:
+            failures += 1
+            print(f"tomolive: error: {_one_line(error)}", file=sys.stderr)
+            continue
+        print(summary_line(seg.stem, seg.timings_s, seg.particles, seg.filaments, out_dir))
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def summary_line(stem, timings_s, particles, filaments, out_dir) -> str:
+    """The one line per tomogram that users and journald see."""
+    total = sum(timings_s.values())
+    counts = [f"{name}={len(table.zyx)}" for name, table in particles.items()]
+    counts += [f"{name}_filaments={len(found)}" for name, found in filaments.items()]
+    stages = " ".join(f"{k}={v:.1f}s" for k, v in timings_s.items())
+    return f"{stem}: done in {total:.1f}s ({stages}) {' '.join(counts)} -> {out_dir}"
+
+
+class _StageProgress:
+    """A tqdm bar that follows the pipeline's (stage, fraction) callbacks."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar = None
+
+    def __enter__(self) -> Callable[[str, float], None]:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=100, desc=self.label, unit="%", leave=False, file=sys.stderr,
+                        disable=None, bar_format="{desc} {bar} {percentage:3.0f}% {postfix}")
+        return self.update
+
+    def update(self, stage: str, fraction: float) -> None:
+        from ..core.pipeline import STAGES
+
+        position = STAGES.index(stage) if stage in STAGES else 0
+        overall = 100.0 * (position + fraction) / len(STAGES)
+        if stage == "inference":  # by far the longest stage: give it most of the bar
+            overall = 30.0 + 55.0 * fraction
+        elif position > STAGES.index("inference"):
+            overall = 85.0 + 15.0 * (position - 4 + fraction) / (len(STAGES) - 4)
+        else:
+            overall = 30.0 * (position + fraction) / 4
+        self.bar.set_postfix_str(stage)
+        self.bar.n = min(100.0, round(overall, 1))
+        self.bar.refresh()
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+# --- synth and evaluate -----------------------------------------------------------------------
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a synthetic tomogram with its ground truth")
+    p.add_argument("out", type=Path, metavar="OUT.mrc")
+    p.add_argument("--labels", type=Path, metavar="L.mrc")
+    p.add_argument("--particles", type=Path, metavar="P.csv")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=(64, 256, 256))
+    p.add_argument("--pixel-size", type=float, default=10.0, metavar="A", dest="pixel_size_a")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "int16", "float16"), default="float32",
+                   help="storage type of the tomogram (int16 is scaled to use its range)")
+    p.set_defaults(handler=_cmd_synth)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from ..core.synth import synthesize, write_synth
+
+    start = time.perf_counter()
+    result = synthesize(tuple(args.shape), args.pixel_size_a, args.seed)
+    write_synth(result, args.out, labels_path=args.labels, particles_csv=args.particles,
+                dtype=args.dtype)
+    print(f"{args.out}: synthetic tomogram {tuple(args.shape)} at {args.pixel_size_a:g} Å, "
+          f"seed {args.seed}, {len(result.particles)} particles "
+          f"({time.perf_counter() - start:.1f}s)")
+    return EXIT_OK
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="Dice per class and particle precision/recall/F1")
+    p.add_argument("--pred", required=True, type=Path, metavar="LABELS.mrc")
+    p.add_argument("--truth", required=True, type=Path, metavar="LABELS.mrc")
+    p.add_argument("--pred-particles", type=Path, metavar="CSV")
+    p.add_argument("--truth-particles", type=Path, metavar="CSV")
+    p.add_argument("--classes", default=None,
+                   help="class names in label order (default: the synthetic classes)")
+    p.add_argument("--model", type=Path, help="take class names and diameters from a bundle")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..core.evaluate import evaluate_files, format_table
+
+    class_specs = _evaluation_classes(args)
+    result = evaluate_files(args.pred, args.truth, class_specs,
+                            pred_particles=args.pred_particles,
+                            truth_particles=args.truth_particles)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return EXIT_OK
+
+
+def _evaluation_classes(args: argparse.Namespace):
+    from ..core.classes import SYNTH_CLASS_NAMES, default_class
+
+    if args.model:
+        return load_model_or_default(args.model).classes
+    names = args.classes.split(",") if args.classes else list(SYNTH_CLASS_NAMES)
+    return [default_class(name.strip()) for name in names]
+
+
+# --- train and distill ------------------------------------------------------------------------
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from annotated slices of a tomogram")
+    p.add_argument("--tomogram", required=True, type=Path, action="append", metavar="T",
+                   help="repeat with --labels (and --region) for several tomograms")
+    p.add_argument("--labels", required=True, type=Path, action="append", metavar="L")
+    p.add_argument("--classes", required=True, metavar="NAME,NAME,...")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE")
+    p.add_argument("--region", action="append", metavar="Z0:Z1,Y0:Y1,X0:X1")
+    p.add_argument("--max-minutes", type=float, metavar="M")
+    p.add_argument("--steps", type=int, metavar="N")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--pixel-size", type=float, metavar="A", dest="pixel_size_a",
+                   help="voxel size in Å of the tomograms, overriding their headers")
+    p.add_argument("--model-pixel-size", type=float, metavar="A",
+                   help="the model's voxel size (default: the first tomogram's)")
+    p.add_argument("--class-config", type=Path, metavar="YAML",
+                   help="per-class overrides (kind, diameter_nm, min_length_nm, ...)")
+    p.add_argument("--init", type=Path, metavar="MODEL", help="fine-tune from this bundle")
+    p.add_argument("--name", default=None, help="model name (default: the output file's stem)")
+    p.add_argument("--base-width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ..core import train as training
+    from ..core.model import load_bundle, save_bundle
+
+    if args.steps is None and args.max_minutes is None:
+        raise CommandError("give --steps N and/or --max-minutes M")
+    if len(args.labels) != len(args.tomogram):
+        raise CommandError("give one --labels per --tomogram")
+    regions = args.region or []
+    if regions and len(regions) != len(args.tomogram):
+        raise CommandError("give one --region per --tomogram, or none")
+    sources = [
+        training.TrainingSource(tomogram_path=t, labels_path=lab,
+                                region=training.parse_region(regions[i]) if regions else None,
+                                voxel_size_a=args.pixel_size_a)
+        for i, (t, lab) in enumerate(zip(args.tomogram, args.labels, strict=True))
+    ]
+    overrides = training.load_class_overrides(args.class_config) if args.class_config else {}
+    class_specs = training.class_specs_for(
+        [n.strip() for n in args.classes.split(",") if n.strip()], overrides)
+    options = training.TrainOptions(
+        steps=args.steps, max_minutes=args.max_minutes, device=args.device, seed=args.seed,
+        model_voxel_size_a=args.model_pixel_size, name=args.name or args.out.stem,
+        **({"base_width": args.base_width} if args.base_width else {}),
+    )
+    init = load_bundle(args.init) if args.init else None
+    with _TrainingProgress(args.steps) as progress:
+        trained = training.train(sources, class_specs, options, init_bundle=init,
+                                 progress=progress)
+    save_bundle(args.out, trained.network, trained.meta)
+    dice = trained.meta.training.get("validation_dice", {})
+    print(f"{args.out}: {trained.meta.name} v{trained.meta.version}, validation Dice "
+          + " ".join(f"{k}={v:.2f}" for k, v in dice.items()))
+    return EXIT_OK
+
+
+class _TrainingProgress:
+    """A tqdm bar over training steps, showing the loss and the validation Dice per class."""
+
+    def __init__(self, total_steps: int | None) -> None:
+        self.total_steps = total_steps
+        self.bar = None
+
+    def __enter__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total_steps, desc="training", unit="step", file=sys.stderr,
+                        disable=None)
+        return self.update
+
+    def update(self, report) -> None:
+        self.bar.n = report.step
+        postfix = f"loss={report.loss:.3f}"
+        if report.validation_dice:
+            postfix += " dice " + " ".join(f"{k}={v:.2f}"
+                                           for k, v in report.validation_dice.items())
+        self.bar.set_postfix_str(postfix)
+        self.bar.refresh()
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="distill single-feature models into one joint model")
+    p.add_argument("--models", required=True, nargs="+", type=Path, metavar="MODEL")
+    p.add_argument("--tomograms", required=True, nargs="+", type=Path, metavar="T")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--name", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_distill)
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from ..core import train as training
+    from ..core.distill import distill
+    from ..core.model import load_bundle, save_bundle
+
+    if args.steps is None and args.max_minutes is None:
+        raise CommandError("give --steps N and/or --max-minutes M")
+    singles = [load_bundle(path) for path in args.models]
+    options = training.TrainOptions(steps=args.steps, max_minutes=args.max_minutes,
+                                    device=args.device, seed=args.seed,
+                                    name=args.name or args.out.stem)
+    with _TrainingProgress(args.steps) as progress:
+        trained = distill(singles, args.tomograms, options, progress=progress)
+    save_bundle(args.out, trained.network, trained.meta)
+    print(f"{args.out}: joint model of {', '.join(c.name for c in trained.meta.classes_specs())}"
+          if hasattr(trained.meta, "classes_specs") else f"{args.out}: joint model written")
+    return EXIT_OK
+
+
+# --- models -----------------------------------------------------------------------------------
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list or validate model bundles")
+    p.add_argument("action", choices=("list", "validate"))
+    p.add_argument("path", nargs="?", type=Path, default=None,
+                   help="a bundle or a folder (default: the configured models folder)")
+    p.add_argument("--config", type=Path, default=None)
+    p.set_defaults(handler=_cmd_models)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from ..core.model import BundleError, default_bundle_path, load_bundle
+
+    target = args.path or _load_config(args.config).models_dir
+    paths = sorted(target.glob("*.safetensors")) if target.is_dir() else [target]
+    if args.action == "list" and args.path is None:
+        paths.append(default_bundle_path())
+    bad = 0
+    for path in paths:
+        try:
+            bundle = load_bundle(path)
+        except (BundleError, OSError) as error:
+            bad += 1
+            print(f"INVALID {_one_line(error)}")
+            continue
+        classes = ",".join(spec.name for spec in bundle.classes)
+        if args.action == "validate":
+            from .models import smoke_test
+
+            smoke_test(bundle)
+        print(f"ok {path}: {bundle.meta.name} v{bundle.meta.version} "
+              f"{bundle.meta.voxel_size_a:g} Å [{classes}] sha256 {bundle.sha256[:12]}")
+    if not paths:
+        print(f"no model bundles in {target}")
+    return EXIT_FAILED if bad else EXIT_OK
+
+
+# --- the service ------------------------------------------------------------------------------
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the daemon (watch, segment, publish metrics)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML configuration; default: embedded defaults in the current folder")
+    p.set_defaults(handler=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .service import run_service
+
+    return run_service(args.config)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole service on synthetic tomograms")
+    p.add_argument("--dir", type=Path, default=Path("tomolive-demo"),
+                   help="demo folder (default ./tomolive-demo)")
+    p.add_argument("--once", action="store_true", help="exit when the demo tomograms are done")
+    p.add_argument("--count", type=int, default=3, help="number of synthetic tomograms")
+    p.set_defaults(handler=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.dir, once=args.once, count=args.count)
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="what the output folder says: done, running, failed")
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .status import format_status, status_report
+
+    report = status_report(_load_config(args.config))
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return EXIT_OK
+
+
+def _add_retry(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("retry", help="clear the failure record of quarantined tomograms")
+    p.add_argument("stem", nargs="?", help="a tomogram's stem (or its relative output path)")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--config", type=Path, default=None)
+    p.set_defaults(handler=_cmd_retry)
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    from .claims import FailureRecords
+
+    if not args.all and not args.stem:
+        raise CommandError("give a tomogram STEM or --all")
+    config = _load_config(args.config)
+    records = FailureRecords(config.output_dir)
+    cleared = records.retry(None if args.all else args.stem)
+    print(f"cleared {cleared} failure record(s)")
+    return EXIT_OK if cleared or args.all else EXIT_FAILED
+
+
+def _load_config(path: Path | None):
+    from .config import load_config
+
+    return load_config(path, Path.cwd())
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return " ".join(text.split())

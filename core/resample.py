@@ -1,0 +1,179 @@
+"""Rescaling a tomogram to the model's voxel size, and mapping between the two grids.
+
+Fourier crop/pad (what IMOD's squeezevol does in real space, done in Fourier space) keeps
+sample 0 aligned: model index i sits at input position i * scale, scale = input_n / model_n
+per axis. `GridMap` is that exact mapping; everything that goes back to the input grid
+(coordinates, labels) uses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Working slab: about this many input voxels at a time (float32 64 MiB; the mirrored FFT
+# temporaries are a few times that), so host and device memory stay bounded.
+_SLAB_VOXELS = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class GridMap:
+    """The exact mapping between an input grid and a model grid ([z, y, x] shapes)."""
+
+    input_shape: tuple[int, int, int]
+    model_shape: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        for name in ("input_shape", "model_shape"):
+            shape = tuple(int(n) for n in getattr(self, name))
+            if len(shape) != 3 or min(shape) < 1:
+                raise ValueError(f"GridMap {name} must be 3 positive sizes, got {shape}")
+            object.__setattr__(self, name, shape)
+
+    @property
+    def scale_zyx(self) -> tuple[float, float, float]:
+        """Input voxels per model voxel, per axis."""
+        return tuple(n / m for n, m in zip(self.input_shape, self.model_shape, strict=True))  # type: ignore[return-value]
+
+    def to_model(self, zyx: np.ndarray) -> np.ndarray:
+        """Input-grid positions (n, 3) or (3,), float voxels, to model-grid positions (float64)."""
+        return np.asarray(zyx, dtype=np.float64) / np.asarray(self.scale_zyx)
+
+    def to_input(self, zyx: np.ndarray) -> np.ndarray:
+        """Model-grid positions (n, 3) or (3,) to input-grid positions (float64)."""
+        return np.asarray(zyx, dtype=np.float64) * np.asarray(self.scale_zyx)
+
+    def model_voxel_size_a(self, input_voxel_size_a: float) -> tuple[float, float, float]:
+        """The model grid's actual voxel size per axis (z, y, x); shapes are rounded, so this
+        differs slightly from the nominal model voxel size."""
+        return tuple(input_voxel_size_a * s for s in self.scale_zyx)  # type: ignore[return-value]
+
+
+def grid_for(
+    input_shape: tuple[int, ...], input_voxel_a: float, model_voxel_a: float
+) -> GridMap:
+    """The model grid for an input: each axis max(1, round(n * input_voxel / model_voxel))."""
+    if not (np.isfinite(input_voxel_a) and input_voxel_a > 0):
+        raise ValueError(f"input voxel size {input_voxel_a} Å must be positive")
+    if not (np.isfinite(model_voxel_a) and model_voxel_a > 0):
+        raise ValueError(f"model voxel size {model_voxel_a} Å must be positive")
+    ratio = input_voxel_a / model_voxel_a
+    model = tuple(max(1, int(np.floor(n * ratio + 0.5))) for n in input_shape)
+    return GridMap(tuple(input_shape), model)  # type: ignore[arg-type]
+
+
+def _resample_axis(t: torch.Tensor, dim: int, n_out: int, mirror: bool) -> torch.Tensor:
+    """Fourier crop/pad of a real tensor along `dim` to `n_out` samples, mean preserved.
+
+    With `mirror`, the line is extended by its reflection first, so the implied periodic
+    signal has no jump at the ends (no Gibbs ringing from top to bottom slice); sample 0
+    stays aligned either way.
+    """
+    n = t.shape[dim]
+    if n == n_out:
+        return t
+    if mirror:
+        t = torch.cat([t, t.flip(dim)], dim=dim)
+        length, length_out = 2 * n, 2 * n_out
+    else:
+        length, length_out = n, n_out
+    # norm="forward": coefficients are Fourier-series amplitudes, so the same spectrum read
+    # back at any length keeps the mean (and the amplitudes).
+    spec = torch.fft.rfft(t, dim=dim, norm="forward")
+    del t
+    shorter = min(length, length_out)
+    if shorter % 2 == 0:
+        nyquist = spec.narrow(dim, shorter // 2, 1)
+        if length_out < length:
+            nyquist.zero_()  # crop: this bin would alias (its sine part cannot be represented)
+        else:
+            nyquist.mul_(0.5)  # pad: split the old Nyquist between +/- frequencies
+    # irfft trims or zero-pads the spectrum to length_out // 2 + 1 bins itself.
+    out = torch.fft.irfft(spec, n=length_out, dim=dim, norm="forward")
+    return out.narrow(dim, 0, n_out) if mirror else out
+
+
+def _slab_tensor(slab: np.ndarray, device: str) -> torch.Tensor:
+    # A fresh native float32 copy: memmap slabs are read-only, may be big-endian or uint16.
+    return torch.from_numpy(np.array(slab, dtype=np.float32)).to(device)
+
+
+def fourier_rescale(
+    data: np.ndarray,
+    grid: GridMap,
+    device: str = "cpu",
+    progress: Callable[[float], None] | None = None,
+    mirror: bool = True,
+) -> np.ndarray:
+    """Rescale `data` (input grid, any dtype, may be a memmap) to the model grid, float32.
+
+    Separable (x, y per z-slab, then z per y-chunk), which equals a 3-D Fourier crop/pad.
+    Peak memory: one float32 buffer of max(nz, mz) x my x mx plus a slab; never a complex
+    copy of the volume. `device` is a torch device string ("cpu", "cuda:0").
+    """
+    if tuple(data.shape) != grid.input_shape:
+        raise ValueError(f"data shape {data.shape} does not match the grid {grid.input_shape}")
+    nz, ny, nx = grid.input_shape
+    mz, my, mx = grid.model_shape
+    if grid.input_shape == grid.model_shape:
+        return _float32_copy(data)
+    buf = np.empty((max(nz, mz), my, mx), dtype=np.float32)
+    step = max(1, _SLAB_VOXELS // (ny * nx))
+    with torch.inference_mode():
+        for z0 in range(0, nz, step):
+            t = _slab_tensor(data[z0 : z0 + step], device)
+            t = _resample_axis(t, 2, mx, mirror)
+            t = _resample_axis(t, 1, my, mirror)
+            buf[z0 : z0 + t.shape[0]] = t.cpu().numpy()
+            if progress:
+                progress(0.5 * min(nz, z0 + step) / nz)
+        if mz != nz:
+            # z in chunks of y rows, in place: each chunk is read whole before it is written.
+            step = max(1, _SLAB_VOXELS // (max(nz, mz) * mx))
+            for y0 in range(0, my, step):
+                t = _slab_tensor(buf[:nz, y0 : y0 + step], device)
+                buf[:mz, y0 : y0 + step] = _resample_axis(t, 0, mz, mirror).cpu().numpy()
+                if progress:
+                    progress(0.5 + 0.5 * min(my, y0 + step) / my)
+    if progress:
+        progress(1.0)
+    if mz < nz:
+        try:
+            buf.resize((mz, my, mx))  # in place (realloc): C order keeps the first mz slices
+        except ValueError:  # another reference exists (a debugger): fall back to a copy
+            buf = buf[:mz].copy()
+    return buf
+
+
+def _float32_copy(data: np.ndarray) -> np.ndarray:
+    out = np.empty(data.shape, dtype=np.float32)
+    step = max(1, _SLAB_VOXELS // max(1, data.shape[1] * data.shape[2]))
+    for z0 in range(0, data.shape[0], step):
+        out[z0 : z0 + step] = data[z0 : z0 + step]
+    return out
+
+
+def model_to_input_indices(grid: GridMap) -> list[np.ndarray]:
+    """Per axis, the nearest model index for each input index j: round(j / scale), clamped.
+
+    Integer arithmetic (floor((2 j m + n) / 2n)), so halves round up exactly.
+    """
+    idx = []
+    for n, m in zip(grid.input_shape, grid.model_shape, strict=True):
+        j = np.arange(n, dtype=np.int64)
+        idx.append(np.minimum((2 * j * m + n) // (2 * n), m - 1).astype(np.intp))
+    return idx
+
+
+def labels_to_input(labels_model: np.ndarray, grid: GridMap) -> np.ndarray:
+    """Nearest-neighbour copy of a model-grid volume (labels int8, or any dtype) to the input
+    grid. Memory: the output only."""
+    if tuple(labels_model.shape) != grid.model_shape:
+        raise ValueError(
+            f"labels shape {labels_model.shape} does not match the model grid {grid.model_shape}"
+        )
+    iz, iy, ix = model_to_input_indices(grid)
+    return labels_model[np.ix_(iz, iy, ix)]

@@ -1,0 +1,181 @@
+"""The daemon's YAML configuration: a validated schema with a default for every setting.
+
+Unknown keys and wrong types are rejected; every problem is reported on its own line with the
+key's path (`config.yaml: watch.0.settle_seconds: unknown key`). Relative paths are resolved
+against the folder of the configuration file (or the current folder when there is none).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PATTERNS = ["*.mrc", "*.rec"]
+DEFAULT_METRICS_PORT = 9847
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message has one line per problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class WatchFolder(_Strict):
+    """One watched folder."""
+
+    path: Path
+    patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_PATTERNS), min_length=1)
+    recursive: bool = Field(True, strict=True)
+    # Headers lie (0 Å, 1 Å): a per-folder override of the voxel size in Ångström.
+    voxel_size_a: float | None = Field(None, gt=0)
+
+
+class MetricsConfig(_Strict):
+    enabled: bool = Field(True, strict=True)
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_METRICS_PORT, ge=0, le=65535, strict=True)  # 0: any free port
+
+
+class InferenceConfig(_Strict):
+    batch_size: int = Field(4, ge=1, strict=True)  # slices per forward pass
+    tile_size_px: int | None = Field(None, ge=32, strict=True)  # None: whole slices if they fit
+    tta_flips: bool = Field(False, strict=True)  # flip test-time augmentation (slower)
+
+
+class Config(_Strict):
+    """Everything `tomolive run` reads; see config.example.yaml for the meaning of each key."""
+
+    watch: list[WatchFolder] = Field(
+        default_factory=lambda: [WatchFolder(path=Path("incoming"))], min_length=1
+    )
+    output_dir: Path = Path("outputs")
+    models_dir: Path = Path("models")
+    model: str = "newest"
+    devices: Literal["auto", "cpu"] | list[int] = "auto"
+    discovery: Literal["auto", "events", "polling"] = "auto"
+    settle_seconds: float = Field(10.0, ge=0)
+    rescan_interval_seconds: float = Field(30.0, gt=0)
+    truncated_after_seconds: float = Field(120.0, ge=0)
+    order: Literal["newest_first", "oldest_first"] = "newest_first"
+    max_attempts: int = Field(3, ge=1, strict=True)
+    resegment_on_model_change: bool = Field(False, strict=True)
+    lease_seconds: float = Field(120.0, gt=0)
+    heartbeat_interval_seconds: float | None = Field(None, gt=0)  # None: lease_seconds / 4
+    shutdown_grace_seconds: float = Field(60.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _check_devices(cls, value: Any) -> Any:
+        # One clear message instead of pydantic's per-union-member noise.
+        ok_list = isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+        )
+        if value in ("auto", "cpu") or (ok_list and value and len(set(value)) == len(value)):
+            return value
+        raise ValueError("must be 'auto', 'cpu' or a list of distinct GPU ids such as [0, 1]")
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        if not value or "/" in value or "\\" in value or value in (".", ".."):
+            raise ValueError("must be 'newest' or a file name inside models_dir")
+        return value
+
+    @model_validator(mode="after")
+    def _check_heartbeat(self) -> Config:
+        if self.heartbeat_interval_seconds is None:
+            self.heartbeat_interval_seconds = self.lease_seconds / 4
+        elif self.heartbeat_interval_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_interval_seconds ({self.heartbeat_interval_seconds:g}) must be "
+                f"shorter than lease_seconds ({self.lease_seconds:g})"
+            )
+        return self
+
+    def resolved(self, base_dir: Path) -> Config:
+        """A copy with every path absolute (relative ones taken from `base_dir`)."""
+
+        def fix(path: Path) -> Path:
+            path = path.expanduser()
+            return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
+
+        copy = self.model_copy(deep=True)
+        copy.output_dir = fix(copy.output_dir)
+        copy.models_dir = fix(copy.models_dir)
+        for folder in copy.watch:
+            folder.path = fix(folder.path)
+        return copy
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        lines.append(f"{source}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, base_dir: Path, source: str = "config") -> Config:
+    """Validate an already-parsed mapping; `source` prefixes every error line."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: must be a mapping of settings, not {type(data).__name__}")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(source, error)) from None
+    return config.resolved(Path(base_dir).absolute())
+
+
+def load_config(path: str | os.PathLike[str] | None = None, base_dir: Path | None = None) -> Config:
+    """Load and validate a YAML file; None gives the defaults.
+
+    Relative paths resolve against the file's folder, or `base_dir` (default: the current
+    folder) when there is no file.
+    """
+    if path is None:
+        return parse_config({}, Path(base_dir) if base_dir is not None else Path.cwd(), "defaults")
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(error, "problem", None) or "syntax error"
+        raise ConfigError(f"{path}: invalid YAML{at}: {problem}") from None
+    return parse_config(data, path.absolute().parent, str(path))
+
+
+def model_fields_tree(model: type[BaseModel] = Config) -> dict[str, Any]:
+    """The schema's key names as a nested dict (None for leaves), for docs and tests."""
+    tree: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            tree[name] = model_fields_tree(annotation)
+        elif name == "watch":
+            tree[name] = model_fields_tree(WatchFolder)
+        else:
+            tree[name] = None
+    return tree

@@ -1,0 +1,483 @@
+"""Prometheus metrics and the `/healthz` endpoint of the daemon.
+
+One `Metrics` object per daemon owns its own `CollectorRegistry` (no global state, so tests can
+build several). Worker processes send their per-tomogram summaries to the main process, which
+calls the methods here; `MetricsServer` serves the registry on one HTTP endpoint.
+
+Conventions (https://prometheus.io/docs/practices/naming/): names start with `tomolive_`, carry
+base units (`_seconds`, `_bytes`, `_ratio`), counters end in `_total`, durations are histograms,
+and label values come from small fixed sets (stage, outcome, reload result, device, model class
+name). A file name never becomes a label value: that would create one series per tomogram.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import metadata
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import InfoMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+STAGES = ("read", "rescale", "preprocess", "inference", "cleanup", "particles", "filaments",
+          "write")
+OUTCOMES = ("ok", "failed", "quarantined")  # failed = one attempt failed; quarantined = gave up
+RELOAD_RESULTS = ("ok", "rejected", "failed")
+# Seconds, from a fast stage of a small tomogram to a whole large tomogram on CPU (an hour).
+DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+                      600.0, 1200.0, 1800.0, 3600.0)
+# Mean max class probability inside the specimen, 0..1; finest where models usually sit.
+CONFIDENCE_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99,
+                      1.0)
+DEFAULT_PORT = 9847
+
+# Label values must come from small sets; these patterns also keep paths out.
+_CLASS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+_DEVICE_RE = re.compile(r"^(cpu|cuda:\d{1,2})$")
+MAX_CLASSES = 64  # a model has a handful of classes; more means a bug, not a bigger model
+
+
+class _InfoCollector(Collector):
+    """An info metric (`NAME_info{...} 1`) whose label set is replaced atomically.
+
+    A Gauge with `remove()` + `set()` would let a scrape in between see no model or two models;
+    here a scrape sees the old labels or the new ones, and nothing while no value is set.
+    """
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._value: dict[str, str] | None = None
+        self._lock = threading.Lock()
+
+    def set(self, value: Mapping[str, str] | None) -> None:
+        with self._lock:
+            self._value = None if value is None else {k: str(v) for k, v in value.items()}
+
+    def get(self) -> dict[str, str] | None:
+        with self._lock:
+            return None if self._value is None else dict(self._value)
+
+    def collect(self) -> Iterator[InfoMetricFamily]:
+        family = InfoMetricFamily(self._name, self._documentation)
+        value = self.get()
+        if value is not None:
+            family.add_metric([], value)
+        yield family
+
+    def describe(self) -> Iterator[InfoMetricFamily]:
+        # Lets the registry check for name clashes without calling collect().
+        yield InfoMetricFamily(self._name, self._documentation)
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("tomolive")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Metrics:
+    """Every tomolive metric, in a registry of its own. Thread-safe; call from the main process.
+
+    `devices` and `classes` given up front make their series exist at 0 from the start, so that
+    `rate()` and `increase()` see the first event; others are added when first used.
+    """
+
+    def __init__(self, devices: Iterable[str] = (), classes: Iterable[str] = (),
+                 process_metrics: bool = True, version: str | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._lock = threading.Lock()
+        self._classes_seen: set[str] = set()
+        self._fraction_classes: set[str] = set()  # classes with a last-tomogram fraction series
+
+        self.discovered = Counter(
+            "tomolive_tomograms_discovered_total",
+            "Tomograms found complete in the watched folders and queued.", registry=r)
+        self.finished = Counter(
+            "tomolive_tomograms_finished_total",
+            "Tomogram attempts that ended, by outcome: ok, failed (will be retried) or "
+            "quarantined (retry limit reached).", ["outcome"], registry=r)
+        self.resegmented = Counter(
+            "tomolive_tomograms_resegmented_total",
+            "Finished tomograms segmented again because the model changed.", registry=r)
+        self.queue_length = Gauge(
+            "tomolive_queue_length", "Tomograms waiting in the queue.", registry=r)
+        self.in_progress = Gauge(
+            "tomolive_tomograms_in_progress", "Tomograms being segmented now.", registry=r)
+        self.oldest_waiting_age = Gauge(
+            "tomolive_queue_oldest_waiting_age_seconds",
+            "Age of the oldest tomogram waiting in the queue (0 when the queue is empty).",
+            registry=r)
+        self._oldest_enqueued_monotonic_s: float | None = None
+        self.oldest_waiting_age.set_function(self._oldest_age_s)
+        self.last_success = Gauge(
+            "tomolive_last_success_timestamp_seconds",
+            "Unix time the last tomogram finished ok (the start-up time until the first).",
+            registry=r)
+        self.last_success.set(time.time())
+        self.stage_seconds = Histogram(
+            "tomolive_stage_duration_seconds", "Wall-clock seconds per pipeline stage.",
+            ["stage"], buckets=DURATION_BUCKETS_S, registry=r)
+        self.tomogram_seconds = Histogram(
+            "tomolive_tomogram_duration_seconds",
+            "Wall-clock seconds per tomogram, end to end (read to summary written).",
+            buckets=DURATION_BUCKETS_S, registry=r)
+        self.voxels = Counter(
+            "tomolive_voxels_processed_total",
+            "Voxels of input tomograms segmented (input grid).", registry=r)
+        self.particles = Counter(
+            "tomolive_particles_found_total", "Particles found, per class.", ["class"],
+            registry=r)
+        self.filaments = Counter(
+            "tomolive_filaments_traced_total", "Filaments traced, per class.", ["class"],
+            registry=r)
+        self.class_fraction = Gauge(
+            "tomolive_last_tomogram_class_volume_ratio",
+            "Fraction of the last finished tomogram's volume assigned to each class.",
+            ["class"], registry=r)
+        self.confidence = Histogram(
+            "tomolive_tomogram_confidence_ratio",
+            "Per tomogram: mean maximum class probability inside the specimen (0..1). "
+            "A drop means the model no longer fits the data.",
+            buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.last_confidence = Gauge(
+            "tomolive_last_tomogram_confidence_ratio",
+            "Confidence of the last finished tomogram (see tomolive_tomogram_confidence_ratio).",
+            registry=r)
+        self.last_confidence.set(math.nan)
+        self.model_info = _InfoCollector(
+            "tomolive_model", "The model bundle serving now (value 1 on its labels).")
+        r.register(self.model_info)
+        self.model_reloads = Counter(
+            "tomolive_model_reloads_total",
+            "Attempts to switch to a new model bundle, by result: ok, rejected (validation "
+            "failed, the old model keeps serving) or failed (error while switching).",
+            ["result"], registry=r)
+        self.bundles_rejected = Counter(
+            "tomolive_model_bundles_rejected_total",
+            "Model bundle files that failed validation and were ignored.", registry=r)
+        self.device_busy = Counter(
+            "tomolive_device_busy_seconds_total",
+            "Seconds each device spent segmenting; rate() of it is the busy fraction.",
+            ["device"], registry=r)
+        self.device_memory = Gauge(
+            "tomolive_device_memory_used_bytes",
+            "Accelerator memory in use by the worker, where the device reports it.",
+            ["device"], registry=r)
+        self.worker_restarts = Counter(
+            "tomolive_worker_restarts_total",
+            "Worker processes restarted after they died or hung, per device.", ["device"],
+            registry=r)
+        self.lease_reclaims = Counter(
+            "tomolive_lease_reclaims_total",
+            "Stale leases of other workers or hosts broken and their tomogram taken over.",
+            registry=r)
+        self.lease_renewal_failures = Counter(
+            "tomolive_lease_renewal_failures_total",
+            "Lease heartbeats that failed or found the lease taken; the tomogram was dropped.",
+            registry=r)
+        self.build_info = _InfoCollector(
+            "tomolive_build", "tomolive and Python versions (value 1 on its labels).")
+        r.register(self.build_info)
+        self.build_info.set({
+            "version": version or _package_version(),
+            "python": ".".join(str(v) for v in sys.version_info[:3]),
+        })
+        if process_metrics:
+            ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, ...
+
+        for outcome in OUTCOMES:
+            self.finished.labels(outcome)
+        for result in RELOAD_RESULTS:
+            self.model_reloads.labels(result)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        for device in devices:
+            self._init_device(device)
+        for name in classes:
+            self._class_label(name)
+
+    # --- the queue and discovery -------------------------------------------------------------
+
+    def tomograms_discovered(self, n: int = 1) -> None:
+        """Count `n` tomograms found complete and queued."""
+        self.discovered.inc(n)
+
+    def set_queue(self, waiting: int, in_progress: int,
+                  oldest_enqueued_monotonic_s: float | None) -> None:
+        """Queue state. `oldest_enqueued_monotonic_s` is `time.monotonic()` when the oldest
+        waiting tomogram was queued (None when none waits); its age is computed at scrape time,
+        so it keeps growing while the main loop is stuck."""
+        self.queue_length.set(waiting)
+        self.in_progress.set(in_progress)
+        with self._lock:
+            self._oldest_enqueued_monotonic_s = (
+                oldest_enqueued_monotonic_s if waiting > 0 else None)
+
+    def _oldest_age_s(self) -> float:
+        with self._lock:
+            since = self._oldest_enqueued_monotonic_s
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
+
+    # --- tomograms -------------------------------------------------------------------------
+
+    def observe_tomogram(self, summary: Mapping[str, Any], resegmented: bool = False) -> None:
+        """Record one tomogram finished ok from its summary (the STEM_summary.json content).
+
+        Uses `timings_s` ({stage: s, "total": s}), `input.shape`, `counts.particles` and
+        `counts.filaments` ({class: n}), `class_fractions` ({class: fraction}) and
+        `confidence`. Missing or malformed parts are skipped with a warning: metrics never
+        stop the daemon.
+        """
+        self.finished.labels("ok").inc()
+        if resegmented:
+            self.resegmented.inc()
+        self.last_success.set(time.time())
+        self._observe_timings(summary.get("timings_s") or {})
+        shape = (summary.get("input") or {}).get("shape")
+        try:
+            self.voxels.inc(math.prod(int(n) for n in shape))
+        except (TypeError, ValueError):
+            log.warning("metrics: summary has no usable input.shape: %r", shape)
+        counts = summary.get("counts") or {}
+        for name, n in (counts.get("particles") or {}).items():
+            if self._class_label(name):
+                self.particles.labels(name).inc(_non_negative(n))
+        for name, n in (counts.get("filaments") or {}).items():
+            if self._class_label(name):
+                self.filaments.labels(name).inc(_non_negative(n))
+        self._set_class_fractions(summary.get("class_fractions") or {})
+        self._observe_confidence(summary.get("confidence"))
+
+    def tomogram_failed(self, quarantined: bool = False) -> None:
+        """Count a failed attempt, or the tomogram being quarantined after the last one."""
+        self.finished.labels("quarantined" if quarantined else "failed").inc()
+
+    def _observe_timings(self, timings_s: Mapping[str, Any]) -> None:
+        for stage, seconds in timings_s.items():
+            value = _finite_or_none(seconds)
+            if value is None:
+                continue
+            if stage == "total":
+                self.tomogram_seconds.observe(value)
+            elif stage in STAGES:
+                self.stage_seconds.labels(stage).observe(value)
+            else:
+                log.warning("metrics: unknown stage %r in summary timings ignored", stage)
+        if "total" not in timings_s:
+            # Fall back to the sum of the stages, which is what "total" measures minus overhead.
+            stage_sum = sum(v for s, v in timings_s.items()
+                            if s in STAGES and _finite_or_none(v) is not None)
+            if stage_sum > 0:
+                self.tomogram_seconds.observe(stage_sum)
+
+    def _set_class_fractions(self, fractions: Mapping[str, Any]) -> None:
+        # Last tomogram only: a class the current model lacks must not keep a stale value.
+        current = {name: _finite_or_none(value) for name, value in fractions.items()
+                   if self._class_label(name)}
+        current = {name: value for name, value in current.items() if value is not None}
+        with self._lock:
+            for name in self._fraction_classes - set(current):
+                self.class_fraction.remove(name)
+            for name, value in current.items():
+                self.class_fraction.labels(name).set(value)
+            self._fraction_classes = set(current)
+
+    def _observe_confidence(self, confidence: Any) -> None:
+        value = _finite_or_none(confidence)
+        if value is None:  # NaN when the specimen mask was empty: not a measurement
+            return
+        self.confidence.observe(value)
+        self.last_confidence.set(value)
+
+    # --- models ----------------------------------------------------------------------------
+
+    def set_model(self, name: str, version: str, sha256: str,
+                  classes: Iterable[str] = ()) -> None:
+        """The bundle now serving; replaces the previous model's label set."""
+        self.model_info.set({"name": name, "version": str(version), "sha256": sha256})
+        for class_name in classes:
+            self._class_label(class_name)
+
+    def model_reloaded(self, result: str) -> None:
+        """One attempt to switch models: "ok", "rejected" or "failed"."""
+        if result not in RELOAD_RESULTS:
+            raise ValueError(f"model reload result {result!r} is not one of {RELOAD_RESULTS}")
+        self.model_reloads.labels(result).inc()
+
+    def bundle_rejected(self) -> None:
+        """A bundle file failed validation (count each file version once)."""
+        self.bundles_rejected.inc()
+
+    # --- devices, workers, leases -----------------------------------------------------------
+
+    def device_busy_seconds(self, device: str, seconds: float) -> None:
+        """Add seconds a device spent on a tomogram (failed attempts included)."""
+        value = _finite_or_none(seconds)
+        if self._init_device(device) and value is not None and value > 0:
+            self.device_busy.labels(device).inc(value)
+
+    def set_device_memory(self, device: str, used_bytes: int | None) -> None:
+        """Memory in use on a device; None removes the series (not measurable there)."""
+        if not self._init_device(device):
+            return
+        if used_bytes is None:
+            self.device_memory.remove(device)
+        else:
+            self.device_memory.labels(device).set(used_bytes)
+
+    def worker_restarted(self, device: str) -> None:
+        if self._init_device(device):
+            self.worker_restarts.labels(device).inc()
+
+    def lease_reclaimed(self) -> None:
+        self.lease_reclaims.inc()
+
+    def lease_renewal_failed(self) -> None:
+        self.lease_renewal_failures.inc()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _init_device(self, device: str) -> bool:
+        if not isinstance(device, str) or not _DEVICE_RE.match(device):
+            log.warning("metrics: device %r is not 'cpu' or 'cuda:N'; not recorded", device)
+            return False
+        self.device_busy.labels(device)
+        self.worker_restarts.labels(device)
+        return True
+
+    def _class_label(self, name: Any) -> bool:
+        """True when `name` may be a class label value (and starts its per-class series)."""
+        with self._lock:
+            if name in self._classes_seen:
+                return True
+            if not isinstance(name, str) or not _CLASS_RE.match(name):
+                log.warning("metrics: class name %r is not a valid label value; ignored", name)
+                return False
+            if len(self._classes_seen) >= MAX_CLASSES:
+                log.warning("metrics: more than %d class names; %r ignored", MAX_CLASSES, name)
+                return False
+            self._classes_seen.add(name)
+        self.particles.labels(name)
+        self.filaments.labels(name)
+        return True
+
+
+def _finite_or_none(value: Any) -> float | None:
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return None
+    return result if math.isfinite(result) else None
+
+
+def _non_negative(value: Any) -> float:
+    result = _finite_or_none(value)
+    return result if result is not None and result > 0 else 0.0
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """GET /metrics (Prometheus text or OpenMetrics, by Accept header) and GET /healthz."""
+
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._reply(200, encoder(self.server.metrics.registry), content_type)
+        elif path == "/healthz":
+            healthy = self.server.healthy()
+            self._reply(200 if healthy else 503, b"ok\n" if healthy else b"unhealthy\n",
+                        "text/plain; charset=utf-8")
+        elif path == "/":
+            self._reply(200, b'tomolive: see <a href="/metrics">/metrics</a>, '
+                             b'<a href="/healthz">/healthz</a>\n', "text/html; charset=utf-8")
+        else:
+            self._reply(404, b"not found\n", "text/plain; charset=utf-8")
+
+    def _reply(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        # Scrapes every few seconds would flood the journal; keep them at debug level.
+        log.debug("metrics http: " + format, *args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a hung client must not block shutdown
+
+    def __init__(self, address: tuple[str, int], metrics: Metrics,
+                 health: Callable[[], bool]) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.metrics = metrics
+        self._health = health
+        super().__init__(address, _Handler)
+
+    def healthy(self) -> bool:
+        try:
+            return bool(self._health())
+        except Exception:  # a broken health check means unhealthy, not a crashed server
+            log.exception("metrics: health check raised")
+            return False
+
+
+class MetricsServer:
+    """Serves `/metrics` and `/healthz` on a daemon thread; starts listening on construction.
+
+    `health()` is called per `/healthz` request: 200 "ok" while it returns True, 503 otherwise.
+    `port=0` picks a free port (tests); the bound one is `self.port`.
+    """
+
+    def __init__(self, metrics: Metrics, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                 health: Callable[[], bool] = lambda: True) -> None:
+        try:
+            self._server = _Server((host, port), metrics, health)
+        except OSError as exc:
+            raise OSError(exc.errno,
+                          f"cannot serve metrics on {host}:{port}: {exc.strerror}") from exc
+        self.host = host
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.2},
+                                        name="tomolive-metrics", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (idempotent)."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+        self._server.server_close()
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

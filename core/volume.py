@@ -253,8 +253,9 @@ def _copy_with_stats(src: np.ndarray, dst: np.ndarray, header: np.recarray) -> N
     for z0 in range(0, src.shape[0], step):
         dst[z0 : z0 + step] = src[z0 : z0 + step]
         slab = np.asarray(dst[z0 : z0 + step], dtype=np.float64)
-        n, mean = slab.size, float(slab.mean())
-        m2 = float(np.square(slab - mean).sum())
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf data: stats say so
+            n, mean = slab.size, float(slab.mean())
+            m2 = float(np.square(slab - mean).sum())
         lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
         delta = mean - mean_total
         total = n_total + n

@@ -1,0 +1,151 @@
+"""The model registry: discover bundles in the models folder, validate them, pick the serving one.
+
+As serving systems do, a new bundle is loaded beside the old one and validated (settled on
+disk, loads without unpickling, metadata and tensors consistent, a smoke inference gives finite
+output) before it is switched in; a bundle that fails stays rejected until the file changes,
+and the current model keeps serving. A validated bundle is copied into a private cache named by
+its sha256, so the file a worker loads can neither be half-copied nor change under it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("tomolive.models")
+
+BUNDLE_SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """The model workers use: a validated, immutable copy of a bundle."""
+
+    name: str
+    version: int
+    sha256: str
+    source: Path  # where it came from (models folder or the shipped default)
+    cached_path: Path  # what workers load
+    mtime_ns: int
+
+    def label(self) -> str:
+        return f"{self.name} v{self.version} ({self.sha256[:12]})"
+
+
+def smoke_test(bundle: Any) -> None:
+    """Run the bundle's network on a small random stack on the CPU: output must be finite."""
+    import torch
+
+    network = bundle.build("cpu")
+    arch = bundle.meta.architecture
+    side = 2 ** (int(arch["levels"]) - 1) * 2
+    stack = torch.from_numpy(
+        np.random.default_rng(0).standard_normal((1, int(arch["in_slices"]), side, side))
+        .astype(np.float32))
+    with torch.inference_mode():
+        output = network(stack)
+    if output.shape[1] != len(bundle.classes) + 1 or not torch.isfinite(output).all():
+        raise ValueError(f"{bundle.path}: smoke inference gave non-finite or misshaped output")
+
+
+class ModelRegistry:
+    """Tracks the models folder; `poll()` returns a new ServingModel when the choice changes."""
+
+    def __init__(self, models_dir: Path, cache_dir: Path, policy: str = "newest",
+                 settle_s: float = 2.0, default_bundle: Path | None = None,
+                 on_rejected: Any = None) -> None:
+        self.models_dir = Path(models_dir)
+        self.cache_dir = Path(cache_dir)
+        self.policy = policy
+        self.settle_s = settle_s
+        self.default_bundle = default_bundle
+        self.on_rejected = on_rejected  # callback(path, reason) for metrics
+        self.current: ServingModel | None = None
+        self._seen: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime, since)
+        self._valid: dict[Path, ServingModel] = {}
+        self._rejected: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime) when rejected
+
+    def poll(self) -> ServingModel | None:
+        """Look at the folder; return the new serving model if it changed, else None."""
+        self._scan()
+        chosen = self._choose()
+        if chosen is None and self.current is None and self.default_bundle is not None:
+            chosen = self._validate(self.default_bundle, self.default_bundle.stat())
+        if chosen is not None and (self.current is None or chosen.sha256 != self.current.sha256):
+            self.current = chosen
+            return chosen
+        return None
+
+    def _scan(self) -> None:
+        now = time.monotonic()
+        present = set()
+        paths = sorted(self.models_dir.glob(f"*{BUNDLE_SUFFIX}")) if self.models_dir.is_dir() \
+            else []
+        for path in paths:
+            if path.name.startswith("."):
+                continue  # a copy in progress under a hidden temporary name
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            present.add(path)
+            key = (stat.st_size, stat.st_mtime_ns)
+            seen = self._seen.get(path)
+            if seen is None or seen[:2] != key:
+                self._seen[path] = (*key, now)
+                self._valid.pop(path, None)
+                continue
+            if now - seen[2] < self.settle_s or path in self._valid:
+                continue
+            if self._rejected.get(path) == key:
+                continue
+            model = self._validate(path, stat)
+            if model is not None:
+                self._valid[path] = model
+        for gone in set(self._seen) - present:
+            self._seen.pop(gone, None)
+            self._valid.pop(gone, None)
+            self._rejected.pop(gone, None)
+
+    def _validate(self, path: Path, stat: Any) -> ServingModel | None:
+        from ..core.model import load_bundle
+
+        cached = None
+        try:
+            cached = self._copy_to_cache(path)
+            bundle = load_bundle(cached)
+            smoke_test(bundle)
+        except Exception as error:  # any failure means: not this file, keep serving
+            reason = " ".join(str(error).split()) or type(error).__name__
+            self._rejected[path] = (stat.st_size, stat.st_mtime_ns)
+            log.warning("model %s rejected: %s", path, reason)
+            if cached is not None:
+                cached.unlink(missing_ok=True)
+            if self.on_rejected:
+                self.on_rejected(path, reason)
+            return None
+        final = self.cache_dir / f"{bundle.sha256}{BUNDLE_SUFFIX}"
+        cached.replace(final)
+        log.info("model %s valid: %s v%s", path.name, bundle.meta.name, bundle.meta.version)
+        return ServingModel(bundle.meta.name, int(bundle.meta.version), bundle.sha256,
+                            path, final, stat.st_mtime_ns)
+
+    def _copy_to_cache(self, path: Path) -> Path:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        target = self.cache_dir / f".incoming-{time.monotonic_ns()}{BUNDLE_SUFFIX}"
+        shutil.copyfile(path, target)
+        return target
+
+    def _choose(self) -> ServingModel | None:
+        if not self._valid:
+            return None
+        if self.policy != "newest":
+            pinned = [m for p, m in self._valid.items() if p.name == self.policy]
+            return pinned[0] if pinned else None
+        return max(self._valid.values(), key=lambda m: (m.mtime_ns, m.version))

@@ -1,0 +1,276 @@
+"""One worker process per device; a worker runs the whole pipeline for one tomogram at a time.
+
+Processes (not threads) so that a crash, a CUDA error or a memory kill in one worker cannot
+take the service down: the main process sees the worker's death, records the failure and
+starts a new one. Workers take jobs from their own inbox and report to one shared outbox;
+before publishing a result they ask the main process, which holds the lease, for permission.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("tomolive.workers")
+
+# How long a worker waits for the main process to answer "may I publish?" before giving up.
+PUBLISH_REPLY_TIMEOUT_S = 120.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Job:
+    """One tomogram for one worker; plain data so that it pickles across processes."""
+
+    job_id: int
+    path: str
+    out_parent: str
+    model_path: str
+    model_sha256: str
+    voxel_size_a: float | None = None
+    inference: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WorkerHandle:
+    device: str
+    index: int
+    process: Any = None
+    inbox: Any = None
+    job: Job | None = None
+    job_started_monotonic: float = 0.0
+    restarts: int = 0
+
+    @property
+    def idle(self) -> bool:
+        return self.job is None and self.process is not None and self.process.is_alive()
+
+
+class WorkerPool:
+    """Starts, feeds and restarts one worker process per device."""
+
+    def __init__(self, devices: list[str], threads_per_cpu_worker: int | None = None) -> None:
+        self._context = mp.get_context("spawn")  # fork is unsafe with CUDA and with threads
+        self.outbox = self._context.Queue()
+        self.workers = [WorkerHandle(device=d, index=i) for i, d in enumerate(devices)]
+        self.threads_per_cpu_worker = threads_per_cpu_worker
+
+    def start(self) -> None:
+        for worker in self.workers:
+            self._spawn(worker)
+
+    def _spawn(self, worker: WorkerHandle) -> None:
+        worker.inbox = self._context.Queue()
+        worker.process = self._context.Process(
+            target=worker_main,
+            args=(worker.device, worker.index, worker.inbox, self.outbox,
+                  self.threads_per_cpu_worker),
+            name=f"tomolive-worker-{worker.index}", daemon=True,
+        )
+        worker.process.start()
+        worker.job = None
+
+    def idle_workers(self) -> list[WorkerHandle]:
+        return [w for w in self.workers if w.idle]
+
+    def busy_workers(self) -> list[WorkerHandle]:
+        return [w for w in self.workers if w.job is not None]
+
+    def submit(self, worker: WorkerHandle, job: Job) -> None:
+        worker.job = job
+        worker.job_started_monotonic = time.monotonic()
+        worker.inbox.put(("job", asdict(job)))
+
+    def reply_publish(self, job_id: int, allowed: bool) -> None:
+        for worker in self.workers:
+            if worker.job is not None and worker.job.job_id == job_id:
+                worker.inbox.put(("publish", job_id, allowed))
+
+    def finish(self, job_id: int) -> tuple[WorkerHandle, Job, float] | None:
+        """Mark the worker running `job_id` idle; returns it, the job and busy seconds."""
+        for worker in self.workers:
+            if worker.job is not None and worker.job.job_id == job_id:
+                job, worker.job = worker.job, None
+                return worker, job, time.monotonic() - worker.job_started_monotonic
+        return None
+
+    def messages(self, timeout_s: float) -> list[tuple]:
+        """Everything the workers said, waiting at most `timeout_s` for the first message."""
+        found: list[tuple] = []
+        try:
+            found.append(self.outbox.get(timeout=timeout_s))
+            while True:
+                found.append(self.outbox.get_nowait())
+        except queue.Empty:
+            pass
+        return found
+
+    def reap_dead(self) -> list[tuple[WorkerHandle, Job | None, int | None]]:
+        """Workers that died: restart each; return (worker, the job it held, exit code)."""
+        dead = []
+        for worker in self.workers:
+            if worker.process is not None and not worker.process.is_alive():
+                job, exitcode = worker.job, worker.process.exitcode
+                worker.process.join(timeout=1)
+                worker.restarts += 1
+                self._spawn(worker)
+                dead.append((worker, job, exitcode))
+        return dead
+
+    def abandon(self, worker: WorkerHandle) -> Job | None:
+        """Kill a worker in the middle of a job (shutdown past the grace period)."""
+        job = worker.job
+        _stop_process(worker.process)
+        worker.job = None
+        return job
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            if worker.process is not None and worker.process.is_alive():
+                with contextlib.suppress(Exception):
+                    worker.inbox.put(("stop",))
+        for worker in self.workers:
+            if worker.process is not None:
+                worker.process.join(timeout=10)
+                _stop_process(worker.process)
+        self.outbox.close()
+
+
+def _stop_process(process: Any) -> None:
+    if process is None or not process.is_alive():
+        return
+    process.terminate()
+    process.join(timeout=5)
+    if process.is_alive():
+        process.kill()
+        process.join(timeout=5)
+
+
+# --- inside the worker process ----------------------------------------------------------------
+
+def worker_main(device: str, index: int, inbox: Any, outbox: Any,
+                threads: int | None) -> None:
+    """The worker process: take a job, run the pipeline, report; forever."""
+    _die_with_parent()
+    # Ctrl-C in a terminal reaches the whole process group; the main process decides what
+    # happens to running work, so workers ignore SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    if device == "cpu" and threads:
+        torch.set_num_threads(threads)
+    runner = _JobRunner(device, inbox, outbox)
+    outbox.put(("ready", index, os.getpid()))
+    while True:
+        message = inbox.get()
+        if message[0] == "stop":
+            return
+        if message[0] == "job":
+            runner.run(Job(**message[1]))
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the daemon dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class PublishRefused(RuntimeError):
+    """The main process did not allow publishing (lease lost or shutdown)."""
+
+
+class _JobRunner:
+    """Runs jobs in the worker process, keeping the prepared network of the last model."""
+
+    def __init__(self, device: str, inbox: Any, outbox: Any) -> None:
+        self.device = device
+        self.inbox = inbox
+        self.outbox = outbox
+        self._model: tuple[str, Any, Any] | None = None  # (sha256, bundle, network)
+
+    def run(self, job: Job) -> None:
+        from ..core.model import BundleError
+        from ..core.volume import VolumeError
+
+        try:
+            summary = self._segment(job)
+        except PublishRefused as refused:
+            self.outbox.put(("abandoned", job.job_id, str(refused)))
+        except (VolumeError, BundleError, ValueError, OSError) as error:
+            self.outbox.put(("failed", job.job_id, _one_line(error), "input"))
+        except Exception as error:  # a bug or a device error: recorded, the worker goes on
+            log.error("%s", traceback.format_exc())
+            self.outbox.put(("failed", job.job_id, f"{job.path}: {type(error).__name__}: "
+                                                   f"{_one_line(error)}", "internal"))
+        else:
+            self.outbox.put(("done", job.job_id, summary, _device_memory_bytes(self.device)))
+
+    def _segment(self, job: Job) -> dict[str, Any]:
+        from ..core.infer import InferenceOptions
+        from ..core.pipeline import SegmentOptions, segment_file
+
+        bundle, network = self._load_model(job)
+        options = SegmentOptions(
+            inference=InferenceOptions(device=self.device, **job.inference),
+            voxel_size_a=job.voxel_size_a,
+        )
+        seg, out_dir = segment_file(job.path, job.out_parent, bundle, options, network=network,
+                                    before_publish=lambda: self._ask_to_publish(job))
+        return _read_summary(out_dir, seg.stem)
+
+    def _load_model(self, job: Job) -> tuple[Any, Any]:
+        from ..core.infer import prepare_network
+        from ..core.model import load_bundle
+
+        if self._model is None or self._model[0] != job.model_sha256:
+            self._model = None  # free the old network before loading the new one
+            bundle = load_bundle(job.model_path)
+            if bundle.sha256 != job.model_sha256:
+                raise RuntimeError(f"{job.model_path}: model file changed after validation")
+            self._model = (bundle.sha256, bundle, prepare_network(bundle, self.device))
+        return self._model[1], self._model[2]
+
+    def _ask_to_publish(self, job: Job) -> None:
+        self.outbox.put(("may_publish", job.job_id))
+        deadline = time.monotonic() + PUBLISH_REPLY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                message = self.inbox.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if message[0] == "publish" and message[1] == job.job_id:
+                if not message[2]:
+                    raise PublishRefused(f"{job.path}: lease lost, result not published")
+                return
+            if message[0] == "stop":
+                raise PublishRefused(f"{job.path}: stopping, result not published")
+        raise PublishRefused(f"{job.path}: no answer from the daemon, result not published")
+
+
+def _read_summary(out_dir: Path, stem: str) -> dict[str, Any]:
+    import json
+
+    return json.loads((Path(out_dir) / f"{stem}_summary.json").read_text())
+
+
+def _device_memory_bytes(device: str) -> int | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return int(torch.cuda.max_memory_allocated(torch.device(device)))
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join((str(error) or type(error).__name__).split())

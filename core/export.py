@@ -1,0 +1,390 @@
+"""Writing one tomogram's results: the output folder of DESIGN.md's contract, published atomically.
+
+Everything is written into `out_parent/.STEM.tmp-XXXX` (summary last), then that folder is
+renamed to `out_parent/STEM`: readers see the whole folder or none of it. An existing
+`out_parent/STEM` is renamed aside first and deleted after the new one is in place. Any failure
+removes the temporary folder and leaves an existing result untouched.
+
+Coordinates: tables hold float (z, y, x) voxel positions on the input grid; files use x, y, z.
+STAR files are RELION 5 style (`data_particles`, `rlnTomoName`, `rlnCoordinateX/Y/Z` in pixels
+= the same 0-based voxel indices as the CSV, and `rlnCenteredCoordinateX/Y/ZAngst` =
+(coordinate - size / 2) * voxel size). Filament points carry `rlnHelicalTubeID` (1-based per
+filament), `rlnHelicalTrackLengthAngst`, and `rlnAngleTilt`/`rlnAnglePsi` that put the particle's
+Z axis along the filament (RELION's helical convention; the twist `rlnAngleRot` is left out):
+direction (x, y, z) = (-sin(tilt) cos(psi), sin(tilt) sin(psi), cos(tilt)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .classes import ClassSpec
+from .filaments import Filament
+from .particles import ParticleTable
+from .segmentation import Segmentation
+from .volume import write_mrc
+
+STAR_VERSION = "# version 50001"  # RELION 5
+PREVIEW_MAX_PX = 1200
+PREVIEW_MIN_PX = 480  # small test volumes are enlarged (nearest) so the preview stays readable
+OVERLAY_ALPHA = 0.5
+
+
+def _file_names(stem: str, classes: list[ClassSpec]) -> dict[str, str]:
+    """Output key -> file name, in writing order (the summary is always last)."""
+    names = {"labels": f"{stem}_labels.mrc"}
+    for spec in classes:
+        if spec.is_filament:
+            names[f"mask:{spec.name}"] = f"{stem}_{spec.name}_mask.mrc"
+    for spec in classes:
+        if spec.is_particle:
+            names[f"star:{spec.name}"] = f"{stem}_{spec.name}.star"
+    names["particles_csv"] = f"{stem}_particles.csv"
+    for spec in classes:
+        if spec.is_filament:
+            names[f"filaments:{spec.name}"] = f"{stem}_{spec.name}_filaments.star"
+    names["preview"] = f"{stem}_preview.png"
+    names["summary"] = f"{stem}_summary.json"
+    return names
+
+
+def output_paths(out_parent: str | Path, stem: str, classes: list[ClassSpec]) -> dict[str, Path]:
+    """Every file `write_outputs` writes for `stem`, keyed 'labels', 'mask:<class>',
+    'star:<class>', 'particles_csv', 'filaments:<class>', 'preview', 'summary'."""
+    folder = Path(out_parent) / stem
+    return {key: folder / name for key, name in _file_names(stem, classes).items()}
+
+
+def write_outputs(
+    out_parent: str | Path,
+    seg: Segmentation,
+    tomogram: np.ndarray | None = None,
+    *,
+    start_time: float | None = None,
+    before_publish: Callable[[], None] | None = None,
+) -> Path:
+    """Write `out_parent/STEM/` for `seg` atomically and return that folder.
+
+    `tomogram` ([z, y, x] on the input grid; only three central slices are read, so a memmap is
+    fine) is the preview's background; without it the preview shows the labels on black.
+    `start_time` (a `time.perf_counter()` value) adds a 'total' timing to the summary.
+    `before_publish` runs just before the rename; if it raises, nothing is published.
+    """
+    _check(seg, tomogram)
+    out_parent = Path(out_parent)
+    out_parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{seg.stem}.tmp-", dir=out_parent))
+    try:
+        files = {key: tmp / name for key, name in _file_names(seg.stem, seg.classes).items()}
+        _write_files(files, seg, tomogram)
+        timings_s = dict(seg.timings_s)
+        timings_s["write"] = time.perf_counter() - t0
+        if start_time is not None:
+            timings_s["total"] = time.perf_counter() - start_time
+        _write_summary(files["summary"], seg, timings_s, [p.name for p in files.values()])
+        _fsync_dir(tmp)
+        if before_publish is not None:
+            before_publish()
+        final = _publish(tmp, out_parent / seg.stem)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _check(seg: Segmentation, tomogram: np.ndarray | None) -> None:
+    if seg.labels.ndim != 3 or seg.labels.dtype != np.int8:
+        raise ValueError(
+            f"{seg.stem}: labels must be int8 [z, y, x], got {seg.labels.dtype} {seg.labels.shape}"
+        )
+    if tomogram is not None and tomogram.shape != seg.labels.shape:
+        raise ValueError(
+            f"{seg.stem}: tomogram shape {tomogram.shape} differs from labels {seg.labels.shape}"
+        )
+    if not seg.stem or "/" in seg.stem or seg.stem in (".", ".."):
+        raise ValueError(f"output stem {seg.stem!r} is not a usable folder name")
+
+
+def _write_files(files: dict[str, Path], seg: Segmentation, tomogram: np.ndarray | None) -> None:
+    write_mrc(files["labels"], seg.labels, seg.voxel_size_a, seg.origin_xyz_a)
+    for index, spec in enumerate(seg.classes, start=1):
+        if spec.is_filament:
+            # A bool array viewed as int8 is already 0/1: no extra copy.
+            mask = (seg.labels == index).view(np.int8)
+            write_mrc(files[f"mask:{spec.name}"], mask, seg.voxel_size_a, seg.origin_xyz_a)
+            del mask
+    tables = {
+        spec.name: seg.particles.get(spec.name) or ParticleTable.empty(spec.name)
+        for spec in seg.classes if spec.is_particle
+    }
+    for name, table in tables.items():
+        write_particle_star(files[f"star:{name}"], table, seg.stem, seg.labels.shape,
+                            seg.voxel_size_a)
+    write_particle_csv(files["particles_csv"], list(tables.values()))
+    for spec in seg.classes:
+        if spec.is_filament:
+            write_filament_star(files[f"filaments:{spec.name}"], seg.filaments.get(spec.name, []),
+                                seg.stem, seg.labels.shape, seg.voxel_size_a)
+    write_preview(files["preview"], seg.labels, seg.classes, tomogram)
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    """Rename `tmp` to `final`; an existing `final` is moved aside first, then deleted."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.rename(old, final)  # put the previous result back
+        raise
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+# ---- STAR and CSV ------------------------------------------------------------------------------
+
+def _star_text(block: str, columns: dict[str, list[str]]) -> str:
+    lines = [STAR_VERSION, "", f"data_{block}", "", "loop_"]
+    lines += [f"_{name} #{i}" for i, name in enumerate(columns, start=1)]
+    lines += [" ".join(row) for row in zip(*columns.values(), strict=True)]
+    return "\n".join(lines) + "\n\n"
+
+
+def _star_string(value: str) -> str:
+    return f'"{value}"' if any(c.isspace() for c in value) or not value else value
+
+
+def _fmt(values: np.ndarray, digits: int) -> list[str]:
+    return [f"{v:.{digits}f}" for v in np.asarray(values, dtype=np.float64)]
+
+
+def _coordinate_columns(
+    zyx: np.ndarray, stem: str, shape_zyx: tuple[int, ...], voxel_size_a: float
+) -> dict[str, list[str]]:
+    columns = {"rlnTomoName": [_star_string(stem)] * len(zyx)}
+    for axis, k in (("X", 2), ("Y", 1), ("Z", 0)):
+        columns[f"rlnCoordinate{axis}"] = _fmt(zyx[:, k], 3)
+    for axis, k in (("X", 2), ("Y", 1), ("Z", 0)):
+        centred = (zyx[:, k] - shape_zyx[k] / 2.0) * voxel_size_a
+        columns[f"rlnCenteredCoordinate{axis}Angst"] = _fmt(centred, 3)
+    return columns
+
+
+def write_particle_star(
+    path: Path, table: ParticleTable, stem: str, shape_zyx: tuple[int, ...], voxel_size_a: float
+) -> None:
+    """One particle class as a RELION 5 style STAR file (block `particles`)."""
+    columns = _coordinate_columns(table.zyx, stem, shape_zyx, voxel_size_a)
+    columns["rlnAutopickFigureOfMerit"] = _fmt(table.score, 5)
+    _write_text(path, _star_text("particles", columns))
+
+
+def write_particle_csv(path: Path, tables: list[ParticleTable]) -> None:
+    """All particles: `class,x,y,z,score`, 0-based input-grid voxel coordinates."""
+    lines = ["class,x,y,z,score"]
+    for table in tables:
+        for (z, y, x), score in zip(table.zyx, table.score, strict=True):
+            lines.append(f"{table.class_name},{x:.3f},{y:.3f},{z:.3f},{score:.5f}")
+    _write_text(path, "\n".join(lines) + "\n")
+
+
+def relion_tilt_psi_deg(directions_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RELION tilt and psi (degrees) that align a particle's Z axis with each unit direction."""
+    d = np.asarray(directions_zyx, dtype=np.float64)
+    dz, dy, dx = d[:, 0], d[:, 1], d[:, 2]
+    tilt = np.degrees(np.arccos(np.clip(dz, -1.0, 1.0)))
+    psi = np.degrees(np.arctan2(dy, -dx))
+    return tilt, psi
+
+
+def write_filament_star(
+    path: Path,
+    filaments: list[Filament],
+    stem: str,
+    shape_zyx: tuple[int, ...],
+    voxel_size_a: float,
+) -> None:
+    """Points along every filament of one class, one `rlnHelicalTubeID` (1-based) per filament."""
+    zyx = np.concatenate([f.points_zyx for f in filaments]) if filaments else np.zeros((0, 3))
+    dirs = np.concatenate([f.directions_zyx for f in filaments]) if filaments else np.zeros((0, 3))
+    tube = np.concatenate([np.full(len(f), i, dtype=np.int64)
+                           for i, f in enumerate(filaments, start=1)] or [np.zeros(0, np.int64)])
+    track = np.concatenate([_track_length(f.points_zyx) for f in filaments] or [np.zeros(0)])
+    columns = _coordinate_columns(zyx, stem, shape_zyx, voxel_size_a)
+    columns["rlnHelicalTubeID"] = [str(int(t)) for t in tube]
+    columns["rlnHelicalTrackLengthAngst"] = _fmt(track * voxel_size_a, 2)
+    tilt, psi = relion_tilt_psi_deg(dirs)
+    columns["rlnAngleTilt"] = _fmt(tilt, 3)
+    columns["rlnAnglePsi"] = _fmt(psi, 3)
+    _write_text(path, _star_text("particles", columns))
+
+
+def _track_length(points_zyx: np.ndarray) -> np.ndarray:
+    steps = np.linalg.norm(np.diff(points_zyx, axis=0), axis=1)
+    return np.concatenate([[0.0], np.cumsum(steps)])
+
+
+# ---- preview -----------------------------------------------------------------------------------
+
+def _rgb(color: str) -> tuple[int, int, int]:
+    c = color.lstrip("#")
+    if len(c) != 6:
+        return (255, 255, 255)
+    try:
+        return (int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16))
+    except ValueError:
+        return (255, 255, 255)
+
+
+def _gray(slices: list[np.ndarray]) -> list[np.ndarray]:
+    """uint8 versions of the slices, contrast from the 1st-99th percentile over all three."""
+    floats = [np.asarray(s, dtype=np.float32) for s in slices]
+    values = np.concatenate([f.ravel() for f in floats])
+    lo, hi = np.percentile(values, [1, 99]) if values.size else (0.0, 1.0)
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return [np.clip((f - lo) * scale, 0, 255).astype(np.uint8) for f in floats]
+
+
+def write_preview(
+    path: Path, labels: np.ndarray, classes: list[ClassSpec], tomogram: np.ndarray | None
+) -> None:
+    """Orthogonal central slices (xy top left, zy right, xz below) with classes overlaid, and a
+    legend strip."""
+    nz, ny, nx = labels.shape
+    lab = [labels[nz // 2], labels[:, :, nx // 2].T, labels[:, ny // 2, :]]  # (y,x) (y,z) (z,x)
+    if tomogram is not None:
+        gray = _gray([tomogram[nz // 2], tomogram[:, :, nx // 2].T, tomogram[:, ny // 2, :]])
+    else:
+        gray = [np.zeros(s.shape, dtype=np.uint8) for s in lab]
+    palette = np.zeros((len(classes) + 1, 3), dtype=np.float32)
+    for i, spec in enumerate(classes, start=1):
+        palette[i] = _rgb(spec.color)
+    gap = 2
+    canvas = np.full((ny + gap + nz, nx + gap + nz, 3), 40, dtype=np.uint8)
+    origins = [(0, 0), (0, nx + gap), (ny + gap, 0)]
+    for (r, c), g, lb in zip(origins, gray, lab, strict=True):
+        rgb = np.repeat(g[..., None].astype(np.float32), 3, axis=2)
+        sel = lb > 0
+        rgb[sel] = (1 - OVERLAY_ALPHA) * rgb[sel] + OVERLAY_ALPHA * palette[lb[sel]]
+        canvas[r : r + g.shape[0], c : c + g.shape[1]] = rgb.astype(np.uint8)
+    image = Image.fromarray(canvas)
+    longest = max(image.size)
+    scale = min(PREVIEW_MAX_PX / longest, max(1.0, PREVIEW_MIN_PX / longest))
+    if scale != 1.0:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        resample = Image.NEAREST if scale > 1 else Image.BILINEAR
+        image = image.resize(size, resample)
+    _legend(image, classes).save(path, format="PNG")
+
+
+def _legend(image: Image.Image, classes: list[ClassSpec]) -> Image.Image:
+    """The image with a strip below it: a colour box and the name of every class."""
+    font = ImageFont.load_default()
+    row_h, box, pad = 18, 12, 6
+    # Lay names out left to right, wrapping to a new row when the width is used up.
+    items, x, y = [], pad, pad
+    for spec in classes:
+        width = box + 4 + int(math.ceil(font.getlength(spec.name))) + 2 * pad
+        if x + width > image.width and x > pad:
+            x, y = pad, y + row_h
+        items.append((x, y, spec))
+        x += width
+    strip_h = (y + row_h + pad) if classes else 0
+    out = Image.new("RGB", (image.width, image.height + strip_h), (20, 20, 20))
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for x, y, spec in items:
+        top = image.height + y
+        draw.rectangle([x, top + 2, x + box, top + 2 + box], fill=_rgb(spec.color))
+        draw.text((x + box + 4, top), spec.name, fill=(230, 230, 230), font=font)
+    return out
+
+
+# ---- summary -----------------------------------------------------------------------------------
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values: numpy scalars and arrays converted, NaN/Inf as null."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _write_summary(
+    path: Path, seg: Segmentation, timings_s: dict[str, float], files: list[str]
+) -> None:
+    from tomolive import __version__
+
+    counts = {
+        "particles": {s.name: len(seg.particles.get(s.name) or []) for s in seg.classes
+                      if s.is_particle},
+        "filaments": {s.name: len(seg.filaments.get(s.name, [])) for s in seg.classes
+                      if s.is_filament},
+    }
+    summary = {
+        "stem": seg.stem,
+        "tomolive_version": __version__,
+        "written_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": seg.input,
+        "model": seg.model,
+        "settings": seg.settings,
+        "shape_zyx": list(seg.labels.shape),
+        "voxel_size_a": seg.voxel_size_a,
+        "origin_xyz_a": list(seg.origin_xyz_a),
+        "classes": [spec.to_json() for spec in seg.classes],
+        "timings_s": timings_s,
+        "class_fractions": seg.class_fractions,
+        "counts": counts,
+        "confidence": seg.confidence,
+        "files": files,
+    }
+    _write_text(path, json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write and fsync: the folder rename publishes it, so its content must be on disk first."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,297 @@
+"""Run a 2.5D network over a whole volume: batches of slices, overlapping tiles, AMP on GPU.
+
+Host memory stays bounded: the result is an int8 argmax and a uint8 confidence per voxel;
+float tensors exist only for the current batch of slices (on the device).
+
+Slice neighbourhoods at the volume's z edges are CLAMPED (the first/last slice is repeated):
+slice z sees slices clip(z - r .. z + r, 0, depth - 1) with r = in_slices // 2. Training must
+build its inputs the same way: use `neighbour_indices`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import ModelBundle, fuse_for_inference
+
+
+@dataclass
+class InferenceOptions:
+    """How to run a network over a volume.
+
+    device: "auto" | "cpu" | "cuda" | "cuda:N". batch_size: slices per forward pass.
+    tile_size_px: largest tile edge fed to the network (bigger slices are tiled).
+    tile_overlap_px: minimum overlap between neighbouring tiles (blended with cosine ramps).
+    tta_flips: average softmax over identity, x-flip, y-flip and both (4x the compute).
+    amp: bfloat16 (or float16) autocast, on CUDA only. threads: torch CPU threads during predict
+    (None: leave torch's setting).
+    """
+
+    device: str = "auto"
+    batch_size: int = 8
+    tile_size_px: int = 512
+    tile_overlap_px: int = 64
+    tta_flips: bool = False
+    amp: bool = True
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {self.batch_size}")
+        if self.tile_overlap_px < 0:
+            raise ValueError(f"tile_overlap_px must be >= 0, not {self.tile_overlap_px}")
+        if self.tile_size_px <= self.tile_overlap_px:
+            raise ValueError(
+                f"tile_size_px {self.tile_size_px} must exceed tile_overlap_px "
+                f"({self.tile_overlap_px})"
+            )
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, not {self.threads}")
+
+
+@dataclass
+class Prediction:
+    """Per voxel on the model grid: argmax class (int8) and max softmax probability * 255."""
+
+    labels: np.ndarray  # int8 [z, y, x]
+    confidence: np.ndarray  # uint8 [z, y, x]
+
+
+def resolve_device(spec: str | int | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda:0 if CUDA is available, else cpu; ints mean cuda:N. Raises ValueError."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    if isinstance(spec, int):
+        spec = f"cuda:{spec}"
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        index_text = spec.partition(":")[2] or "0"
+        if not index_text.isdigit():
+            raise ValueError(f"device {spec!r}: expected cuda:N with N a GPU index")
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {spec!r} requested but CUDA is not available (no GPU or a CPU-only torch)"
+            )
+        index, count = int(index_text), torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"device {spec!r} requested but only {count} CUDA device(s) exist")
+        return torch.device(f"cuda:{index}")
+    raise ValueError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def prepare_network(bundle: ModelBundle, device: str | torch.device = "auto") -> nn.Module:
+    """The bundle's network on `device`, BatchNorm folded, eval mode, ready for `predict`.
+
+    channels_last only on CUDA: with cuDNN it enables NHWC tensor-core kernels; on CPU
+    (oneDNN) it measured slower for this network (see the infer notes in the report).
+    """
+    device = resolve_device(device)
+    network = fuse_for_inference(bundle.build("cpu")).to(device)
+    if device.type == "cuda":
+        network = network.to(memory_format=torch.channels_last)
+    return network.eval()
+
+
+def neighbour_indices(z: np.ndarray | int, depth: int, in_slices: int) -> np.ndarray:
+    """Slice indices fed to the network for centre slice(s) z: [..., in_slices], clamped."""
+    offsets = np.arange(in_slices) - in_slices // 2
+    return np.clip(np.asarray(z)[..., None] + offsets, 0, depth - 1)
+
+
+def tile_starts(length: int, tile_max: int, overlap: int, multiple: int) -> tuple[list[int], int]:
+    """Tile starts along one axis and the tile length (a multiple of `multiple`).
+
+    A single tile (padded up to the multiple) if it fits in tile_max; otherwise the fewest
+    tiles of length <= tile_max that overlap by at least `overlap`, evenly spread, each inside
+    the axis (no padding). Returns (starts, tile_length).
+    """
+    padded = -(-length // multiple) * multiple
+    cap = max(multiple, tile_max // multiple * multiple)
+    if padded <= cap:
+        return [0], padded
+    overlap = min(overlap, cap - multiple)
+    n_tiles = math.ceil((length - overlap) / (cap - overlap))
+    tile = -(-math.ceil((length + (n_tiles - 1) * overlap) / n_tiles) // multiple) * multiple
+    tile = min(tile, cap)
+    starts = np.round(np.linspace(0, length - tile, n_tiles)).astype(int).tolist()
+    return starts, tile
+
+
+def _axis_weights(length: int, starts: list[int], tile: int) -> list[torch.Tensor]:
+    """1-D blending weights per tile: cosine ramps across the whole overlap with each neighbour.
+
+    Predictions near a tile's inner edge lack context; the ramps hand those pixels over to the
+    neighbouring tile smoothly. Ramps use (i + 0.5) so every weight is > 0.
+    """
+    out = []
+    for j, start in enumerate(starts):
+        size = min(tile, length - start)
+        weight = torch.ones(size, dtype=torch.float32)
+        if j > 0:
+            n = starts[j - 1] + tile - start  # overlap with the previous tile
+            weight[:n] = _cosine_ramp(n)
+        if j < len(starts) - 1:
+            n = start + tile - starts[j + 1]  # overlap with the next tile
+            weight[size - n:] = torch.minimum(weight[size - n:], _cosine_ramp(n).flip(0))
+        out.append(weight)
+    return out
+
+
+def _cosine_ramp(n: int) -> torch.Tensor:
+    return 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(n, dtype=torch.float32) + 0.5) / n)
+
+
+def _network_multiple(network: nn.Module) -> int:
+    return int(getattr(network, "size_multiple", 16))
+
+
+def _uses_channels_last(network: nn.Module) -> bool:
+    for param in network.parameters():
+        if param.ndim == 4:
+            return param.is_contiguous(memory_format=torch.channels_last) and not \
+                param.is_contiguous()
+    return False
+
+
+def _forward_probs(
+    network: nn.Module, x: torch.Tensor, options: InferenceOptions, channels_last: bool
+) -> torch.Tensor:
+    """Softmax probabilities (float32) for a padded input [B, K, h, w], with optional TTA."""
+    flips: list[tuple[int, ...]] = [()]
+    if options.tta_flips:
+        flips += [(3,), (2,), (2, 3)]
+    if x.device.type == "cuda" and options.amp:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        autocast = torch.autocast("cuda", dtype=dtype)
+    else:
+        autocast = contextlib.nullcontext()
+    total = None
+    for dims in flips:
+        xi = x.flip(dims) if dims else x
+        if channels_last:
+            xi = xi.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = network(xi)
+        probs = torch.softmax(logits.float(), dim=1)
+        probs = probs.flip(dims) if dims else probs
+        total = probs if total is None else total + probs
+    return total / len(flips)
+
+
+def _pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pad [B, K, h, w] at the bottom/right to (height, width): reflect where possible."""
+    pad_y, pad_x = height - x.shape[2], width - x.shape[3]
+    if pad_y == 0 and pad_x == 0:
+        return x
+    mode = "reflect" if pad_y < x.shape[2] and pad_x < x.shape[3] else "replicate"
+    return F.pad(x, (0, pad_x, 0, pad_y), mode=mode)
+
+
+def iter_probabilities(
+    network: nn.Module,
+    data_f32: np.ndarray,
+    in_slices: int,
+    options: InferenceOptions,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (z0, probabilities [B, C, H, W] float32 on the device) batch by batch.
+
+    The building block of `predict`; exposed for tests and tools that need the probabilities
+    of a few slices. Never collect all batches of a large volume.
+    """
+    if data_f32.ndim != 3:
+        raise ValueError(f"expected a [z, y, x] volume, got shape {data_f32.shape}")
+    device = next(network.parameters()).device
+    depth, height, width = data_f32.shape
+    multiple = _network_multiple(network)
+    overlap = options.tile_overlap_px
+    ys, tile_y = tile_starts(height, options.tile_size_px, overlap, multiple)
+    xs, tile_x = tile_starts(width, options.tile_size_px, overlap, multiple)
+    tiled = len(ys) > 1 or len(xs) > 1
+    channels_last = _uses_channels_last(network)
+    if tiled:
+        weights, weight_sum = _tile_weights(height, width, ys, xs, tile_y, tile_x, device)
+    for z0 in range(0, depth, options.batch_size):
+        z1 = min(z0 + options.batch_size, depth)
+        index = neighbour_indices(np.arange(z0, z1), depth, in_slices)
+        # Copy only the distinct slices this batch needs to the device, then gather there.
+        lo, hi = int(index.min()), int(index.max()) + 1
+        slab = torch.from_numpy(np.ascontiguousarray(data_f32[lo:hi], dtype=np.float32))
+        slab = slab.to(device, non_blocking=True)
+        stack = slab[torch.from_numpy(index - lo).to(device)]  # [B, K, H, W]
+        if not tiled:
+            x = _pad_to(stack, tile_y, tile_x)
+            probs = _forward_probs(network, x, options, channels_last)
+            yield z0, probs[:, :, :height, :width]
+            continue
+        acc = None
+        for (y0, x0), weight in zip(((y, x) for y in ys for x in xs), weights, strict=True):
+            tile = stack[:, :, y0:y0 + tile_y, x0:x0 + tile_x]
+            probs = _forward_probs(network, _pad_to(tile, tile_y, tile_x), options, channels_last)
+            probs = probs[:, :, :tile.shape[2], :tile.shape[3]] * weight
+            if acc is None:
+                acc = torch.zeros(
+                    (z1 - z0, probs.shape[1], height, width), dtype=torch.float32, device=device
+                )
+            acc[:, :, y0:y0 + tile.shape[2], x0:x0 + tile.shape[3]] += probs
+        yield z0, acc / weight_sum
+
+
+def _tile_weights(
+    height: int, width: int, ys: list[int], xs: list[int], tile_y: int, tile_x: int,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-tile 2-D blending weights (cropped to the volume) and their sum over the slice."""
+    weights, weight_sum = [], torch.zeros((height, width), dtype=torch.float32)
+    for y0, wy in zip(ys, _axis_weights(height, ys, tile_y), strict=True):
+        for x0, wx in zip(xs, _axis_weights(width, xs, tile_x), strict=True):
+            weight = wy[:, None] * wx[None, :]
+            weight_sum[y0:y0 + weight.shape[0], x0:x0 + weight.shape[1]] += weight
+            weights.append(weight.to(device))
+    return weights, weight_sum.to(device)
+
+
+def predict(
+    network: nn.Module,
+    data_f32: np.ndarray,
+    in_slices: int,
+    options: InferenceOptions | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Prediction:
+    """Segment every z-slice of `data_f32` [z, y, x] (preprocessed, on the model grid).
+
+    `network` is on its device in eval mode (see `prepare_network`); the input may be a
+    memory map. progress(n_slices_done) is called after every batch.
+    """
+    options = options or InferenceOptions()
+    depth, height, width = data_f32.shape
+    labels = np.empty((depth, height, width), dtype=np.int8)
+    confidence = np.empty((depth, height, width), dtype=np.uint8)
+    previous_threads = torch.get_num_threads()
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    try:
+        with torch.inference_mode():
+            for z0, probs in iter_probabilities(network, data_f32, in_slices, options):
+                if probs.shape[1] > 127:
+                    raise ValueError(f"{probs.shape[1]} classes do not fit int8 labels")
+                best, arg = probs.max(dim=1)
+                z1 = z0 + probs.shape[0]
+                labels[z0:z1] = arg.to(torch.int8).cpu().numpy()
+                confidence[z0:z1] = (best * 255.0).round_().to(torch.uint8).cpu().numpy()
+                if progress is not None:
+                    progress(z1)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return Prediction(labels=labels, confidence=confidence)

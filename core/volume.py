@@ -44,6 +44,7 @@ class MrcHeader:
     origin_xyz_a: tuple[float, float, float]
     data_offset_bytes: int
     expected_size_bytes: int
+    axis_map_crs: tuple[int, int, int] = (1, 2, 3)  # mapc, mapr, maps: which axis is x, y, z
 
 
 @dataclass
@@ -113,6 +114,7 @@ def read_header(path: str | os.PathLike) -> MrcHeader:
         origin_xyz_a=origin,  # type: ignore[arg-type]
         data_offset_bytes=offset,
         expected_size_bytes=offset + data_bytes,
+        axis_map_crs=(int(h["mapc"]), int(h["mapr"]), int(h["maps"])),
     )
 
 
@@ -163,6 +165,11 @@ def read_mrc(
         raise VolumeError(
             f"{path}: unsupported MRC mode {hdr.mode} (supported: 0 int8, 1 int16, 2 float32, "
             f"6 uint16, 12 float16)"
+        )
+    if hdr.axis_map_crs not in ((1, 2, 3), (0, 0, 0)):  # (0, 0, 0): old writers left it unset
+        raise VolumeError(
+            f"{path}: unsupported axis order (mapc, mapr, maps) = {hdr.axis_map_crs}; "
+            f"expected (1, 2, 3)"
         )
     _check_dims(path, hdr.shape_zyx)
     size = path.stat().st_size

@@ -238,6 +238,13 @@ def test_nan_voxel_size_and_bad_override(tmp_path):
     _assert_error(path, "voxel size override -3 Å must be positive", voxel_size_a=-3)
 
 
+def test_permuted_axis_order(tmp_path):
+    path = _mrcfile_new(tmp_path / "p.mrc", np.zeros(SHAPE, np.float32))
+    _patch_header_int32(path, 64, 2)  # mapc
+    _patch_header_int32(path, 68, 1)  # mapr
+    _assert_error(path, "unsupported axis order (mapc, mapr, maps) = (2, 1, 3); expected (1, 2, 3)")
+
+
 def test_missing_file(tmp_path):
     path = tmp_path / "absent.mrc"
     _assert_error(path, "cannot read")

@@ -1,0 +1,724 @@
+"""Training a model bundle from sparse labels (a few annotated slices of one or more tomograms).
+
+Data path (the SAME core code as inference, so a model sees at training what it sees live):
+read_mrc -> canonical view (beam axis first) -> grid_for / fourier_rescale to the model voxel
+size -> apply_recipe (the bundle's preprocessing recipe) -> crop to the annotated region.
+Labels go to the model grid by nearest neighbour through the same GridMap.
+
+Labels: 0 background, i = the i-th class, 255 "not annotated" (int8 files store it as -1);
+255 voxels never reach the loss, the sampler or the validation score. The region box is split
+into a training part and a validation strip (the last `validation_fraction` of its longer
+in-plane axis), whose labels are never trained on; the validation Dice per class is computed
+periodically and the best weights are kept.
+
+Patches are 2.5D (K slices in, labels of the centre slice), sampled class-balanced so rare
+classes (gold, ribosomes) are seen, and augmented with flips, 90-degree XY rotations, intensity
+scale/shift and noise. Loss: cross-entropy (ignore_index 255) + soft Dice over the foreground
+classes present in the batch. AdamW with a warm-up and cosine decay over the run, whose length is
+`steps` or `max_minutes`, whichever ends first. Deterministic for a seed on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from .classes import ClassSpec, default_class
+from .model import BundleMeta, ModelBundle, UNet25D, architecture_dict
+from .preprocess import DEFAULT_RECIPE, apply_recipe, validate_recipe
+from .resample import GridMap, fourier_rescale, grid_for
+from .volume import read_mrc, thin_axis, to_canonical
+
+IGNORE = 255
+# Fraction of the run spent warming the learning rate up, and where the cosine ends.
+_WARMUP_FRACTION = 0.05
+_FINAL_LR_FACTOR = 0.02
+# How many times per run the validation Dice is computed (plus once at the end).
+_VALIDATIONS_PER_RUN = 10
+# Share of patches centred on a voxel of a randomly chosen foreground class (the rest are
+# centred on any annotated voxel), so that rare classes are seen often.
+_CLASS_BALANCED_SHARE = 0.7
+_DICE_EPS = 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def parse_region(text: str) -> tuple[slice, slice, slice]:
+    """"Z0:Z1,Y0:Y1,X0:X1" (voxels of the tomogram file, end exclusive; a bound may be empty,
+    e.g. "40:56,:,:") to three slices. Raises ValueError naming the problem."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"region {text!r} must be Z0:Z1,Y0:Y1,X0:X1 (three ranges)")
+    out = []
+    for axis, part in zip("ZYX", parts, strict=True):
+        bounds = part.split(":")
+        if len(bounds) != 2:
+            raise ValueError(f"region {text!r}: {axis} range {part!r} must be START:STOP")
+        try:
+            lo, hi = (int(b) if b.strip() else None for b in bounds)
+        except ValueError:
+            raise ValueError(f"region {text!r}: {axis} range {part!r} is not integers") from None
+        if (lo is not None and lo < 0) or (hi is not None and hi < 0):
+            raise ValueError(f"region {text!r}: {axis} range {part!r} has a negative bound")
+        if lo is not None and hi is not None and hi <= lo:
+            raise ValueError(f"region {text!r}: {axis} range {part!r} is empty (stop <= start)")
+        out.append(slice(lo, hi))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def format_region(region: Sequence[slice]) -> str:
+    """The inverse of parse_region (for provenance)."""
+    return ",".join(f"{s.start if s.start is not None else ''}:"
+                    f"{s.stop if s.stop is not None else ''}" for s in region)
+
+
+@dataclass
+class TrainingSource:
+    """One annotated tomogram. `region` is in the FILE's own [z, y, x] voxels (None = all);
+    `voxel_size_a` overrides the tomogram header."""
+
+    tomogram_path: str | Path
+    labels_path: str | Path
+    region: tuple[slice, slice, slice] | None = None
+    voxel_size_a: float | None = None
+
+
+@dataclass
+class TrainOptions:
+    """Training settings. The run stops at `steps` or `max_minutes`, whichever comes first
+    (at least one must be given)."""
+
+    steps: int | None = None
+    max_minutes: float | None = None
+    device: str = "auto"
+    batch_size: int = 8
+    patch_px: int = 96
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    validation_fraction: float = 0.2
+    base_width: int = 16
+    in_slices: int = 5
+    levels: int = 5
+    model_voxel_size_a: float | None = None  # default: the first tomogram's voxel size
+    recipe: list[dict[str, Any]] | None = None  # default: preprocess.DEFAULT_RECIPE
+    name: str | None = None  # default: "tomolive-model", or the parent's name when fine-tuning
+    description: str = ""
+    synthetic: bool = False  # provenance: the training data are synthetic (core.synth)
+    augment: bool = True
+
+    def check(self) -> None:
+        if self.steps is None and self.max_minutes is None:
+            raise ValueError("training needs steps and/or max_minutes")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, not {self.steps}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0, not {self.max_minutes}")
+        if not 0.0 <= self.validation_fraction < 0.9:
+            raise ValueError(
+                f"validation_fraction must be in [0, 0.9), not {self.validation_fraction}")
+        if self.batch_size < 1 or self.patch_px < 8:
+            raise ValueError(f"batch_size {self.batch_size} / patch_px {self.patch_px} too small")
+
+
+@dataclass
+class TrainProgress:
+    """What the progress callback gets: `total_steps` is None for a time-only budget."""
+
+    step: int
+    total_steps: int | None
+    elapsed_s: float
+    loss: float
+    validation_dice: dict[str, float] | None = None
+
+
+@dataclass
+class TrainedModel:
+    """The trained network (unfused, CPU) and its metadata, ready for model.save_bundle."""
+
+    network: UNet25D
+    meta: BundleMeta
+
+
+ProgressFn = Callable[[TrainProgress], None]
+
+
+def load_class_overrides(yaml_path: str | Path) -> dict[str, dict[str, Any]]:
+    """Per-class overrides from YAML: `{name: {field: value}}`, e.g.
+    `ribosome: {diameter_nm: 28}` or `vesicle: {kind: membrane}`. Field names are checked."""
+    path = Path(yaml_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must map class names to fields, not {type(data).__name__}")
+    known = set(ClassSpec.__dataclass_fields__) - {"name"}
+    out: dict[str, dict[str, Any]] = {}
+    for name, fields_ in data.items():
+        if not isinstance(fields_, dict):
+            raise ValueError(f"{path}: class {name!r} must map to fields, not {fields_!r}")
+        unknown = sorted(set(fields_) - known)
+        if unknown:
+            raise ValueError(f"{path}: class {name!r} has unknown fields {unknown}")
+        out[str(name)] = dict(fields_)
+    return out
+
+
+def class_specs_for(
+    names: Sequence[str], overrides: dict[str, dict[str, Any]] | None = None
+) -> list[ClassSpec]:
+    """ClassSpecs in label order (label i = names[i-1]): known names get core.classes defaults,
+    then the overrides; unknown names are 'other' unless overridden."""
+    overrides = overrides or {}
+    names = [str(n).strip() for n in names]
+    if not names or any(not n for n in names):
+        raise ValueError(f"class names {list(names)} must be non-empty")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class names {list(names)} are not unique")
+    extra = sorted(set(overrides) - set(names))
+    if extra:
+        raise ValueError(f"class overrides name classes that are not trained: {extra}")
+    if len(names) > 126:
+        raise ValueError(f"{len(names)} classes is too many (at most 126)")
+    return [default_class(n, **overrides.get(n, {})) for n in names]
+
+
+# --------------------------------------------------------------------------------------------
+# Data: tomogram and labels on the model grid, region only
+
+
+@dataclass
+class _Part:
+    """A training or validation block: image [Z + 2 r, H, W] float32, labels [Z, H, W] uint8
+    (the centre slices), and per-class flat indices of annotated label voxels."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    index: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def build_index(self) -> None:
+        flat = self.labels.reshape(-1)
+        self.index = {int(c): np.flatnonzero(flat == c)
+                      for c in np.unique(flat) if c != IGNORE}
+
+    @property
+    def n_annotated(self) -> int:
+        return sum(len(v) for v in self.index.values())
+
+
+@dataclass
+class _PreparedSource:
+    train: _Part
+    validation: _Part | None
+    record: dict[str, Any]
+
+
+def _labels_u8(raw: np.ndarray, path: Path, n_classes: int) -> np.ndarray:
+    """Label values as uint8 (int8 -1 and any 255 -> 255); raises on values that are not
+    0..n_classes or 255."""
+    if raw.dtype.kind == "f":
+        if not np.all(raw == np.round(raw)):
+            raise ValueError(f"{path}: label volume has non-integer values (float MRC)")
+    values = raw.astype(np.int16)
+    values[values == -1] = IGNORE
+    bad = (values < 0) | ((values > n_classes) & (values != IGNORE))
+    if bad.any():
+        wrong = sorted({int(v) for v in np.unique(values[bad])})[:5]
+        raise ValueError(
+            f"{path}: label values {wrong} are not 0..{n_classes} (background and "
+            f"{n_classes} classes) or 255 (not annotated)"
+        )
+    return values.astype(np.uint8)
+
+
+def _model_range(lo: int, hi: int, n_in: int, n_model: int) -> tuple[np.ndarray, np.ndarray]:
+    """Model indices whose nearest input voxel lies in [lo, hi), and those input voxels."""
+    model_idx = np.arange(n_model, dtype=np.int64)
+    nearest = np.minimum(np.floor(model_idx * (n_in / n_model) + 0.5).astype(np.int64), n_in - 1)
+    keep = (nearest >= lo) & (nearest < hi)
+    return model_idx[keep], nearest[keep]
+
+
+def _canonical_region(
+    region: tuple[slice, slice, slice] | None, file_shape: tuple[int, ...], beam_axis: int,
+    path: Path,
+) -> list[tuple[int, int]]:
+    """The region (file axis order) as (lo, hi) per canonical axis, checked against the shape."""
+    region = region or (slice(None),) * 3
+    bounds = []
+    for axis, (s, n) in enumerate(zip(region, file_shape, strict=True)):
+        lo = 0 if s.start is None else s.start
+        hi = n if s.stop is None else s.stop
+        if lo >= n or hi > n or hi <= lo:
+            raise ValueError(
+                f"{path}: region {format_region(region)} is outside the tomogram "
+                f"(axis {'zyx'[axis]} has {n} voxels)"
+            )
+        bounds.append((lo, hi))
+    if beam_axis != 0:
+        bounds[0], bounds[beam_axis] = bounds[beam_axis], bounds[0]
+    return bounds
+
+
+def _prepare_source(
+    source: TrainingSource, n_classes: int, model_voxel_a: float, recipe: list[dict[str, Any]],
+    in_slices: int, validation_fraction: float, patch_px: int, device: str,
+) -> _PreparedSource:
+    """Rescale + preprocess the whole tomogram (as inference does), crop the region, split."""
+    tomo_path, labels_path = Path(source.tomogram_path), Path(source.labels_path)
+    volume = read_mrc(tomo_path, voxel_size_a=source.voxel_size_a)
+    labels_vol = read_mrc(labels_path, voxel_size_a=volume.voxel_size_a, check_finite=False)
+    if labels_vol.shape != volume.shape:
+        raise ValueError(
+            f"{labels_path}: label volume shape {labels_vol.shape} (z, y, x) does not match "
+            f"the tomogram {tomo_path} {volume.shape}"
+        )
+    beam_axis = thin_axis(volume.shape)
+    bounds = _canonical_region(source.region, volume.shape, beam_axis, tomo_path)
+    canonical = to_canonical(volume.data, beam_axis)
+    grid = grid_for(canonical.shape, volume.voxel_size_a, model_voxel_a)
+    model_idx, input_idx = [], []
+    for (lo, hi), n_in, n_model in zip(bounds, grid.input_shape, grid.model_shape, strict=True):
+        m, i = _model_range(lo, hi, n_in, n_model)
+        if len(m) == 0:
+            raise ValueError(f"{tomo_path}: region is smaller than one model voxel")
+        model_idx.append(m)
+        input_idx.append(i)
+    raw = to_canonical(labels_vol.data, beam_axis)[np.ix_(*input_idx)]
+    labels = _labels_u8(np.asarray(raw), labels_path, n_classes)
+    if not (labels != IGNORE).any():
+        raise ValueError(f"{labels_path}: no annotated voxels (all 255) in the region")
+    image = _model_image(canonical, grid, model_voxel_a, recipe, device, model_idx,
+                         in_slices // 2)
+    del canonical
+    train, validation = _split(image, labels, validation_fraction, patch_px)
+    record = {
+        "tomogram": str(tomo_path), "labels": str(labels_path),
+        "region": format_region(source.region) if source.region else None,
+        "voxel_size_a": volume.voxel_size_a,
+        "model_grid_region_shape_zyx": [len(m) for m in model_idx],
+    }
+    return _PreparedSource(train, validation, record)
+
+
+def _model_image(
+    canonical: np.ndarray, grid: GridMap, model_voxel_a: float, recipe: list[dict[str, Any]],
+    device: str, model_idx: list[np.ndarray], z_margin: int,
+) -> np.ndarray:
+    """The preprocessed model-grid image of the region box, with z_margin context slices on
+    each side (edge slices repeated beyond the volume, as core.infer pads)."""
+    data = fourier_rescale(canonical, grid, device=device)
+    data = apply_recipe(data, model_voxel_a, recipe, device=device)
+    mz = data.shape[0]
+    z = np.arange(model_idx[0][0] - z_margin, model_idx[0][-1] + 1 + z_margin)
+    z = np.clip(z, 0, mz - 1)
+    ys, xs = model_idx[1], model_idx[2]
+    image = data[z[:, None, None], ys[None, :, None], xs[None, None, :]].astype(np.float32)
+    del data
+    return image
+
+
+def _split(
+    image: np.ndarray, labels: np.ndarray, validation_fraction: float, patch_px: int
+) -> tuple[_Part, _Part | None]:
+    """Training part and validation strip: the last `validation_fraction` of the longer
+    in-plane axis. The two never share label voxels."""
+    if validation_fraction <= 0:
+        part = _Part(_pad_xy(image, patch_px, "reflect"), _pad_xy(labels, patch_px, IGNORE))
+        part.build_index()
+        return part, None
+    axis = 1 if labels.shape[1] >= labels.shape[2] else 2
+    n = labels.shape[axis]
+    n_val = int(round(n * validation_fraction))
+    if n_val < 1 or n - n_val < 1:
+        raise ValueError(
+            f"region is too small ({n} model voxels along {'zyx'[axis]}) to keep a "
+            f"validation part of {validation_fraction:.0%}; use a larger region"
+        )
+    cut = n - n_val
+    take = [slice(None)] * 3
+    take[axis] = slice(None, cut)
+    train = _Part(_pad_xy(image[tuple(take)], patch_px, "reflect"),
+                  _pad_xy(labels[tuple(take)], patch_px, IGNORE))
+    take[axis] = slice(cut, None)
+    validation = _Part(np.ascontiguousarray(image[tuple(take)]),
+                       np.ascontiguousarray(labels[tuple(take)]))
+    train.build_index()
+    validation.build_index()
+    if train.n_annotated == 0:
+        raise ValueError("the training part of the region has no annotated voxels")
+    return train, (validation if validation.n_annotated else None)
+
+
+def _pad_xy(array: np.ndarray, size: int, mode: str | int) -> np.ndarray:
+    """Pad y and x at the end to at least `size` (reflect for images, a constant for labels)."""
+    pad_y, pad_x = max(0, size - array.shape[1]), max(0, size - array.shape[2])
+    if not pad_y and not pad_x:
+        return np.ascontiguousarray(array)
+    widths = ((0, 0), (0, pad_y), (0, pad_x))
+    if isinstance(mode, str):
+        return np.pad(array, widths, mode="symmetric")  # any size, unlike "reflect"
+    return np.pad(array, widths, mode="constant", constant_values=mode)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling and augmentation
+
+
+class _Sampler:
+    """Class-balanced 2.5D patches from the training parts of all sources (seeded numpy)."""
+
+    def __init__(self, parts: list[_Part], in_slices: int, patch_px: int,
+                 rng: np.random.Generator, augment: bool) -> None:
+        self.parts, self.k, self.p, self.rng, self.augment = parts, in_slices, patch_px, rng, \
+            augment
+        self.classes = sorted({c for part in parts for c in part.index if c != 0})
+
+    def _centre(self) -> tuple[_Part, int]:
+        rng = self.rng
+        if self.classes and rng.random() < _CLASS_BALANCED_SHARE:
+            c = self.classes[rng.integers(len(self.classes))]
+            owners = [p for p in self.parts if c in p.index]
+            part = owners[rng.integers(len(owners))]
+            choices = part.index[c]
+        else:  # any annotated voxel: a part, then a class, each in proportion to its count
+            sizes = np.array([p.n_annotated for p in self.parts], dtype=np.float64)
+            part = self.parts[rng.choice(len(self.parts), p=sizes / sizes.sum())]
+            keys = sorted(part.index)
+            counts = np.array([len(part.index[c]) for c in keys], dtype=np.float64)
+            choices = part.index[keys[rng.choice(len(keys), p=counts / counts.sum())]]
+        return part, int(choices[rng.integers(len(choices))])
+
+    def patch(self) -> tuple[np.ndarray, np.ndarray]:
+        part, flat = self._centre()
+        _, h, w = part.labels.shape
+        z, y, x = np.unravel_index(flat, part.labels.shape)
+        # The chosen voxel lands anywhere in the patch, not always at its centre.
+        y0 = int(np.clip(y - self.rng.integers(self.p), 0, h - self.p))
+        x0 = int(np.clip(x - self.rng.integers(self.p), 0, w - self.p))
+        image = part.image[z:z + self.k, y0:y0 + self.p, x0:x0 + self.p]
+        labels = part.labels[z, y0:y0 + self.p, x0:x0 + self.p]
+        if self.augment:
+            image, labels = self._augment(image, labels)
+        return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+
+    def _augment(self, image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rng = self.rng
+        k = int(rng.integers(4))
+        image, labels = np.rot90(image, k, axes=(1, 2)), np.rot90(labels, k)
+        if rng.random() < 0.5:
+            image, labels = image[:, :, ::-1], labels[:, ::-1]
+        if rng.random() < 0.5:  # the missing wedge is symmetric in z: a z flip is a valid view
+            image = image[::-1]
+        scale = math.exp(rng.uniform(-0.25, 0.25))
+        shift = rng.uniform(-0.25, 0.25)
+        noise = rng.uniform(0.0, 0.3)
+        image = image * scale + shift
+        if noise > 0:
+            image = image + noise * rng.standard_normal(image.shape).astype(np.float32)
+        return image.astype(np.float32), labels
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = zip(*(self.patch() for _ in range(size)), strict=True)
+        return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels)).long()
+
+
+# --------------------------------------------------------------------------------------------
+# Loss and validation
+
+
+def masked_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0
+                ) -> torch.Tensor:
+    """Cross-entropy (voxels labelled 255 ignored) + soft Dice over the foreground classes
+    present in `target`, computed on annotated voxels only. logits [B, C, H, W], target
+    [B, H, W] int64. Predictions at ignored voxels do not change the value or the gradient."""
+    valid = target != IGNORE
+    n_valid = valid.sum()
+    if int(n_valid) == 0:
+        return logits.sum() * 0.0
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum") / n_valid
+    n_classes = logits.shape[1]
+    mask = valid.unsqueeze(1).to(logits.dtype)
+    probs = torch.softmax(logits, dim=1) * mask
+    onehot = F.one_hot(torch.where(valid, target, 0), n_classes).permute(0, 3, 1, 2)
+    onehot = onehot.to(logits.dtype) * mask
+    inter = (probs * onehot).sum(dim=(0, 2, 3))
+    denom = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    present = onehot.sum(dim=(0, 2, 3)) > 0
+    present[0] = False
+    if not bool(present.any()):
+        return ce
+    dice = (2 * inter + _DICE_EPS) / (denom + _DICE_EPS)
+    return ce + dice_weight * (1.0 - dice[present].mean())
+
+
+@torch.no_grad()
+def _predict_part(network: nn.Module, part: _Part, in_slices: int, device: torch.device,
+                  multiple: int) -> np.ndarray:
+    """Argmax labels [Z, H, W] for a validation part (whole slices, padded to the multiple)."""
+    z_n, h, w = part.labels.shape
+    ph, pw = (-h) % multiple, (-w) % multiple
+    out = np.empty((z_n, h, w), dtype=np.uint8)
+    for z0 in range(0, z_n, 4):
+        stack = np.stack([part.image[z:z + in_slices] for z in range(z0, min(z_n, z0 + 4))])
+        x = torch.from_numpy(stack).to(device)
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else
+                      "replicate")
+        out[z0:z0 + len(stack)] = network(x).argmax(1)[:, :h, :w].cpu().numpy()
+    return out
+
+
+def validation_dice(
+    network: nn.Module, parts: list[_Part], class_names: Sequence[str], in_slices: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Dice per class over the annotated voxels of all validation parts. Classes without
+    truth voxels there are left out (a fixed set for a run, so scores compare over time)."""
+    multiple = 2 ** (network.arch["levels"] - 1)
+    n = len(class_names) + 1
+    inter, pred_n, true_n = np.zeros(n), np.zeros(n), np.zeros(n)
+    was_training = network.training
+    network.eval()
+    for part in parts:
+        pred = _predict_part(network, part, in_slices, device, multiple)
+        valid = part.labels != IGNORE
+        p, t = pred[valid], part.labels[valid]
+        inter += np.bincount(t[p == t], minlength=n)[:n]
+        pred_n += np.bincount(p, minlength=n)[:n]
+        true_n += np.bincount(t, minlength=n)[:n]
+    network.train(was_training)
+    return {name: float(2 * inter[i] / (pred_n[i] + true_n[i]))
+            for i, name in enumerate(class_names, start=1) if true_n[i] > 0}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def _resolve_device(spec: str) -> torch.device:
+    try:
+        from .infer import resolve_device
+    except ImportError:  # pragma: no cover - infer is always there in a complete install
+        return torch.device("cuda" if spec == "auto" and torch.cuda.is_available() else
+                            ("cpu" if spec == "auto" else spec))
+    return torch.device(resolve_device(spec))
+
+
+def _check_init(init: ModelBundle, class_specs: list[ClassSpec], options: TrainOptions
+                ) -> None:
+    names = [c.name for c in init.meta.classes]
+    wanted = [c.name for c in class_specs]
+    if names != wanted:
+        raise ValueError(
+            f"{init.path}: fine-tuning needs the same classes in the same order: the model has "
+            f"{names}, training asks for {wanted}"
+        )
+    if options.model_voxel_size_a is not None and \
+            abs(options.model_voxel_size_a - init.meta.voxel_size_a) > 1e-6:
+        raise ValueError(
+            f"{init.path}: the model's voxel size is {init.meta.voxel_size_a} Å, training asks "
+            f"for {options.model_voxel_size_a} Å (fine-tuning keeps the model's voxel size)"
+        )
+    if options.recipe is not None and options.recipe != init.meta.preprocess:
+        raise ValueError(f"{init.path}: fine-tuning keeps the model's preprocessing recipe")
+
+
+class _Schedule:
+    """Progress in 0..1 (steps or wall time, whichever is further) and the learning rate."""
+
+    def __init__(self, steps: int | None, max_minutes: float | None, base_lr: float) -> None:
+        self.steps, self.budget_s, self.base_lr = steps, (max_minutes or 0) * 60.0, base_lr
+        self.start = time.perf_counter()
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.start
+
+    def fraction(self, step: int) -> float:
+        by_steps = step / self.steps if self.steps else 0.0
+        by_time = self.elapsed_s / self.budget_s if self.budget_s else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+    def lr(self, fraction: float) -> float:
+        if fraction < _WARMUP_FRACTION:
+            return self.base_lr * (0.1 + 0.9 * fraction / _WARMUP_FRACTION)
+        t = (fraction - _WARMUP_FRACTION) / (1.0 - _WARMUP_FRACTION)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+        return self.base_lr * (_FINAL_LR_FACTOR + (1.0 - _FINAL_LR_FACTOR) * cosine)
+
+
+def train(
+    sources: Sequence[TrainingSource],
+    class_specs: Sequence[ClassSpec],
+    options: TrainOptions,
+    init_bundle: ModelBundle | None = None,
+    progress: ProgressFn | None = None,
+) -> TrainedModel:
+    """Train a 2.5D U-Net on annotated regions of one or more tomograms (module docstring).
+
+    `init_bundle` fine-tunes an existing model: same classes (and order), its architecture,
+    voxel size and recipe; the result's version is the parent's + 1 and `parent` names it.
+    Returns the network with the best validation Dice (mean over classes) seen, on CPU.
+    """
+    options.check()
+    if not sources:
+        raise ValueError("training needs at least one tomogram with labels")
+    class_specs = list(class_specs)
+    names = [c.name for c in class_specs]
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    device = _resolve_device(options.device)
+
+    if init_bundle is not None:
+        _check_init(init_bundle, class_specs, options)
+        arch = dict(init_bundle.meta.architecture)
+        model_voxel_a = float(init_bundle.meta.voxel_size_a)
+        recipe = copy.deepcopy(init_bundle.meta.preprocess)
+    else:
+        arch = architecture_dict(options.in_slices, len(class_specs) + 1, options.base_width,
+                                 options.levels)
+        model_voxel_a = options.model_voxel_size_a or _first_voxel_size(sources[0])
+        recipe = copy.deepcopy(options.recipe if options.recipe is not None else DEFAULT_RECIPE)
+        validate_recipe(recipe)
+    in_slices = arch["in_slices"]
+
+    prepared = [
+        _prepare_source(s, len(class_specs), model_voxel_a, recipe, in_slices,
+                        options.validation_fraction, options.patch_px, str(device))
+        for s in sources
+    ]
+    network = UNet25D(arch["in_slices"], arch["n_classes"], arch["base_width"], arch["levels"])
+    if init_bundle is not None:
+        network.load_state_dict(init_bundle.state_dict, strict=True)
+    network = network.to(device).train()
+
+    sampler = _Sampler([p.train for p in prepared], in_slices, options.patch_px, rng,
+                       options.augment)
+    val_parts = [p.validation for p in prepared if p.validation is not None]
+    best = _run(network, sampler, val_parts, names, options, in_slices, device, progress)
+
+    network.load_state_dict(best["state"])
+    network = network.to("cpu").eval()
+    meta = _meta(options, init_bundle, arch, model_voxel_a, recipe, class_specs, prepared,
+                 best, str(device))
+    return TrainedModel(network=network, meta=meta)
+
+
+def _first_voxel_size(source: TrainingSource) -> float:
+    return float(read_mrc(source.tomogram_path, voxel_size_a=source.voxel_size_a,
+                          check_finite=False).voxel_size_a)
+
+
+def _run(
+    network: UNet25D, sampler: _Sampler, val_parts: list[_Part], names: list[str],
+    options: TrainOptions, in_slices: int, device: torch.device,
+    progress: ProgressFn | None,
+) -> dict[str, Any]:
+    """The optimisation loop; returns the best state (by mean validation Dice) and its record."""
+    optimizer = torch.optim.AdamW(network.parameters(), lr=options.learning_rate,
+                                  weight_decay=options.weight_decay)
+    schedule = _Schedule(options.steps, options.max_minutes, options.learning_rate)
+    best: dict[str, Any] = {"score": -1.0, "dice": {}, "step": 0, "state": None}
+    next_check, step, loss_avg, dice = 1.0 / _VALIDATIONS_PER_RUN, 0, None, None
+    while True:
+        fraction = schedule.fraction(step)
+        if fraction >= 1.0:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr(fraction)
+        images, labels = sampler.batch(options.batch_size)
+        loss = masked_loss(network(images.to(device)), labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        value = float(loss.detach())
+        loss_avg = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
+        fraction = schedule.fraction(step)
+        if fraction >= next_check or fraction >= 1.0:
+            next_check = (math.floor(fraction * _VALIDATIONS_PER_RUN) + 1) / _VALIDATIONS_PER_RUN
+            dice = _keep_best(network, val_parts, names, in_slices, device, step, best)
+        if progress is not None:
+            progress(TrainProgress(step, options.steps, schedule.elapsed_s, loss_avg, dice))
+    if best["state"] is None:  # no step ran, or no validation part: keep the final weights
+        _keep_best(network, val_parts, names, in_slices, device, step, best)
+    best["steps"], best["elapsed_s"], best["final_loss"] = step, schedule.elapsed_s, loss_avg
+    return best
+
+
+def _keep_best(network: UNet25D, val_parts: list[_Part], names: list[str], in_slices: int,
+               device: torch.device, step: int, best: dict[str, Any]) -> dict[str, float]:
+    if not val_parts:
+        best.update(score=0.0, dice={}, step=step, state=_cpu_state(network))
+        return {}
+    dice = validation_dice(network, val_parts, names, in_slices, device)
+    score = float(np.mean(list(dice.values()))) if dice else 0.0
+    if score > best["score"]:
+        best.update(score=score, dice=dice, step=step, state=_cpu_state(network))
+    return dice
+
+
+def _cpu_state(network: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").clone() for k, v in network.state_dict().items()}
+
+
+def _meta(
+    options: TrainOptions, init: ModelBundle | None, arch: dict[str, Any], model_voxel_a: float,
+    recipe: list[dict[str, Any]], class_specs: list[ClassSpec],
+    prepared: list[_PreparedSource], best: dict[str, Any], device: str,
+) -> BundleMeta:
+    name = options.name or (init.meta.name if init is not None else "tomolive-model")
+    training = {
+        "synthetic": bool(options.synthetic),
+        "sources": [p.record for p in prepared],
+        "steps": best["steps"],
+        "elapsed_s": round(best["elapsed_s"], 1),
+        "best_step": best["step"],
+        "validation_dice": {k: round(v, 4) for k, v in best["dice"].items()},
+        "validation_fraction": options.validation_fraction,
+        "validation_classes_absent": [c.name for c in class_specs
+                                      if c.name not in best["dice"]],
+        "final_loss": None if best["final_loss"] is None else round(best["final_loss"], 4),
+        "seed": options.seed,
+        "batch_size": options.batch_size,
+        "patch_px": options.patch_px,
+        "learning_rate": options.learning_rate,
+        "max_minutes": options.max_minutes,
+        "requested_steps": options.steps,
+        "device": device,
+        "augment": options.augment,
+        "loss": "cross-entropy (ignore 255) + soft Dice",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    return BundleMeta(
+        name=name,
+        version=init.meta.version + 1 if init is not None else 1,
+        architecture=arch,
+        voxel_size_a=float(model_voxel_a),
+        classes=list(class_specs),
+        preprocess=recipe,
+        parent=init.meta.ref if init is not None else None,
+        training=training,
+        description=options.description,
+    )

@@ -1,0 +1,478 @@
+"""Leases, failure records and done markers in the shared output folder (docs/leases.md).
+
+The output folder is the only shared state between daemons on several hosts:
+
+    OUT/.tomolive/leases/<key>.lease      running: who works on a tomogram, with a heartbeat counter
+    OUT/.tomolive/failures/<key>.json     failed: attempts, last error, hosts, input fingerprint
+    OUT/<rel>/<STEM>/<STEM>_summary.json  done: names the model and the input's fingerprint
+
+A lease is created atomically (write a private temp file, then `os.link` it to the lease name:
+link fails if the name exists, on local filesystems and NFSv3+ alike, and the lease appears with
+its whole content). A lease is stale only after this process has watched its (heartbeat, token)
+stand still for `lease_s` on its own monotonic clock: hosts' clocks differ, so no timestamp in
+the file is ever compared with ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import SoftFileLease, Timeout
+
+from ..core.fingerprint import input_fingerprint
+
+__all__ = [
+    "FailureRecords",
+    "Lease",
+    "LeaseLost",
+    "LeaseManager",
+    "input_fingerprint",
+    "is_done",
+    "lease_key",
+    "read_summary",
+    "status_snapshot",
+]
+
+STATE_DIR = ".tomolive"
+# Short critical sections (breaking a stale lease, updating a failure record) are guarded by
+# filelock's SoftFileLease: an O_EXCL marker file, so it separates hosts on NFS (flock-based
+# FileLock does not), and it expires after this long without a refresh on the contender's own
+# monotonic clock, so a host that crashes inside the section cannot wedge everyone else.
+# All contenders must agree on the duration: it is a protocol constant.
+CRITICAL_SECTION_LEASE_S = 30.0
+CRITICAL_SECTION_TIMEOUT_S = 10.0
+
+
+class LeaseLost(RuntimeError):
+    """Our lease was broken or replaced by another daemon: stop and do not publish."""
+
+
+def lease_key(rel_output: str | os.PathLike[str]) -> str:
+    """A filesystem-safe id for a tomogram's relative output path: `session1__TS_01-1a2b3c4d`.
+
+    The readable part is for people; the hash keeps distinct paths distinct after sanitising.
+    """
+    text = Path(rel_output).as_posix().strip("/")
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("/", "__")).lstrip(".")[:80]
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+    return f"{readable or 'tomogram'}-{digest}"
+
+
+def boot_id() -> str:
+    """This machine's boot id (Linux); empty where unknown."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, None if missing; {} if unreadable (torn or foreign)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {"_raw_sha256": hashlib.sha256(raw).hexdigest()}
+    return data if isinstance(data, dict) else {"_raw_sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write to a unique temp name in the same folder, then rename over `path` (atomic)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _critical_section(lock_path: Path) -> SoftFileLease:
+    return SoftFileLease(
+        lock_path,
+        lease_duration=CRITICAL_SECTION_LEASE_S,
+        timeout=CRITICAL_SECTION_TIMEOUT_S,
+        thread_local=False,
+    )
+
+
+@dataclass
+class Lease:
+    """A lease this process holds."""
+
+    key: str
+    path: Path
+    token: str
+    record: dict[str, Any]
+
+    @property
+    def heartbeat(self) -> int:
+        return int(self.record["heartbeat"])
+
+
+@dataclass
+class _Observation:
+    state: tuple[Any, ...]
+    since_s: float  # our monotonic clock when this state was first seen
+
+
+@dataclass
+class LeaseManager:
+    """Claims, renews, releases and (when stale) breaks leases in `output_dir`.
+
+    `host`, `pid` and `boot` default to this process; tests set them to simulate other hosts.
+    `clock` is a monotonic clock (injectable for tests). `on_reclaim(key, old_record)` is called
+    after a stale lease was broken and re-claimed (metrics count it).
+    """
+
+    output_dir: Path
+    lease_s: float
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    boot: str = field(default_factory=boot_id)
+    clock: Callable[[], float] = time.monotonic
+    on_reclaim: Callable[[str, dict[str, Any]], None] | None = None
+    reclaims: int = 0
+    _seen: dict[str, _Observation] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        self.lease_dir = self.output_dir / STATE_DIR / "leases"
+
+    def lease_path(self, key: str) -> Path:
+        return self.lease_dir / f"{key}.lease"
+
+    # -- claiming ---------------------------------------------------------------------------
+    def try_claim(self, key: str, target: str = "") -> Lease | None:
+        """Claim `key` (a `lease_key`); None while another live daemon holds it.
+
+        Call it again later for a held key: that is how staleness is observed. `target` (the
+        relative output path) is stored for `tomolive status`.
+        """
+        self.lease_dir.mkdir(parents=True, exist_ok=True)
+        lease = self._create(key, target)
+        if lease is not None:
+            self._seen.pop(key, None)
+            return lease
+        holder = _read_json(self.lease_path(key))
+        if holder is None:  # released meanwhile: try once more
+            return self._create(key, target)
+        if not self._is_stale(key, holder):
+            return None
+        return self._break_and_claim(key, target, holder)
+
+    def holder(self, key: str) -> dict[str, Any] | None:
+        """The lease record of whoever holds `key` now, or None."""
+        return _read_json(self.lease_path(key))
+
+    def _new_record(self, target: str) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "pid": self.pid,
+            "boot_id": self.boot,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),  # for humans only
+            "heartbeat": 0,
+            "token": uuid.uuid4().hex,
+            "target": target,
+            "lease_seconds": self.lease_s,
+        }
+
+    def _create(self, key: str, target: str) -> Lease | None:
+        """Atomic exclusive create: temp file + link (fails if the lease exists)."""
+        record = self._new_record(target)
+        path = self.lease_path(key)
+        tmp = self.lease_dir / f".{key}.{record['token']}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+            won = True
+        except FileExistsError:
+            # NFS may retransmit a LINK whose reply was lost and answer EEXIST for our own
+            # success: then the temp file has two links (open(2), O_EXCL notes).
+            won = os.stat(tmp).st_nlink == 2
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            won = self._create_exclusive(path, record)  # a filesystem without hard links
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return Lease(key, path, record["token"], record) if won else None
+
+    @staticmethod
+    def _create_exclusive(path: Path, record: dict[str, Any]) -> bool:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=1, sort_keys=True)
+        return True
+
+    # -- staleness --------------------------------------------------------------------------
+    def _is_stale(self, key: str, holder: dict[str, Any]) -> bool:
+        if self._dead_on_this_host(holder):
+            return True
+        state = (holder.get("token"), holder.get("heartbeat"), holder.get("_raw_sha256"))
+        now = self.clock()
+        seen = self._seen.get(key)
+        if seen is None or seen.state != state:
+            self._seen[key] = _Observation(state, now)
+            return False
+        return now - seen.since_s >= self.lease_s
+
+    def _dead_on_this_host(self, holder: dict[str, Any]) -> bool:
+        """Same host, same boot, pid gone: the holder crashed; no need to wait."""
+        pid = holder.get("pid")
+        return (
+            bool(self.boot)
+            and holder.get("host") == self.host
+            and holder.get("boot_id") == self.boot
+            and isinstance(pid, int)
+            and pid != self.pid
+            and not _pid_alive(pid)
+        )
+
+    def _break_and_claim(self, key: str, target: str, stale: dict[str, Any]) -> Lease | None:
+        """Move the stale lease aside and claim; one breaker at a time, across hosts."""
+        path = self.lease_path(key)
+        try:
+            with _critical_section(self.lease_dir / f".{key}.break.lock"):
+                # Re-read inside the section: another breaker may have won and claimed already.
+                current = _read_json(path)
+                if current is not None:
+                    if current != stale:
+                        self._seen.pop(key, None)
+                        return None
+                    aside = path.with_name(f".{key}.stale-{uuid.uuid4().hex}")
+                    try:
+                        os.rename(path, aside)
+                    except FileNotFoundError:
+                        return None
+                    with contextlib.suppress(FileNotFoundError):
+                        aside.unlink()
+                    # Counted by whoever broke it, even if a plain claimer (not in this
+                    # section) takes the free name first: each stale lease counts once.
+                    self.reclaims += 1
+                    if self.on_reclaim is not None:
+                        self.on_reclaim(key, stale)
+                lease = self._create(key, target)
+        except Timeout:
+            return None
+        self._seen.pop(key, None)
+        return lease
+
+    # -- holding ----------------------------------------------------------------------------
+    def check(self, lease: Lease) -> None:
+        """Raise LeaseLost unless the lease file is still ours (call before publishing)."""
+        current = _read_json(lease.path)
+        if current is None:
+            raise LeaseLost(f"{lease.path}: lease vanished (broken as stale by another daemon)")
+        if current.get("token") != lease.token:
+            raise LeaseLost(
+                f"{lease.path}: lease now held by {current.get('host')} pid {current.get('pid')}"
+            )
+
+    def renew(self, lease: Lease) -> None:
+        """Advance the heartbeat (atomic rewrite); raise LeaseLost if it is no longer ours."""
+        self.check(lease)
+        record = dict(lease.record, heartbeat=lease.heartbeat + 1)
+        _write_json_atomic(lease.path, record)
+        lease.record = record
+
+    def release(self, lease: Lease) -> bool:
+        """Delete the lease if it is still ours; False if someone else holds it now."""
+        try:
+            self.check(lease)
+        except LeaseLost:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            lease.path.unlink()
+        return True
+
+
+# -- failure records ---------------------------------------------------------------------------
+@dataclass
+class FailureRecords:
+    """Failure counts shared by every daemon on the output folder; quarantine after max_attempts.
+
+    A record belongs to one input fingerprint: a changed input file starts again from zero.
+    """
+
+    output_dir: Path
+    max_attempts: int = 3
+    host: str = field(default_factory=socket.gethostname)
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        self.folder = self.output_dir / STATE_DIR / "failures"
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        record = _read_json(self.path(key))
+        return record if record and "attempts" in record else None
+
+    def record_failure(self, key: str, fingerprint: str, error: str, target: str = "") -> int:
+        """Count one failed attempt (atomically across hosts); return the attempts so far."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with _critical_section(self.folder / f".{key}.lock"):
+            record = self.get(key)
+            if record is None or record.get("fingerprint") != fingerprint:
+                record = {"attempts": 0, "hosts": [], "fingerprint": fingerprint}
+            record["attempts"] = int(record["attempts"]) + 1
+            record["last_error"] = " ".join(str(error).split())  # one line
+            record["target"] = target or record.get("target", "")
+            if self.host not in record["hosts"]:
+                record["hosts"].append(self.host)
+            record["quarantined"] = record["attempts"] >= self.max_attempts
+            record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            _write_json_atomic(self.path(key), record)
+        return int(record["attempts"])
+
+    def is_quarantined(self, key: str, fingerprint: str) -> bool:
+        """True while the record for this very input says quarantined."""
+        record = self.get(key)
+        return bool(
+            record
+            and record.get("fingerprint") == fingerprint
+            and (record.get("quarantined") or record["attempts"] >= self.max_attempts)
+        )
+
+    def attempts(self, key: str, fingerprint: str) -> int:
+        record = self.get(key)
+        if record is None or record.get("fingerprint") != fingerprint:
+            return 0
+        return int(record["attempts"])
+
+    def clear(self, key: str) -> bool:
+        """Forget a record (after a success, or an operator's retry)."""
+        try:
+            self.path(key).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        if not self.folder.is_dir():
+            return {}
+        out = {}
+        for path in sorted(self.folder.glob("*.json")):
+            record = self.get(path.stem)
+            if record is not None:
+                out[path.stem] = record
+        return out
+
+    def retry(self, selector: str | None = None) -> int:
+        """Clear records: all (None), or those whose key, target path or stem is `selector`."""
+        cleared = 0
+        for key, record in self.all().items():
+            target = str(record.get("target", "")).strip("/")
+            names = {key, target, Path(target).name} if target else {key}
+            if selector is None or selector.strip("/") in names:
+                cleared += self.clear(key)
+        return cleared
+
+
+# -- done markers and status -------------------------------------------------------------------
+def read_summary(out_folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The parsed `STEM_summary.json` of a tomogram's output folder, None if absent or torn."""
+    folder = Path(out_folder)
+    record = _read_json(folder / f"{folder.name}_summary.json")
+    return record if record and "_raw_sha256" not in record else None
+
+
+def is_done(out_folder: str | os.PathLike[str], model_sha256: str | None, fingerprint: str) -> bool:
+    """Done: the summary exists, names this input fingerprint and (unless None) this model."""
+    summary = read_summary(out_folder)
+    if summary is None:
+        return False
+    if (summary.get("input") or {}).get("fingerprint") != fingerprint:
+        return False
+    return model_sha256 is None or (summary.get("model") or {}).get("sha256") == model_sha256
+
+
+def _summaries(output_dir: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(output_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .tomolive, .STEM.tmp-*
+        name = os.path.basename(root)
+        if f"{name}_summary.json" in files:
+            found.append(Path(root, f"{name}_summary.json"))
+    return found
+
+
+def status_snapshot(output_dir: str | os.PathLike[str], newest: int = 10) -> dict[str, Any]:
+    """What the output folder says: done, running (with host), failed, quarantined, newest."""
+    output_dir = Path(output_dir)
+    summaries = _summaries(output_dir)
+    summaries.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    newest_results = []
+    for path in summaries[:newest]:
+        summary = _read_json(path) or {}
+        model = summary.get("model") or {}
+        newest_results.append({
+            "folder": str(path.parent.relative_to(output_dir)),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime)),
+            "model": model.get("name"),
+            "model_version": model.get("version"),
+            "counts": summary.get("counts"),
+        })
+    running = []
+    lease_dir = output_dir / STATE_DIR / "leases"
+    for path in sorted(lease_dir.glob("*.lease")) if lease_dir.is_dir() else []:
+        record = _read_json(path) or {}
+        running.append({
+            "key": path.stem,
+            "target": record.get("target"),
+            "host": record.get("host"),
+            "pid": record.get("pid"),
+            "started": record.get("started"),
+            "heartbeat": record.get("heartbeat"),
+        })
+    failed, quarantined = [], []
+    for key, record in FailureRecords(output_dir).all().items():
+        entry = {"key": key, "target": record.get("target"), "attempts": record.get("attempts"),
+                 "last_error": record.get("last_error"), "hosts": record.get("hosts")}
+        (quarantined if record.get("quarantined") else failed).append(entry)
+    return {
+        "output_dir": str(output_dir),
+        "counts": {"done": len(summaries), "running": len(running), "failed": len(failed),
+                   "quarantined": len(quarantined)},
+        "running": running,
+        "failed": failed,
+        "quarantined": quarantined,
+        "newest": newest_results,
+    }

@@ -1,0 +1,215 @@
+"""A real Prometheus server on loopback scrapes a tomolive MetricsServer (fed fake summaries in
+this process), and its HTTP API returns the finished count and the stage histogram we fed; every
+dashboard query and alert rule is accepted and evaluated by that server.
+
+Needs Debian's `prometheus` package (scripts/install-prometheus.sh; CI installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tomolive.daemon.metrics import STAGES, Metrics, MetricsServer
+
+REPO = Path(__file__).resolve().parents[1]
+ALERTS = REPO / "monitoring" / "alerts.yml"
+DASHBOARD = REPO / "monitoring" / "grafana-dashboard.json"
+POLL_LIMIT_S = 30.0
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def fake_summary(scale: float = 1.0) -> dict:
+    """A STEM_summary.json-like dict: 40 s x scale of inference, small other stages."""
+    timings = {stage: 0.05 * (i + 1) * scale for i, stage in enumerate(STAGES)}
+    timings["inference"] = 40.0 * scale
+    timings["total"] = sum(timings.values()) + 0.3
+    return {
+        "input": {"shape": [32, 64, 64]},
+        "timings_s": timings,
+        "class_fractions": {"membrane": 0.12, "ribosome": 0.01},
+        "counts": {"particles": {"ribosome": 7}, "filaments": {}},
+        "confidence": 0.9,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Prometheus:
+    """A prometheus process with a throw-away config and storage; `api()` queries it."""
+
+    def __init__(self, binary: str, tmp: Path, target: str) -> None:
+        self.port = free_port()
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": [{"job_name": "tomolive",
+                                "static_configs": [{"targets": [target]}]}],
+        }
+        config_file = tmp / "prometheus.yml"
+        config_file.write_text(yaml.safe_dump(config))
+        self.log_path = tmp / "prometheus.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [binary, f"--config.file={config_file}", f"--storage.tsdb.path={tmp / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=10) as response:
+            reply = json.load(response)
+        assert reply["status"] == "success", reply
+        return reply["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        return self.api("query", query=expr)["result"]
+
+    def wait_for(self, what: str, check: Callable[[], bool]) -> None:
+        """Poll `check` until True; fail with the server's log after POLL_LIMIT_S."""
+        deadline = time.monotonic() + POLL_LIMIT_S
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"prometheus exited ({self.process.returncode}):\n{self.log()}")
+            try:
+                if check():
+                    return
+            except (OSError, AssertionError, KeyError, IndexError) as exc:
+                last_error = exc  # not up yet, or no sample yet
+            time.sleep(0.25)
+        pytest.fail(f"prometheus: {what} not seen in {POLL_LIMIT_S} s "
+                    f"(last error: {last_error!r}):\n{self.log()}")
+
+
+def scalar(result: list[dict]) -> float:
+    assert len(result) == 1, result
+    return float(result[0]["value"][1])
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[Metrics, MetricsServer]]:
+    metrics = Metrics(devices=["cpu"])
+    server = MetricsServer(metrics, host="127.0.0.1", port=0)
+    try:
+        yield metrics, server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prometheus(served, tmp_path: Path) -> Iterator[Prometheus]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus not installed (Debian package `prometheus`; "
+                    "scripts/install-prometheus.sh installs it, CI does)")
+    _, server = served
+    server_process = Prometheus(binary, tmp_path, f"127.0.0.1:{server.port}")
+    try:
+        server_process.wait_for("its own readiness", lambda: _ready(server_process.port))
+        yield server_process
+    finally:
+        server_process.stop()  # always: a leaked prometheus would outlive the test run
+
+
+def _ready(port: int) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5) as response:
+        return response.status == 200
+
+
+def test_prometheus_sees_finished_count_and_stage_histogram(served, prometheus) -> None:
+    metrics, _ = served
+    metrics.set_model("default", "2", "ab" * 32)
+    metrics.tomograms_discovered(3)
+    metrics.observe_tomogram(fake_summary(1.0))
+    metrics.observe_tomogram(fake_summary(2.0))
+    ok = 'tomolive_tomograms_finished_total{job="tomolive", outcome="ok"}'
+    prometheus.wait_for("up == 1", lambda: scalar(prometheus.query('up{job="tomolive"}')) == 1)
+    prometheus.wait_for("2 finished", lambda: scalar(prometheus.query(ok)) == 2)
+
+    # Counters move in Prometheus as they move in the daemon.
+    metrics.observe_tomogram(fake_summary(0.5))
+    metrics.tomogram_failed(quarantined=True)
+    prometheus.wait_for("3 finished", lambda: scalar(prometheus.query(ok)) == 3)
+    prometheus.wait_for("1 quarantined", lambda: scalar(prometheus.query(
+        'tomolive_tomograms_finished_total{outcome="quarantined"}')) == 1)
+
+    inference = 'stage="inference", job="tomolive"'
+    assert scalar(prometheus.query(f"tomolive_stage_duration_seconds_count{{{inference}}}")) == 3
+    # 20 s, 40 s and 80 s of inference (fake_summary scales 40 s).
+    assert scalar(prometheus.query(f"tomolive_stage_duration_seconds_sum{{{inference}}}")) \
+        == pytest.approx(140.0)
+    assert scalar(prometheus.query(
+        f'tomolive_stage_duration_seconds_bucket{{{inference}, le="60.0"}}')) == 2
+    assert scalar(prometheus.query(
+        f'tomolive_stage_duration_seconds_bucket{{{inference}, le="+Inf"}}')) == 3
+    assert scalar(prometheus.query("tomolive_tomograms_discovered_total")) == 3
+    model = prometheus.query("tomolive_model_info")
+    assert [r["metric"]["version"] for r in model] == ["2"]
+    # The median from the buckets lies inside the bucket that holds the middle observation.
+    median = scalar(prometheus.query(
+        "histogram_quantile(0.5, sum by (le) (tomolive_stage_duration_seconds_bucket"
+        f"{{{inference}}}))"))
+    assert 30.0 <= median <= 60.0
+
+
+def test_prometheus_accepts_every_dashboard_query_and_alert_rule(served, prometheus) -> None:
+    metrics, _ = served
+    metrics.set_model("default", "2", "ab" * 32)
+    metrics.observe_tomogram(fake_summary())
+    prometheus.wait_for("a scrape with the model", lambda: bool(
+        prometheus.query("tomolive_model_info")))
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = re.sub(r"\$instance\b", ".*", target["expr"])
+            assert "$" not in expr, f"{panel['title']}: unhandled variable in {expr}"
+            prometheus.query(expr)  # raises unless Prometheus parses and evaluates it
+
+    groups = {}
+
+    def rules_evaluated() -> bool:
+        groups.update({g["name"]: g for g in prometheus.api("rules")["groups"]})
+        rules = groups["tomolive"]["rules"]
+        # Never-evaluated rules report the zero time, 0001-01-01T00:00:00Z.
+        return len(rules) == 7 and not [r for r in rules
+                                        if r["lastEvaluation"].startswith("0001")]
+
+    prometheus.wait_for("the alert rules evaluated", rules_evaluated)
+    for rule in groups["tomolive"]["rules"]:
+        assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+    # With a live, healthy daemon nothing should fire (TomoliveDown needs up == 0).
+    firing = [a for a in prometheus.api("alerts")["alerts"] if a["state"] == "firing"]
+    assert firing == []

@@ -391,6 +391,32 @@ def _non_negative(value: Any) -> float:
     return result if result is not None and result > 0 else 0.0
 
 
+class LoopHealth:
+    """A `health` callable for `MetricsServer`: healthy while the main loop beats regularly.
+
+    The main loop calls `beat()` once per iteration (from the loop itself, never from a side
+    thread, which would keep reporting a stuck loop as alive) and `stopping()` on shutdown.
+    """
+
+    def __init__(self, max_silence_s: float = 60.0) -> None:
+        self.max_silence_s = max_silence_s
+        self._last_beat_s = time.monotonic()
+        self._stopping = False
+
+    def beat(self) -> None:
+        self._last_beat_s = time.monotonic()
+
+    def stopping(self) -> None:
+        self._stopping = True
+
+    def silence_s(self) -> float:
+        """Seconds since the last beat."""
+        return time.monotonic() - self._last_beat_s
+
+    def __call__(self) -> bool:
+        return not self._stopping and self.silence_s() <= self.max_silence_s
+
+
 class _Handler(BaseHTTPRequestHandler):
     """GET /metrics (Prometheus text or OpenMetrics, by Accept header) and GET /healthz."""
 

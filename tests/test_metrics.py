@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tomolive.daemon.metrics import STAGES, Metrics, MetricsServer
+from tomolive.daemon.metrics import STAGES, LoopHealth, Metrics, MetricsServer
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -213,6 +213,22 @@ def test_healthz_follows_the_health_callable(served) -> None:
     assert health_status(server.url) == (503, "unhealthy\n")
     alive.set()
     assert health_status(server.url)[0] == 200
+
+
+def test_loop_health_turns_503_when_the_loop_goes_silent_or_stops() -> None:
+    health = LoopHealth(max_silence_s=0.3)
+    server = MetricsServer(Metrics(process_metrics=False), port=0, health=health)
+    try:
+        assert health_status(server.url)[0] == 200
+        time.sleep(0.5)  # no beat: the loop is stuck
+        assert health_status(server.url)[0] == 503
+        health.beat()
+        assert health_status(server.url)[0] == 200
+        health.stopping()
+        health.beat()  # a loop still beating while it shuts down is not taking work
+        assert health_status(server.url) == (503, "unhealthy\n")
+    finally:
+        server.stop()
 
 
 def test_healthz_is_503_when_the_health_check_raises() -> None:

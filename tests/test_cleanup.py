@@ -1,0 +1,105 @@
+"""core.cleanup: small components, holes, opening, class priority, units."""
+
+import numpy as np
+import pytest
+from tomolive.core.classes import ClassSpec
+from tomolive.core.cleanup import clean_labels
+
+VOXEL_A = 10.0  # 1 nm voxels: 1 voxel = 1 nm^3
+
+
+def _labels() -> np.ndarray:
+    return np.zeros((32, 64, 64), dtype=np.int8)
+
+
+def test_removes_small_component_keeps_big():
+    labels = _labels()
+    labels[5:15, 5:15, 5:15] = 1  # 1000 voxels
+    labels[20:23, 40:43, 40:43] = 1  # 27 voxels
+    spec = ClassSpec("membrane", "membrane", min_component_nm3=100.0)
+    out = clean_labels(labels, [spec], VOXEL_A)
+    assert out is labels  # in place
+    assert (out == 1).sum() == 1000
+    assert out[5:15, 5:15, 5:15].min() == 1
+    assert out[20:23, 40:43, 40:43].max() == 0
+
+
+def test_component_size_is_physical():
+    """The same 27-voxel blob is 216 nm^3 at 20 A voxels and survives a 100 nm^3 minimum."""
+    labels = _labels()
+    labels[20:23, 40:43, 40:43] = 1
+    spec = ClassSpec("membrane", "membrane", min_component_nm3=100.0)
+    assert (clean_labels(labels, [spec], 20.0) == 1).sum() == 27
+
+
+def test_fills_small_hole_not_big_one_nor_open_cavity():
+    labels = _labels()
+    labels[2:14, 2:14, 2:14] = 1
+    labels[7:9, 7:9, 7:9] = 0  # 8-voxel enclosed hole
+    labels[18:30, 2:14, 2:14] = 1
+    labels[21:27, 5:11, 5:11] = 0  # 216-voxel enclosed hole
+    labels[2:14, 30:42, 30:42] = 1
+    labels[6:9, 34:37, 30:37] = 0  # 63-voxel cavity open to the outside at x=30
+    spec = ClassSpec("membrane", "membrane", fill_holes_nm3=50.0)
+    out = clean_labels(labels, [spec], VOXEL_A)
+    assert out[7:9, 7:9, 7:9].min() == 1
+    assert out[21:27, 5:11, 5:11].max() == 0
+    assert out[6:9, 34:37, 30:37].max() == 0
+
+
+def test_priority_gold_fills_over_membrane_but_membrane_never_over_gold():
+    membrane = ClassSpec("membrane", "membrane", fill_holes_nm3=50.0, priority=1)
+    gold = ClassSpec("gold", "fiducial", diameter_nm=10.0, fill_holes_nm3=50.0, priority=10)
+    labels = _labels()
+    # A gold shell whose 8-voxel core was labelled membrane: gold claims it.
+    labels[2:8, 2:8, 2:8] = 2
+    labels[4:6, 4:6, 4:6] = 1
+    # A membrane shell around an 8-voxel gold particle: the gold stays gold.
+    labels[16:22, 30:36, 30:36] = 1
+    labels[18:20, 32:34, 32:34] = 2
+    out = clean_labels(labels, [membrane, gold], VOXEL_A)
+    assert out[2:8, 2:8, 2:8].min() == 2 and out[2:8, 2:8, 2:8].max() == 2
+    assert (out[18:20, 32:34, 32:34] == 2).all()
+    assert (out[16:22, 30:36, 30:36] == 1).sum() == 6**3 - 8
+
+
+def test_priority_order_does_not_depend_on_class_order():
+    membrane = ClassSpec("membrane", "membrane", fill_holes_nm3=50.0, priority=1)
+    gold = ClassSpec("gold", "fiducial", diameter_nm=10.0, fill_holes_nm3=50.0, priority=10)
+    labels = _labels()
+    labels[2:8, 2:8, 2:8] = 1  # gold is value 1 here
+    labels[4:6, 4:6, 4:6] = 2  # membrane inside
+    out = clean_labels(labels, [gold, membrane], VOXEL_A)
+    assert (out[2:8, 2:8, 2:8] == 1).all()
+
+
+def test_opening_removes_thin_spike_and_debris_is_removed():
+    labels = _labels()
+    labels[8:20, 20:32, 20:32] = 1
+    labels[14, 26, 32:50] = 1  # 1-voxel spike sticking out
+    spec = ClassSpec("ribo", "particle", diameter_nm=10.0, opening_radius_nm=1.5,
+                     min_component_nm3=20.0)
+    out = clean_labels(labels, [spec], VOXEL_A)
+    assert out[14, 26, 33:50].max() == 0
+    assert out[11:17, 23:29, 23:29].min() == 1  # the body survives
+
+
+def test_rules_without_sizes_change_nothing():
+    labels = _labels()
+    labels[3, 3, 3] = 1
+    spec = ClassSpec("other")
+    assert (clean_labels(labels.copy(), [spec], VOXEL_A) == labels).all()
+
+
+def test_bad_inputs_are_rejected_with_a_message():
+    spec = ClassSpec("membrane", "membrane", min_component_nm3=10.0)
+    labels = _labels()
+    labels[0, 0, 0] = 3
+    with pytest.raises(ValueError, match=r"labels hold values 0..3 but only 0..1 are defined"):
+        clean_labels(labels, [spec], VOXEL_A)
+    with pytest.raises(ValueError, match="labels must be int8, got float32"):
+        clean_labels(np.zeros((4, 4, 4), np.float32), [spec], VOXEL_A)
+    with pytest.raises(ValueError, match=r"labels must be 3-D \[z, y, x\], got shape \(4, 4\)"):
+        clean_labels(np.zeros((4, 4), np.int8), [spec], VOXEL_A)
+    with pytest.raises(ValueError, match="voxel_size_a must be positive, got 0"):
+        clean_labels(_labels(), [spec], 0)

@@ -1,0 +1,214 @@
+"""core.export: the output folder contract, file contents, atomic publish and failure handling."""
+
+import csv
+import json
+import math
+
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+from PIL import Image
+from scipy.spatial.transform import Rotation
+from tomolive.core import export
+from tomolive.core.classes import default_class
+from tomolive.core.export import output_paths, relion_tilt_psi_deg, write_outputs
+from tomolive.core.filaments import Filament
+from tomolive.core.particles import ParticleTable
+from tomolive.core.segmentation import Segmentation
+
+SHAPE = (16, 40, 48)  # z, y, x all different so that axis mix-ups show
+VOXEL_A = 13.2
+ORIGIN = (10.0, -20.0, 30.0)
+
+
+def _classes():
+    return [default_class(n) for n in ("membrane", "microtubule", "ribosome", "gold")]
+
+
+def _segmentation(stem="TS_01", fill=1) -> Segmentation:
+    labels = np.zeros(SHAPE, dtype=np.int8)
+    labels[2:6, 5:30, 5:40] = fill  # membrane
+    labels[8, 20, 4:44] = 2  # microtubule along x
+    labels[10:14, 30:34, 10:14] = 3  # ribosome
+    ribo = ParticleTable("ribosome", [[11.5, 31.5, 11.5], [3.0, 4.0, 5.25]], [0.9, 0.5], [64, 30])
+    tube = Filament([[8, 20, 4], [8, 20, 12], [8, 20, 20]], [[0, 0, 1]] * 3)
+    oblique = Filament([[2, 2, 2], [3, 3, 3]], [[1 / math.sqrt(3)] * 3] * 2)
+    return Segmentation(
+        stem=stem, labels=labels, voxel_size_a=VOXEL_A, origin_xyz_a=ORIGIN, classes=_classes(),
+        particles={"ribosome": ribo}, filaments={"microtubule": [tube, oblique]},
+        class_fractions={"membrane": 0.1}, confidence=float("nan"), timings_s={"inference": 1.5},
+        model={"name": "m", "version": "1", "sha256": "ab"}, input={"path": "/data/TS_01.mrc"},
+        settings={"device": "cpu"},
+    )
+
+
+def _tomogram():
+    return np.random.default_rng(0).normal(size=SHAPE).astype(np.float32)
+
+
+def test_writes_exactly_the_contract_files(tmp_path):
+    seg = _segmentation()
+    folder = write_outputs(tmp_path, seg, _tomogram())
+    assert folder == tmp_path / "TS_01"
+    paths = output_paths(tmp_path, "TS_01", seg.classes)
+    assert {p.name for p in folder.iterdir()} == {p.name for p in paths.values()}
+    assert {p.name for p in paths.values()} == {
+        "TS_01_labels.mrc", "TS_01_microtubule_mask.mrc", "TS_01_ribosome.star",
+        "TS_01_gold.star", "TS_01_particles.csv", "TS_01_microtubule_filaments.star",
+        "TS_01_preview.png", "TS_01_summary.json",
+    }
+    assert [p.name for p in tmp_path.iterdir()] == ["TS_01"]  # no temporary folder left
+    for key in ("labels", "mask:microtubule"):
+        assert mrcfile.validate(str(paths[key])), key
+    with mrcfile.open(paths["labels"]) as mrc:
+        assert mrc.header.mode == 0
+        assert np.array_equal(mrc.data, seg.labels)
+        assert np.allclose(mrc.voxel_size.tolist(), (VOXEL_A,) * 3)
+        assert np.allclose([mrc.header.origin[a] for a in "xyz"], ORIGIN)
+    with mrcfile.open(paths["mask:microtubule"]) as mrc:
+        assert mrc.data.dtype == np.int8
+        assert np.array_equal(mrc.data, (seg.labels == 2).astype(np.int8))
+        assert np.allclose([mrc.header.origin[a] for a in "xyz"], ORIGIN)
+
+
+def test_particle_star_and_csv(tmp_path):
+    seg = _segmentation()
+    write_outputs(tmp_path, seg)
+    paths = output_paths(tmp_path, "TS_01", seg.classes)
+    df = starfile.read(paths["star:ribosome"])
+    assert list(df.columns) == [
+        "rlnTomoName", "rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ",
+        "rlnCenteredCoordinateXAngst", "rlnCenteredCoordinateYAngst",
+        "rlnCenteredCoordinateZAngst", "rlnAutopickFigureOfMerit",
+    ]
+    assert list(df.rlnTomoName) == ["TS_01", "TS_01"]
+    assert np.allclose(df.rlnCoordinateX, [11.5, 5.25])
+    assert np.allclose(df.rlnCoordinateY, [31.5, 4.0])
+    assert np.allclose(df.rlnCoordinateZ, [11.5, 3.0])
+    assert np.allclose(df.rlnCenteredCoordinateXAngst, (np.array([11.5, 5.25]) - 24) * VOXEL_A)
+    assert np.allclose(df.rlnCenteredCoordinateYAngst, (np.array([31.5, 4.0]) - 20) * VOXEL_A)
+    assert np.allclose(df.rlnCenteredCoordinateZAngst, (np.array([11.5, 3.0]) - 8) * VOXEL_A)
+    assert np.allclose(df.rlnAutopickFigureOfMerit, [0.9, 0.5])
+    gold = starfile.read(paths["star:gold"])  # no gold particles: header only
+    assert len(gold) == 0 and "rlnCoordinateX" in gold.columns
+    with open(paths["particles_csv"]) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["class", "x", "y", "z", "score"]
+    assert [r[0] for r in rows[1:]] == ["ribosome", "ribosome"]
+    assert np.allclose([[float(v) for v in r[1:]] for r in rows[1:]],
+                       [[11.5, 31.5, 11.5, 0.9], [5.25, 4.0, 3.0, 0.5]])
+
+
+def test_filament_star(tmp_path):
+    seg = _segmentation()
+    write_outputs(tmp_path, seg)
+    df = starfile.read(output_paths(tmp_path, "TS_01", seg.classes)["filaments:microtubule"])
+    assert list(df.rlnHelicalTubeID) == [1, 1, 1, 2, 2]
+    assert np.allclose(df.rlnCoordinateX, [4, 12, 20, 2, 3])
+    assert np.allclose(df.rlnCoordinateY, [20, 20, 20, 2, 3])
+    assert np.allclose(df.rlnCoordinateZ, [8, 8, 8, 2, 3])
+    assert np.allclose(df.rlnHelicalTrackLengthAngst, [0, 8 * VOXEL_A, 16 * VOXEL_A, 0,
+                                                       math.sqrt(3) * VOXEL_A], atol=0.01)
+    assert np.allclose(df.rlnAngleTilt[:3], 90.0)  # a filament along x lies in the xy plane
+    # The angles rotate the particle's Z axis onto the filament: RELION's ZYZ Euler angles are
+    # those of the inverse of the particle-to-tomogram rotation.
+    dirs_xyz = np.array([[1, 0, 0]] * 3 + [[1 / math.sqrt(3)] * 3] * 2)
+    for tilt, psi, d in zip(df.rlnAngleTilt, df.rlnAnglePsi, dirs_xyz, strict=True):
+        z_axis = Rotation.from_euler("ZYZ", [0, tilt, psi], degrees=True).inv().as_matrix()[:, 2]
+        assert abs(np.dot(z_axis, d)) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_relion_angles_for_random_directions():
+    d = np.random.default_rng(1).normal(size=(20, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)  # (z, y, x)
+    tilt, psi = relion_tilt_psi_deg(d)
+    for t, p, (z, y, x) in zip(tilt, psi, d, strict=True):
+        z_axis = Rotation.from_euler("ZYZ", [0, t, p], degrees=True).inv().as_matrix()[:, 2]
+        assert np.allclose(z_axis, [x, y, z], atol=1e-9)
+
+
+def test_summary_is_last_and_complete(tmp_path):
+    seg = _segmentation()
+    write_outputs(tmp_path, seg, start_time=0.0)
+    paths = output_paths(tmp_path, "TS_01", seg.classes)
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["stem"] == "TS_01"
+    assert summary["model"] == {"name": "m", "version": "1", "sha256": "ab"}
+    assert summary["input"] == {"path": "/data/TS_01.mrc"}
+    assert summary["settings"] == {"device": "cpu"}
+    assert summary["counts"] == {"particles": {"ribosome": 2, "gold": 0},
+                                 "filaments": {"microtubule": 2}}
+    assert summary["class_fractions"] == {"membrane": 0.1}
+    assert summary["confidence"] is None  # NaN is not JSON
+    assert summary["timings_s"]["inference"] == 1.5
+    assert summary["timings_s"]["write"] > 0 and summary["timings_s"]["total"] > 0
+    assert summary["tomolive_version"] and summary["written_utc"].endswith("+00:00")
+    assert summary["shape_zyx"] == list(SHAPE) and summary["voxel_size_a"] == VOXEL_A
+    assert summary["files"][-1] == "TS_01_summary.json"
+    last = paths["summary"].stat().st_mtime_ns
+    assert all(p.stat().st_mtime_ns <= last for p in paths.values())
+
+
+def test_preview_shows_classes_in_their_colours(tmp_path):
+    seg = _segmentation()
+    write_outputs(tmp_path, seg)  # no tomogram: labels on black
+    image = Image.open(output_paths(tmp_path, "TS_01", seg.classes)["preview"])
+    assert image.mode == "RGB" and max(image.size) <= 1200
+    colours = {tuple(c) for c in np.asarray(image).reshape(-1, 3)}
+    # The membrane (#f4c542) is in the central z slice, blended half and half with black.
+    assert (0xF4 // 2, 0xC5 // 2, 0x42 // 2) in colours
+    assert (0xF4, 0xC5, 0x42) in colours  # the legend box
+    with_tomo = tmp_path / "b"
+    write_outputs(with_tomo, seg, _tomogram())
+    assert Image.open(with_tomo / "TS_01" / "TS_01_preview.png").size == image.size
+
+
+def test_replaces_an_existing_folder(tmp_path):
+    write_outputs(tmp_path, _segmentation(fill=1))
+    (tmp_path / "TS_01" / "stale.txt").write_text("old")
+    folder = write_outputs(tmp_path, _segmentation(fill=4))
+    with mrcfile.open(folder / "TS_01_labels.mrc") as mrc:
+        assert mrc.data[3, 10, 10] == 4
+    assert not (folder / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["TS_01"]
+
+
+def test_failure_while_writing_publishes_nothing(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "write_preview", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_outputs(tmp_path, _segmentation())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_keeps_the_previous_result(tmp_path, monkeypatch):
+    write_outputs(tmp_path, _segmentation(fill=1))
+    monkeypatch.setattr(export, "write_particle_csv", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        write_outputs(tmp_path, _segmentation(fill=4))
+    assert [p.name for p in tmp_path.iterdir()] == ["TS_01"]
+    with mrcfile.open(tmp_path / "TS_01" / "TS_01_labels.mrc") as mrc:
+        assert mrc.data[3, 10, 10] == 1
+    assert (tmp_path / "TS_01" / "TS_01_summary.json").exists()
+
+
+def test_before_publish_can_abandon_the_result(tmp_path):
+    def lost_lease():
+        raise RuntimeError("lease lost")
+
+    with pytest.raises(RuntimeError, match="lease lost"):
+        write_outputs(tmp_path, _segmentation(), before_publish=lost_lease)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs_are_rejected_with_a_message(tmp_path):
+    seg = _segmentation()
+    with pytest.raises(ValueError, match=r"TS_01: tomogram shape \(4, 4, 4\) differs from labels"):
+        write_outputs(tmp_path, seg, np.zeros((4, 4, 4), np.float32))
+    seg.labels = seg.labels.astype(np.uint8)
+    with pytest.raises(ValueError, match="TS_01: labels must be int8"):
+        write_outputs(tmp_path, seg)
+    assert list(tmp_path.iterdir()) == []

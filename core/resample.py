@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Working slab: about this many input voxels at a time (float32 64 MiB; the mirrored FFT
+# Working slab: about this many input voxels at a time (float32 16 MiB; the mirrored FFT
 # temporaries are a few times that), so host and device memory stay bounded.
-_SLAB_VOXELS = 16 * 2**20
+_SLAB_VOXELS = 4 * 2**20
 
 
 @dataclass(frozen=True)

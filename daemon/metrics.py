@@ -421,7 +421,7 @@ class _Handler(BaseHTTPRequestHandler):
     """GET /metrics (Prometheus text or OpenMetrics, by Accept header) and GET /healthz."""
 
     server: _Server
-    protocol_version = "HTTP/1.1"
+    # HTTP/1.0 (the default): one request per connection, so stop() leaves no handler serving.
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?", 1)[0]

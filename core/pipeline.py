@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
 from .cleanup import clean_labels
 from .export import write_outputs
 from .filaments import Filament, trace_filaments
@@ -190,7 +189,6 @@ def segment_file(
     seg = segment(volume, bundle, options, network=network, progress=progress,
                   stem=path.stem, timings_s=timings_s)
     seg.input["fingerprint"] = fingerprint
-    seg.input["tomolive_version"] = __version__
     out_dir = write_outputs(Path(out_parent), seg, tomogram=volume.data, start_time=start,
                             before_publish=before_publish)
     _report(progress, "write", 1.0)

@@ -239,7 +239,7 @@ class Metrics:
     def observe_tomogram(self, summary: Mapping[str, Any], resegmented: bool = False) -> None:
         """Record one tomogram finished ok from its summary (the STEM_summary.json content).
 
-        Uses `timings_s` ({stage: s, "total": s}), `input.shape`, `counts.particles` and
+        Uses `timings_s` ({stage: s, "total": s}), `input.shape_zyx`, `counts.particles` and
         `counts.filaments` ({class: n}), `class_fractions` ({class: fraction}) and
         `confidence`. Missing or malformed parts are skipped with a warning: metrics never
         stop the daemon.
@@ -249,11 +249,11 @@ class Metrics:
             self.resegmented.inc()
         self.last_success.set(time.time())
         self._observe_timings(summary.get("timings_s") or {})
-        shape = (summary.get("input") or {}).get("shape")
+        shape = (summary.get("input") or {}).get("shape_zyx")
         try:
             self.voxels.inc(math.prod(int(n) for n in shape))
         except (TypeError, ValueError):
-            log.warning("metrics: summary has no usable input.shape: %r", shape)
+            log.warning("metrics: summary has no usable input.shape_zyx: %r", shape)
         counts = summary.get("counts") or {}
         for name, n in (counts.get("particles") or {}).items():
             if self._class_label(name):

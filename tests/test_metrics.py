@@ -24,7 +24,7 @@ def fake_summary(scale: float = 1.0, confidence: float = 0.9) -> dict:
     timings["inference"] = 40.0 * scale
     timings["total"] = sum(timings.values()) + 0.3
     return {
-        "input": {"path": "/data/session1/TS_01.mrc", "shape": [32, 64, 64]},
+        "input": {"path": "/data/session1/TS_01.mrc", "shape_zyx": [32, 64, 64]},
         "model": {"name": "default", "version": "2", "sha256": "ab" * 32},
         "timings_s": timings,
         "class_fractions": {"membrane": 0.12, "microtubule": 0.03, "ribosome": 0.01},

@@ -37,7 +37,7 @@ def fake_summary(scale: float = 1.0) -> dict:
     timings["inference"] = 40.0 * scale
     timings["total"] = sum(timings.values()) + 0.3
     return {
-        "input": {"shape": [32, 64, 64]},
+        "input": {"shape_zyx": [32, 64, 64]},
         "timings_s": timings,
         "class_fractions": {"membrane": 0.12, "ribosome": 0.01},
         "counts": {"particles": {"ribosome": 7}, "filaments": {}},

@@ -1,0 +1,107 @@
+"""`tomolive segment --claim`: drain a backlog beside running daemons, without double work.
+
+The same leases and failure records as the daemon (daemon/claims.py): a tomogram is skipped
+when it is done, quarantined or leased by someone alive; a lease whose heartbeat stands still
+for the lease duration is broken and the work taken over. A side thread advances our heartbeat
+while the pipeline runs, and the result is published only if the lease is still ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..core.fingerprint import input_fingerprint
+from ..core.pipeline import segment_file
+from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, is_done, lease_key
+
+log = logging.getLogger("tomolive.batch")
+
+MAX_ATTEMPTS = 3
+
+
+def segment_with_claims(paths: list[Path], out_dir: Path, bundle: Any, network: Any,
+                        options: Any, lease_seconds: float) -> int:
+    """Segment every path not done elsewhere; returns the exit status (1 if any failed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    leases = LeaseManager(out_dir, lease_seconds)
+    failures = FailureRecords(out_dir, MAX_ATTEMPTS)
+    pending = list(paths)
+    failed = 0
+    deadline_per_wait_s = lease_seconds * 2 + 5
+    waiting_since: dict[Path, float] = {}
+    while pending:
+        progressed = False
+        for path in list(pending):
+            key = lease_key(path.stem)
+            fingerprint = input_fingerprint(path)
+            if is_done(out_dir / path.stem, None, fingerprint) or \
+                    failures.is_quarantined(key, fingerprint):
+                pending.remove(path)
+                continue
+            lease = leases.try_claim(key, path.stem)
+            if lease is None:
+                waiting_since.setdefault(path, time.monotonic())
+                if time.monotonic() - waiting_since[path] > deadline_per_wait_s:
+                    print(f"{path}: leased by another live worker; left to it", file=sys.stderr)
+                    pending.remove(path)
+                continue
+            progressed = True
+            pending.remove(path)
+            failed += not _segment_leased(path, out_dir, bundle, network, options, leases,
+                                          lease, failures, fingerprint)
+        if pending and not progressed:
+            time.sleep(min(2.0, lease_seconds / 4))  # watch the other leases' heartbeats
+    return 1 if failed else 0
+
+
+def _segment_leased(path: Path, out_dir: Path, bundle: Any, network: Any, options: Any,
+                    leases: LeaseManager, lease: Lease, failures: FailureRecords,
+                    fingerprint: str) -> bool:
+    stop = threading.Event()
+    lost = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(leases, lease, stop, lost), daemon=True)
+    beat.start()
+
+    def check_lease() -> None:
+        if lost.is_set():
+            raise LeaseLost(f"{path}: lease lost, result not published")
+        leases.renew(lease)
+
+    try:
+        seg, folder = segment_file(path, out_dir, bundle, options, network=network,
+                                   before_publish=check_lease)
+    except LeaseLost as error:
+        print(f"tomolive: {error}", file=sys.stderr)
+        return True  # someone else owns it now: not our failure
+    except (ValueError, OSError, RuntimeError) as error:
+        message = " ".join(str(error).split())
+        failures.record_failure(lease.key, fingerprint, message, path.stem)
+        print(f"tomolive: error: {message}", file=sys.stderr)
+        return False
+    finally:
+        stop.set()
+        beat.join()
+        if not lost.is_set():
+            leases.release(lease)
+    from .cli import summary_line
+
+    print(summary_line(seg.stem, seg.timings_s, seg.particles, seg.filaments, folder))
+    return True
+
+
+def _heartbeat(leases: LeaseManager, lease: Lease, stop: threading.Event,
+               lost: threading.Event) -> None:
+    interval_s = leases.lease_s / 4
+    while not stop.wait(interval_s):
+        try:
+            leases.renew(lease)
+        except LeaseLost:
+            lost.set()
+            return
+        except OSError as error:
+            log.warning("lease renewal for %s failed: %s", lease.key, error)

@@ -1,0 +1,481 @@
+"""Discovery: which tomograms in the watched folders are complete and ready to segment.
+
+File events (watchdog) are only hints that put paths in a "dirty" set: inotify sees nothing
+written by another host over NFS/SMB and its queue overflows silently, so a full rescan of every
+watched folder runs every `rescan_interval_s` whatever the mode. A file is ready when its size
+equals what its MRC header implies AND its (size, mtime_ns) have stood still for `settle_s` on
+our monotonic clock (reconstruction software writes slice by slice under the final name). A file
+whose header cannot be read, or whose size never matches, is returned once settled as a *bad*
+candidate (`Candidate.error`), so that the daemon records the failure.
+
+Cost: a rescan is one `scandir` per folder and one `stat` per file; headers are read only for
+settled files whose size changed since the last read.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+from ..core.volume import HEADER_BYTES, VolumeError, read_header
+from .config import Config, WatchFolder
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["events", "polling"]
+
+# Filesystems where inotify cannot see other hosts' (or the VM host's) writes.
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "gpfs",
+    "beegfs", "virtiofs", "vboxsf", "davfs", "fuse.sshfs", "sshfs", "fuse.glusterfs",
+    "fuse.ceph", "fuse.cephfs", "fuse.rclone", "fuse.s3fs", "fuse.gcsfuse", "fuse.davfs2",
+    "fuse.vmhgfs-fuse", "fuse.juicefs", "fuse.beegfs",
+})
+# Names that are never tomograms: hidden files, editor/copy temporaries, our own temp folders.
+TEMP_SUFFIXES = (".tmp", "~", ".part", ".partial", ".crdownload", ".swp")
+EVENT_TYPES = frozenset({"created", "modified", "moved", "closed", "deleted"})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A settled tomogram file (or a bad one, when `error` is set)."""
+
+    path: Path  # absolute, under `root`
+    root: Path  # the watched folder it was found in
+    rel_parent: Path  # its folder relative to `root` ("." at the top)
+    voxel_size_a: float | None  # the watched folder's override, if any
+    size_bytes: int
+    mtime_ns: int
+    error: str | None = None  # one line starting with the path: why it cannot be used
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
+
+    @property
+    def rel_output(self) -> str:
+        """The output folder relative to output_dir: `session1/TS_01` (DESIGN.md)."""
+        return (self.rel_parent / self.stem).as_posix()
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def sort_candidates(candidates: Iterable[Candidate],
+                    order: str = "newest_first") -> list[Candidate]:
+    """newest_first (by mtime, the just-collected tomogram first) or oldest_first."""
+    newest = order == "newest_first"
+    return sorted(candidates, key=lambda c: ((-c.mtime_ns if newest else c.mtime_ns), str(c.path)))
+
+
+def is_ignored_name(name: str) -> bool:
+    """Hidden files, temporary names (`*.tmp`, `*~`, `.*.swp`, `*.tmp-*`, partial copies)."""
+    return name.startswith(".") or name.endswith(TEMP_SUFFIXES) or ".tmp-" in name
+
+
+# -- mount types --------------------------------------------------------------------------------
+def _unescape_mount(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit() and len(field[i + 1:i + 4]) == 3:
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_type(path: str | os.PathLike[str], mountinfo: str | None = None) -> str | None:
+    """The filesystem type of the mount holding `path` (longest matching mount point)."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return None
+    # realpath resolves the existing part: a folder not created yet lives on its parent's mount.
+    target = os.path.realpath(os.path.abspath(path))
+    best, best_type = "", None
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right.split():
+            continue
+        point = _unescape_mount(fields[4])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_type = point, right.split()[0]
+    return best_type
+
+
+def discovery_mode(path: str | os.PathLike[str], discovery: str,
+                   mountinfo: str | None = None) -> Mode:
+    """`events` or `polling` for one watched folder; auto polls on network filesystems."""
+    if discovery in ("events", "polling"):
+        return discovery  # type: ignore[return-value]
+    fstype = mount_type(path, mountinfo)
+    return "polling" if fstype in NETWORK_FILESYSTEMS else "events"
+
+
+# -- scanning -----------------------------------------------------------------------------------
+class Scanner:
+    """Full rescans of the watched folders; the same rules decide whether an event path counts."""
+
+    def __init__(self, watch: Sequence[WatchFolder], ignore_dirs: Sequence[Path] = ()) -> None:
+        # Most specific root first: a file under nested watched folders belongs to the inner one.
+        self.folders = sorted(watch, key=lambda w: len(os.path.abspath(w.path)), reverse=True)
+        self.roots = [os.path.abspath(w.path) for w in self.folders]
+        self.ignore_dirs = [os.path.abspath(p) for p in ignore_dirs]
+
+    def _ignored_ids(self) -> set[tuple[int, int]]:
+        ids = set()
+        for folder in self.ignore_dirs:
+            try:
+                st = os.stat(folder)
+            except OSError:
+                continue
+            ids.add((st.st_dev, st.st_ino))
+        return ids
+
+    def _matches(self, index: int, name: str) -> bool:
+        if is_ignored_name(name):
+            return False
+        lower = name.lower()
+        return any(fnmatch.fnmatchcase(lower, p.lower()) for p in self.folders[index].patterns)
+
+    def scan(self) -> dict[str, tuple[int, os.stat_result]]:
+        """Every matching file: path -> (folder index, stat)."""
+        found: dict[str, tuple[int, os.stat_result]] = {}
+        ignored = self._ignored_ids()
+        for index, root in enumerate(self.roots):
+            if os.path.isdir(root):
+                self._walk(index, root, ignored, found)
+        return found
+
+    def scan_dir(self, directory: str) -> dict[str, tuple[int, os.stat_result]]:
+        """The matching files under one folder (after an event on a folder moved in)."""
+        found: dict[str, tuple[int, os.stat_result]] = {}
+        index = self.root_index(os.path.join(directory, "x"))
+        if index is not None and self._dir_allowed(index, directory):
+            self._walk(index, directory, self._ignored_ids(), found)
+        return found
+
+    def _walk(self, index: int, directory: str, ignored: set[tuple[int, int]],
+              found: dict[str, tuple[int, os.stat_result]]) -> None:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as error:  # vanished, or no permission: the next rescan tries again
+            log.debug("cannot list %s: %s", directory, error)
+            return
+        for entry in entries:
+            try:
+                # Never follow symlinked folders (loops); symlinked files are fine.
+                if entry.is_dir(follow_symlinks=False):
+                    if not self.folders[index].recursive or entry.name.startswith("."):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) in ignored:
+                        continue
+                    if self._claimed_by_inner(index, entry.path):
+                        continue
+                    self._walk(index, entry.path, ignored, found)
+                elif self._matches(index, entry.name) and entry.path not in found:
+                    st = entry.stat()
+                    found[entry.path] = (index, st)
+            except OSError:
+                continue  # removed between listing and stat
+
+    def _claimed_by_inner(self, index: int, directory: str) -> bool:
+        # A nested watched folder is walked under its own settings, not its parent's.
+        return any(r == directory for r in self.roots[:index])
+
+    def root_index(self, path: str) -> int | None:
+        """The watched folder a path falls under (most specific), if any."""
+        for index, root in enumerate(self.roots):
+            if path.startswith(root.rstrip("/") + "/"):
+                rel_parent = os.path.dirname(os.path.relpath(path, root))
+                if rel_parent and not self.folders[index].recursive:
+                    continue
+                return index
+        return None
+
+    def _dir_allowed(self, index: int, directory: str) -> bool:
+        root = self.roots[index]
+        rel = os.path.relpath(directory, root)
+        if rel == ".":
+            return True
+        if not self.folders[index].recursive or any(p.startswith(".") for p in rel.split(os.sep)):
+            return False
+        real = os.path.realpath(directory)
+        for ignored in self.ignore_dirs:
+            for form in (ignored, os.path.realpath(ignored)):
+                if real == form or real.startswith(form.rstrip("/") + "/"):
+                    return False
+        return True
+
+    def accepts(self, path: str) -> int | None:
+        """The folder index if `path` is a file name we would pick up on a rescan, else None."""
+        index = self.root_index(path)
+        if index is None or not self._matches(index, os.path.basename(path)):
+            return None
+        return index if self._dir_allowed(index, os.path.dirname(path)) else None
+
+
+# -- completeness -------------------------------------------------------------------------------
+@dataclass
+class _Track:
+    index: int
+    size: int
+    mtime_ns: int
+    since_s: float  # when (size, mtime_ns) last changed, on our monotonic clock
+    header_size: int = -1  # the size at which the header was last read
+    expected: int | None = None
+    header_error: str | None = None
+    reported: Candidate | None = None  # set once returned by poll(), until the file changes
+
+
+class _Hints(FileSystemEventHandler):
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        self.sink = sink
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in EVENT_TYPES:
+            return
+        # A rename into the folder is an event on its destination.
+        path = event.dest_path if event.event_type == "moved" else event.src_path
+        if path:
+            self.sink(os.fsdecode(path))
+
+
+class FileWatcher:
+    """Watches folders; `poll()` returns the candidates that became ready since the last call.
+
+    Call `start()` once (starts the watchdog observers), `poll()` from the main loop (each call
+    is cheap between rescans), `stop()` at the end. Thread-safe for hints; poll from one thread.
+    """
+
+    def __init__(
+        self,
+        watch: Sequence[WatchFolder],
+        *,
+        ignore_dirs: Sequence[Path] = (),
+        discovery: str = "auto",
+        settle_s: float = 10.0,
+        rescan_interval_s: float = 30.0,
+        truncated_after_s: float = 120.0,
+        polling_interval_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.scanner = Scanner(watch, ignore_dirs)
+        self.discovery = discovery
+        self.settle_s = settle_s
+        self.rescan_interval_s = rescan_interval_s
+        self.truncated_after_s = max(truncated_after_s, settle_s)
+        # watchdog's PollingObserver snapshots the tree: often enough to see arrivals quickly,
+        # rarely enough to stay cheap on a network share.
+        self.polling_interval_s = polling_interval_s or max(
+            1.0, min(settle_s / 2, rescan_interval_s)
+        )
+        self.clock = clock
+        self.modes: dict[str, Mode] = {}
+        self.rescans = 0
+        self.header_reads = 0
+        self._tracks: dict[str, _Track] = {}
+        self._dirty: set[str] = set()
+        self._lock = threading.Lock()
+        self._next_rescan_s = float("-inf")
+        self._observers: dict[Mode, Observer] = {}
+        self._scheduled: set[str] = set()
+
+    @classmethod
+    def from_config(cls, config: Config, **kwargs) -> FileWatcher:
+        return cls(
+            config.watch,
+            ignore_dirs=[config.output_dir, config.models_dir],
+            discovery=config.discovery,
+            settle_s=config.settle_seconds,
+            rescan_interval_s=config.rescan_interval_seconds,
+            truncated_after_s=config.truncated_after_seconds,
+            **kwargs,
+        )
+
+    # -- observers ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._schedule_roots()
+
+    def _observer(self, mode: Mode) -> Observer:
+        if mode not in self._observers:
+            observer = (PollingObserver(timeout=self.polling_interval_s) if mode == "polling"
+                        else Observer())
+            observer.daemon = True
+            observer.start()
+            self._observers[mode] = observer
+        return self._observers[mode]
+
+    def _schedule_roots(self) -> None:
+        """Schedule every existing, not yet scheduled folder (missing ones are retried later)."""
+        for index, root in enumerate(self.scanner.roots):
+            if root in self._scheduled or not os.path.isdir(root):
+                continue
+            mode = discovery_mode(root, self.discovery)
+            try:
+                self._observer(mode).schedule(
+                    _Hints(self.hint), root, recursive=self.scanner.folders[index].recursive
+                )
+            except OSError as error:  # e.g. inotify watch limit: rescans still find everything
+                log.warning("cannot watch %s for events (%s); relying on rescans", root, error)
+                mode = "polling"
+            self.modes[root] = mode
+            self._scheduled.add(root)
+            log.info("watching %s (%s)", root, mode)
+
+    def stop(self) -> None:
+        for observer in self._observers.values():
+            observer.stop()
+        for observer in self._observers.values():
+            observer.join(timeout=10)
+        self._observers.clear()
+        self._scheduled.clear()
+
+    def __enter__(self) -> FileWatcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def hint(self, path: str | os.PathLike[str]) -> None:
+        """Something happened at `path` (thread-safe; from watchdog or anyone)."""
+        with self._lock:
+            self._dirty.add(os.path.abspath(path))
+
+    # -- polling --------------------------------------------------------------------------------
+    def poll(self, now_s: float | None = None) -> list[Candidate]:
+        """Candidates that became ready (or bad) since the last call; each is returned once per
+        (size, mtime) of its file. Runs the periodic full rescan when it is due."""
+        now_s = self.clock() if now_s is None else now_s
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        if now_s >= self._next_rescan_s:
+            self._rescan(now_s)
+        else:
+            self._apply_hints(dirty, now_s)
+            self._restat_pending(now_s)
+        ready = []
+        for path, track in self._tracks.items():
+            if track.reported is None:
+                candidate = self._evaluate(path, track, now_s)
+                if candidate is not None:
+                    track.reported = candidate
+                    ready.append(candidate)
+        return ready
+
+    def all_ready(self) -> list[Candidate]:
+        """Every file currently known to be ready or bad (to reconsider after a rescan, e.g.
+        when another daemon's lease went stale or the model changed)."""
+        return [t.reported for t in self._tracks.values() if t.reported is not None]
+
+    @property
+    def pending(self) -> int:
+        """Files seen but not yet ready (being written, or settling)."""
+        return sum(1 for t in self._tracks.values() if t.reported is None)
+
+    def _rescan(self, now_s: float) -> None:
+        self._schedule_roots()  # folders created since start
+        found = self.scanner.scan()
+        for path in list(self._tracks):
+            if path not in found:
+                del self._tracks[path]
+        for path, (index, st) in found.items():
+            self._update(path, index, st, now_s)
+        self.rescans += 1
+        self._next_rescan_s = now_s + self.rescan_interval_s
+
+    def _apply_hints(self, dirty: set[str], now_s: float) -> None:
+        for path in dirty:
+            try:
+                st = os.stat(path)
+            except OSError:
+                self._tracks.pop(path, None)  # deleted or moved away
+                continue
+            if os.path.isdir(path):
+                for sub, (index, sub_st) in self.scanner.scan_dir(path).items():
+                    self._update(sub, index, sub_st, now_s)
+                continue
+            index = self.scanner.accepts(path)
+            if index is not None:
+                self._update(path, index, st, now_s)
+
+    def _restat_pending(self, now_s: float) -> None:
+        # Settling needs time, not events (NFS sends none): re-stat files not yet ready.
+        for path, track in list(self._tracks.items()):
+            if track.reported is None:
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    del self._tracks[path]
+                    continue
+                self._update(path, track.index, st, now_s)
+
+    def _update(self, path: str, index: int, st: os.stat_result, now_s: float) -> None:
+        track = self._tracks.get(path)
+        if track is None:
+            self._tracks[path] = _Track(index, st.st_size, st.st_mtime_ns, now_s)
+        elif (track.size, track.mtime_ns) != (st.st_size, st.st_mtime_ns):
+            track.size, track.mtime_ns, track.since_s = st.st_size, st.st_mtime_ns, now_s
+            track.index = index
+            track.reported = None  # changed: a new version of the file, to be reported again
+
+    def _read_header(self, path: str, track: _Track) -> None:
+        track.header_size = track.size
+        self.header_reads += 1
+        try:
+            track.expected, track.header_error = read_header(path).expected_size_bytes, None
+        except VolumeError as error:
+            track.expected, track.header_error = None, " ".join(str(error).split())
+
+    def _evaluate(self, path: str, track: _Track, now_s: float) -> Candidate | None:
+        """A Candidate once settled and complete (or settled and hopeless), else None."""
+        age_s = now_s - track.since_s
+        if age_s < self.settle_s:
+            return None
+        gave_up = age_s >= self.truncated_after_s
+        if track.size < HEADER_BYTES:
+            if not gave_up:
+                return None  # the writer may not have written the header yet
+            return self._candidate(path, track, f"{path}: not an MRC file ({track.size} bytes, "
+                                                f"shorter than the {HEADER_BYTES}-byte header)")
+        if track.header_size != track.size:
+            self._read_header(path, track)
+        if track.header_error is not None:
+            return self._candidate(path, track, track.header_error)
+        expected = track.expected
+        if track.size == expected:
+            return self._candidate(path, track, None)
+        if track.size > expected:
+            return self._candidate(path, track, f"{path}: file is {track.size} bytes but its "
+                                   f"header implies {expected} bytes (wrong header or extra data)")
+        if not gave_up:
+            return None  # still being written, slowly
+        return self._candidate(path, track, f"{path}: file is {track.size} bytes but its header "
+                               f"implies {expected} bytes (truncated; unchanged for {age_s:.0f} s)")
+
+    def _candidate(self, path: str, track: _Track, error: str | None) -> Candidate:
+        folder = self.scanner.folders[track.index]
+        root = self.scanner.roots[track.index]
+        rel_parent = Path(os.path.relpath(os.path.dirname(path), root))
+        return Candidate(Path(path), Path(root), rel_parent, folder.voxel_size_a,
+                         track.size, track.mtime_ns, error)

@@ -58,6 +58,7 @@ class Candidate:
     size_bytes: int
     mtime_ns: int
     error: str | None = None  # one line starting with the path: why it cannot be used
+    out_parent: Path | None = None  # output_dir / rel_parent (None when no output_dir is known)
 
     @property
     def stem(self) -> str:
@@ -263,14 +264,17 @@ class _Hints(FileSystemEventHandler):
 class FileWatcher:
     """Watches folders; `poll()` returns the candidates that became ready since the last call.
 
-    Call `start()` once (starts the watchdog observers), `poll()` from the main loop (each call
-    is cheap between rescans), `stop()` at the end. Thread-safe for hints; poll from one thread.
+    `FileWatcher(config)` takes everything from a Config (output and models folders ignored);
+    or pass the watched folders and settings one by one. Call `start()` once (starts the
+    watchdog observers), `poll()` from the main loop (cheap between rescans), `stop()` at the
+    end. Thread-safe for hints; poll from one thread.
     """
 
     def __init__(
         self,
-        watch: Sequence[WatchFolder],
+        watch: Sequence[WatchFolder] | Config,
         *,
+        output_dir: Path | None = None,
         ignore_dirs: Sequence[Path] = (),
         discovery: str = "auto",
         settle_s: float = 10.0,
@@ -279,6 +283,14 @@ class FileWatcher:
         polling_interval_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if isinstance(watch, Config):  # FileWatcher(config): every setting from the config
+            config = watch
+            watch, output_dir = config.watch, config.output_dir
+            ignore_dirs = [*ignore_dirs, config.output_dir, config.models_dir]
+            discovery, settle_s = config.discovery, config.settle_seconds
+            rescan_interval_s = config.rescan_interval_seconds
+            truncated_after_s = config.truncated_after_seconds
+        self.output_dir = Path(output_dir) if output_dir is not None else None
         self.scanner = Scanner(watch, ignore_dirs)
         self.discovery = discovery
         self.settle_s = settle_s
@@ -299,18 +311,6 @@ class FileWatcher:
         self._next_rescan_s = float("-inf")
         self._observers: dict[Mode, Observer] = {}
         self._scheduled: set[str] = set()
-
-    @classmethod
-    def from_config(cls, config: Config, **kwargs) -> FileWatcher:
-        return cls(
-            config.watch,
-            ignore_dirs=[config.output_dir, config.models_dir],
-            discovery=config.discovery,
-            settle_s=config.settle_seconds,
-            rescan_interval_s=config.rescan_interval_seconds,
-            truncated_after_s=config.truncated_after_seconds,
-            **kwargs,
-        )
 
     # -- observers ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -387,6 +387,12 @@ class FileWatcher:
         """Every file currently known to be ready or bad (to reconsider after a rescan, e.g.
         when another daemon's lease went stale or the model changed)."""
         return [t.reported for t in self._tracks.values() if t.reported is not None]
+
+    def rescan_all(self, now_s: float | None = None) -> list[Candidate]:
+        """Run a full rescan now and return every ready (or bad) candidate, e.g. to queue
+        finished tomograms again after a model change. Does not consume poll()'s news."""
+        self._rescan(self.clock() if now_s is None else now_s)
+        return self.all_ready()
 
     @property
     def pending(self) -> int:
@@ -477,5 +483,8 @@ class FileWatcher:
         folder = self.scanner.folders[track.index]
         root = self.scanner.roots[track.index]
         rel_parent = Path(os.path.relpath(os.path.dirname(path), root))
+        out_parent = None
+        if self.output_dir is not None:
+            out_parent = Path(os.path.normpath(self.output_dir / rel_parent))
         return Candidate(Path(path), Path(root), rel_parent, folder.voxel_size_a,
-                         track.size, track.mtime_ns, error)
+                         track.size, track.mtime_ns, error, out_parent)

@@ -225,3 +225,22 @@ def test_sort_candidates():
     items = [_candidate("a.mrc", 2), _candidate("b.mrc", 3), _candidate("c.mrc", 1)]
     assert [c.stem for c in sort_candidates(items)] == ["b", "a", "c"]
     assert [c.stem for c in sort_candidates(items, "oldest_first")] == ["c", "a", "b"]
+
+
+def test_watcher_from_config_gives_output_parents_and_ignores_outputs(tmp_path, mrc_bytes):
+    from tomolive.daemon.config import load_config
+
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text("watch:\n  - path: data\noutput_dir: data/outputs\n"
+                           "models_dir: data/models\nsettle_seconds: 0.2\n")
+    config = load_config(config_path)
+    for rel in ["s1/TS_07.mrc", "outputs/s1/TS_07/TS_07_labels.mrc", "models/x.mrc"]:
+        (tmp_path / "data" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / rel).write_bytes(mrc_bytes)
+    watcher = FileWatcher(config)
+    assert watcher.settle_s == 0.2 and watcher.rescan_interval_s == 30.0
+    (found,) = _poll_until(watcher, 1)
+    assert found.out_parent == tmp_path / "data" / "outputs" / "s1"
+    assert found.rel_output == "s1/TS_07"
+    assert [c.path for c in watcher.rescan_all()] == [found.path]
+    assert watcher.rescans == 2 and watcher.poll() == []

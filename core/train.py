@@ -598,8 +598,9 @@ def train(
         arch = architecture_dict(options.in_slices, len(class_specs) + 1, options.base_width,
                                  options.levels)
         model_voxel_a = options.model_voxel_size_a or _first_voxel_size(sources[0])
-        recipe = copy.deepcopy(options.recipe if options.recipe is not None else DEFAULT_RECIPE)
-        validate_recipe(recipe)
+        # Stored with every parameter explicit: a later change of a default cannot change
+        # what this model's inputs look like.
+        recipe = validate_recipe(options.recipe if options.recipe is not None else DEFAULT_RECIPE)
     in_slices = arch["in_slices"]
 
     prepared = [

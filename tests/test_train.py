@@ -1,0 +1,247 @@
+"""core.train: region parsing, class specs, the masked loss, tiny training runs end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from tomolive.core import train as T
+from tomolive.core.model import BundleMeta, load_bundle, save_bundle
+from tomolive.core.preprocess import DEFAULT_RECIPE, validate_recipe
+from tomolive.core.synth import synthesize, write_synth
+from tomolive.core.volume import write_mrc
+
+SHAPE = (24, 64, 64)
+NAMES = ["membrane", "microtubule", "actin", "ribosome", "gold"]
+
+
+def tiny_options(**changes) -> T.TrainOptions:
+    base = T.TrainOptions(steps=4, base_width=4, batch_size=2, patch_px=32, levels=3, seed=3)
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny synthetic tomogram (float32, 10 Å) and its labels, with z 0-3, 20-23 and a block
+    of z 8-15 left unannotated (255, stored as -1 in the int8 file)."""
+    folder = tmp_path_factory.mktemp("train")
+    result = synthesize(SHAPE, 10.0, seed=1)
+    labels = result.labels.astype(np.int8).copy()
+    labels[:4] = -1
+    labels[20:] = -1
+    labels[8:16, :, :24] = -1  # a hole in the annotated slab
+    write_synth(result, folder / "tomo.mrc")
+    write_mrc(folder / "labels.mrc", labels, 10.0)
+    return folder, result.tomogram, labels
+
+
+def test_parse_region_reads_three_ranges_with_open_bounds():
+    assert T.parse_region("4:20, 0:64,:") == (slice(4, 20), slice(0, 64), slice(None, None))
+    assert T.format_region(T.parse_region("4:20,:32,8:")) == "4:20,:32,8:"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("4:20,0:64", "must be Z0:Z1,Y0:Y1,X0:X1 (three ranges)"),
+    ("4:20,0:64,a:9", "X range 'a:9' is not integers"),
+    ("20:4,:,:", "Z range '20:4' is empty (stop <= start)"),
+    ("4,:,:", "Z range '4' must be START:STOP"),
+    ("-1:4,:,:", "Z range '-1:4' has a negative bound"),
+])
+def test_parse_region_rejects_bad_text(text, message):
+    with pytest.raises(ValueError, match="region") as info:
+        T.parse_region(text)
+    assert message in str(info.value)
+
+
+def test_class_specs_use_known_defaults_and_yaml_overrides(tmp_path):
+    yaml_path = tmp_path / "classes.yaml"
+    yaml_path.write_text("ribosome: {diameter_nm: 28}\nvesicle: {kind: membrane}\n")
+    specs = T.class_specs_for(["ribosome", "gold", "vesicle"], T.load_class_overrides(yaml_path))
+    assert [s.name for s in specs] == ["ribosome", "gold", "vesicle"]
+    assert (specs[0].kind, specs[0].diameter_nm) == ("particle", 28.0)
+    assert (specs[1].kind, specs[1].diameter_nm, specs[1].priority) == ("fiducial", 10.0, 10)
+    assert specs[2].kind == "membrane"
+    assert T.class_specs_for(["thing"])[0].kind == "other"
+
+
+def test_class_overrides_reject_unknown_fields_and_untrained_classes(tmp_path):
+    yaml_path = tmp_path / "classes.yaml"
+    yaml_path.write_text("ribosome: {diameter: 28}\n")
+    with pytest.raises(ValueError) as info:
+        T.load_class_overrides(yaml_path)
+    assert str(info.value) == f"{yaml_path}: class 'ribosome' has unknown fields ['diameter']"
+    with pytest.raises(ValueError, match=r"name classes that are not trained: \['gold'\]"):
+        T.class_specs_for(["ribosome"], {"gold": {"priority": 1}})
+    with pytest.raises(ValueError, match="are not unique"):
+        T.class_specs_for(["gold", "gold"])
+
+
+def test_loss_ignores_predictions_and_gradients_at_unannotated_voxels():
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 4, (2, 16, 16), generator=gen)
+    ignored = torch.rand((2, 16, 16), generator=gen) < 0.4
+    target[ignored] = T.IGNORE
+    logits_a = torch.randn((2, 4, 16, 16), generator=gen)
+    logits_b = logits_a.clone()
+    # Wildly different predictions, but only where the voxel is not annotated.
+    logits_b.permute(0, 2, 3, 1)[ignored] = 50 * torch.randn((int(ignored.sum()), 4),
+                                                             generator=gen)
+    grads = []
+    for logits in (logits_a, logits_b):
+        logits = logits.clone().requires_grad_(True)
+        loss = T.masked_loss(logits, target)
+        loss.backward()
+        grads.append((float(loss.detach()), logits.grad))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert grads[0][0] > 0.5  # a real loss, not a constant
+    keep = ~ignored
+    assert torch.allclose(grads[0][1].permute(0, 2, 3, 1)[keep],
+                          grads[1][1].permute(0, 2, 3, 1)[keep], atol=1e-7)
+    assert float(grads[0][1].permute(0, 2, 3, 1)[ignored].abs().max()) == 0.0
+    # The counter-check: the same change at annotated voxels does change the loss.
+    logits_c = logits_a.clone()
+    logits_c.permute(0, 2, 3, 1)[keep] += 5 * torch.randn((int(keep.sum()), 4), generator=gen)
+    assert float(T.masked_loss(logits_c, target)) != pytest.approx(grads[0][0], rel=1e-3)
+
+
+def _weights(trained: T.TrainedModel) -> dict[str, torch.Tensor]:
+    return trained.network.state_dict()
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tiny_training_writes_a_complete_bundle_that_loads(tiny, tmp_path):
+    folder, _, _ = tiny
+    seen = []
+    source = T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc",
+                              region=T.parse_region("6:18,:,:"))
+    trained = T.train([source], T.class_specs_for(NAMES), tiny_options(synthetic=True),
+                      progress=seen.append)
+    out = save_bundle(tmp_path / "tiny.safetensors", trained.network, trained.meta)
+    bundle = load_bundle(out)
+    meta = bundle.meta
+    # Every BundleMeta field is filled in.
+    for f in dataclasses.fields(BundleMeta):
+        value = getattr(meta, f.name)
+        assert value is not None or f.name == "parent", f.name
+    assert (meta.name, meta.version, meta.parent) == ("tomolive-model", 1, None)
+    assert meta.architecture == {"name": "unet25d", "in_slices": 5, "base_width": 4,
+                                 "levels": 3, "n_classes": 6}
+    assert meta.voxel_size_a == 10.0
+    assert [c.name for c in meta.classes] == NAMES
+    assert meta.classes[3].diameter_nm == 25.0
+    assert meta.preprocess == validate_recipe(DEFAULT_RECIPE)
+    training = meta.training
+    assert training["synthetic"] is True and training["seed"] == 3
+    assert training["steps"] == 4 and training["requested_steps"] == 4
+    assert training["sources"] == [{
+        "tomogram": str(folder / "tomo.mrc"), "labels": str(folder / "labels.mrc"),
+        "region": "6:18,:,:", "voxel_size_a": 10.0,
+        "model_grid_region_shape_zyx": [12, 64, 64]}]
+    assert set(training["validation_dice"]) | set(training["validation_classes_absent"]) \
+        == set(NAMES)
+    assert training["validation_dice"], "the validation strip holds some class"
+    assert all(0.0 <= v <= 1.0 for v in training["validation_dice"].values())
+    assert training["elapsed_s"] >= 0 and 1 <= training["best_step"] <= 4
+    # The loaded weights are the trained ones; progress was reported every step.
+    assert _same(bundle.state_dict, {k: v.float() if v.is_floating_point() else v
+                                     for k, v in _weights(trained).items()})
+    assert [p.step for p in seen] == [1, 2, 3, 4] and seen[-1].total_steps == 4
+    assert seen[-1].validation_dice is not None
+
+
+def test_unannotated_and_out_of_region_voxels_change_nothing(tiny, tmp_path):
+    folder, _, labels = tiny
+    specs = T.class_specs_for(NAMES)
+    region = T.parse_region("4:20,:,:")
+    # No validation strip: the final weights (not the best of a few checks) are compared.
+    options = tiny_options(steps=6, validation_fraction=0.0)
+    base = T.train([T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc", region)],
+                   specs, options)
+    # Same annotation, but "not annotated" stored as 255 in an int16 file instead of -1 in int8,
+    # and the voxels outside the region (unused) filled with random classes.
+    other = labels.astype(np.int16)
+    other[other == -1] = 255
+    rng = np.random.default_rng(7)
+    outside = np.ones(labels.shape, dtype=bool)
+    outside[4:20] = False
+    other[outside] = rng.integers(0, 6, int(outside.sum()))
+    write_mrc(tmp_path / "other.mrc", other, 10.0)
+    again = T.train([T.TrainingSource(folder / "tomo.mrc", tmp_path / "other.mrc", region)],
+                    specs, options)
+    assert _same(_weights(base), _weights(again))
+    # Counter-check: calling the unannotated voxels inside the region background changes it.
+    other[other == 255] = 0
+    write_mrc(tmp_path / "changed.mrc", other, 10.0)
+    changed = T.train([T.TrainingSource(folder / "tomo.mrc", tmp_path / "changed.mrc", region)],
+                      specs, options)
+    assert not _same(_weights(base), _weights(changed))
+
+
+def test_labels_are_resampled_to_the_model_grid_by_nearest_neighbour(tiny):
+    folder, _, labels = tiny
+    prepared = T._prepare_source(
+        T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc", T.parse_region("4:20,:,:")),
+        5, 20.0, DEFAULT_RECIPE, 5, 0.0, 8, "cpu")
+    got = prepared.train.labels
+    # Model index i sits at input i * 2; region z 4:20 -> model z 2..9.
+    expected = labels[4:20:2, ::2, ::2].astype(np.int16)
+    expected[expected == -1] = 255
+    assert got.shape == (8, 32, 32)
+    np.testing.assert_array_equal(got, expected)
+    assert prepared.train.image.shape == (8 + 4, 32, 32)  # 2 context slices each side
+
+
+def test_fine_tuning_increments_version_and_names_parent(tiny, tmp_path):
+    folder, _, _ = tiny
+    source = T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc")
+    first = T.train([source], T.class_specs_for(NAMES), tiny_options(name="cells", steps=2))
+    parent = load_bundle(save_bundle(tmp_path / "v1.safetensors", first.network, first.meta))
+    tuned = T.train([source], T.class_specs_for(NAMES), tiny_options(steps=2, seed=4),
+                    init_bundle=parent)
+    assert (tuned.meta.name, tuned.meta.version, tuned.meta.parent) == ("cells", 2, "cells@1")
+    assert tuned.meta.architecture == parent.meta.architecture
+    assert not _same(_weights(tuned), parent.state_dict)
+    with pytest.raises(ValueError) as info:
+        T.train([source], T.class_specs_for(["membrane"]), tiny_options(), init_bundle=parent)
+    assert str(info.value) == (
+        f"{parent.path}: fine-tuning needs the same classes in the same order: the model has "
+        f"{NAMES}, training asks for ['membrane']")
+
+
+def test_bad_label_volumes_name_the_file(tiny, tmp_path):
+    folder, _, labels = tiny
+    bad = labels.copy()
+    bad[10, 5, 5] = 9
+    write_mrc(tmp_path / "bad.mrc", bad, 10.0)
+    with pytest.raises(ValueError) as info:
+        T.train([T.TrainingSource(folder / "tomo.mrc", tmp_path / "bad.mrc")],
+                T.class_specs_for(NAMES), tiny_options())
+    assert str(info.value) == (
+        f"{tmp_path / 'bad.mrc'}: label values [9] are not 0..5 (background and 5 classes) or "
+        f"255 (not annotated)")
+    write_mrc(tmp_path / "small.mrc", labels[:, :32], 10.0)
+    with pytest.raises(ValueError) as info:
+        T.train([T.TrainingSource(folder / "tomo.mrc", tmp_path / "small.mrc")],
+                T.class_specs_for(NAMES), tiny_options())
+    assert str(info.value).startswith(f"{tmp_path / 'small.mrc'}: label volume shape "
+                                      f"(24, 32, 64) (z, y, x) does not match the tomogram")
+    with pytest.raises(ValueError) as info:
+        T.train([T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc",
+                                  T.parse_region("0:4,:,:"))],
+                T.class_specs_for(NAMES), tiny_options())
+    assert str(info.value) == (f"{folder / 'labels.mrc'}: no annotated voxels (all 255) in the "
+                               f"region")
+    with pytest.raises(ValueError) as info:
+        T.train([T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc",
+                                  T.parse_region("4:30,:,:"))],
+                T.class_specs_for(NAMES), tiny_options())
+    assert str(info.value) == (f"{folder / 'tomo.mrc'}: region 4:30,:,: is outside the "
+                               f"tomogram (axis z has 24 voxels)")
+    with pytest.raises(ValueError, match="training needs steps and/or max_minutes"):
+        T.train([T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc")],
+                T.class_specs_for(NAMES), tiny_options(steps=None))

@@ -361,10 +361,10 @@ def _check_tensors(
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
+        parts = [f"{what} {len(names)} tensors ({', '.join(names[:3])}{', ...' * (len(names) > 3)})"
+                 for what, names in (("missing", missing), ("unexpected", extra)) if names]
         raise ValueError(
-            f"tensors do not match architecture {_arch_str(arch)}: "
-            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} ({len(missing)}), "
-            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''} ({len(extra)})"
+            f"tensors do not match architecture {_arch_str(arch)}: {'; '.join(parts)}"
         )
     out = {}
     for name, shape in expected.items():

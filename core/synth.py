@@ -196,7 +196,7 @@ class _Scene:
             self.occupied.add(points, radii, lumen)
             self.objects.append(obj)
             placed += 1
-        self.counts[kind] = placed
+        self.counts[kind] = self.counts.get(kind, 0) + placed
 
 
 def _fibonacci_sphere(n: int) -> np.ndarray:
@@ -295,7 +295,8 @@ def _make_microtubule(scene: _Scene) -> tuple[_Tube, np.ndarray, np.ndarray] | N
 
 
 def _make_actin(scene: _Scene) -> tuple[_Tube, np.ndarray, np.ndarray] | None:
-    pts = _curve(scene, scene.rng.uniform(80.0, 300.0), bend=0.6, slope_max=0.1,
+    short = min(1.0, float(scene.extent[1:].min()) / 250.0)  # shorter in small boxes
+    pts = _curve(scene, scene.rng.uniform(60.0, 300.0) * short, bend=0.6, slope_max=0.1,
                  radius=ACTIN_RADIUS_NM)
     if pts is None:
         return None
@@ -375,16 +376,28 @@ def _build_scene(extent_nm: np.ndarray, rng: np.random.Generator) -> _Scene:
     area = float(extent_nm[1] * extent_nm[2])
     volume = area * (scene.slab[1] - scene.slab[0])
 
-    def n(expected: float, minimum: int) -> int:
-        return max(minimum, int(rng.poisson(expected)))
-
-    scene.place("microtubule", n(area / 30000, 1), lambda: _make_microtubule(scene))
-    scene.place("sheet", n(area / 100000, 1), lambda: _make_sheet(scene), tries_each=10)
-    scene.place("vesicle", n(area / 14000, 2), lambda: _make_vesicle(scene))
-    scene.place("actin", n(area / 5000, 2), lambda: _make_actin(scene))
-    scene.place("gold", n(area / 9000, 3), lambda: _make_gold(scene))
-    scene.place("ribosome", n(volume / 1.2e5, 3), lambda: _make_ribosome(scene))
-    scene.place("distractor", n(volume / 6e4, 0), lambda: _make_distractor(scene))
+    # kind: (maker, expected count, minimum, tries per object).
+    plan = {
+        "sheet": (_make_sheet, area / 100000, 1 if area >= 200.0**2 else 0, 10),
+        "microtubule": (_make_microtubule, area / 30000, 1, 30),
+        "vesicle": (_make_vesicle, area / 14000, 2, 30),
+        "actin": (_make_actin, area / 5000, 2, 40),
+        "gold": (_make_gold, area / 9000, 3, 40),
+        "ribosome": (_make_ribosome, volume / 1.2e5, 3, 40),
+        "distractor": (_make_distractor, volume / 6e4, 0, 20),
+    }
+    counts = {kind: max(minimum, int(rng.poisson(expected)))
+              for kind, (_, expected, minimum, _) in plan.items()}
+    # Sheets and long filaments first; then each other kind's minimum, smallest first, so that
+    # crowding in a small box cannot leave a class out; then the rest, largest first.
+    rounds = [(("sheet", "microtubule"), counts),
+              (("ribosome", "gold", "actin", "vesicle"), {k: v[2] for k, v in plan.items()}),
+              (("vesicle", "actin", "gold", "ribosome", "distractor"), counts)]
+    for kinds, wanted in rounds:
+        for kind in kinds:
+            make, _, _, tries = plan[kind]
+            missing = wanted[kind] - scene.counts.get(kind, 0)
+            scene.place(kind, max(0, missing), lambda make=make: make(scene), tries)
     return scene
 
 

@@ -7,7 +7,6 @@ import csv
 import mrcfile
 import numpy as np
 import pytest
-
 from tomolive.core.classes import SYNTH_CLASS_NAMES
 from tomolive.core.synth import synthesize, write_synth
 
@@ -104,7 +103,7 @@ def test_same_physical_scene_at_another_voxel_size(small_10a):
         v_fine = np.count_nonzero(fine.labels == i) * 1.0**3
         v_coarse = np.count_nonzero(coarse.labels == i) * 1.32**3
         if v_fine or v_coarse:
-            assert abs(v_fine - v_coarse) <= 0.12 * max(v_fine, v_coarse), name
+            assert abs(v_fine - v_coarse) <= 0.05 * max(v_fine, v_coarse), name
 
 
 def test_bad_arguments():

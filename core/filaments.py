@@ -26,6 +26,11 @@ from skimage.morphology import skeletonize
 
 from .classes import ClassSpec
 
+# A model may label only the wall of a hollow filament (microtubule); its skeleton would be a
+# loop around the wall, not the axis. Holes of up to this diameter in 2-D slices are filled first
+# (override per class with `extra: {lumen_diameter_nm: ...}`; 0 disables).
+DEFAULT_LUMEN_DIAMETER_NM = 20.0
+EXTEND_WINDOW_VOX = 16  # half-size of the window for the local radius at a free end
 SMOOTH_SIGMA_VOX = 2.0  # Gaussian smoothing of the voxel path before resampling: removes stairs
 
 _OFFSETS = np.array(
@@ -72,19 +77,49 @@ def trace_filaments(mask: np.ndarray, spec: ClassSpec, voxel_size_a: float) -> l
     if not boxes or boxes[0] is None:
         return []
     box = boxes[0]
-    skeleton = skeletonize(mask[box])
-    points = np.argwhere(skeleton)
-    del skeleton
+    lumen_nm = float(spec.extra.get("lumen_diameter_nm", DEFAULT_LUMEN_DIAMETER_NM))
+    lumen_area_vox = math.pi * (lumen_nm / voxel_nm / 2.0) ** 2
+    solid = _fill_lumens(mask[box], lumen_area_vox)
+    points = np.argwhere(skeletonize(solid))
     if len(points) < 2:
         return []
     points = _prune_spurs(points, min_length_vox)
     offset = np.array([s.start for s in box], dtype=np.float64)
     filaments = []
-    for path in _branches(points):
+    for path in _branches(points, solid):
         filament = _resample(path + offset, spacing_vox, min_length_vox)
         if filament is not None:
             filaments.append(filament)
     return filaments
+
+
+def _fill_lumens(mask: np.ndarray, max_area_vox: float) -> np.ndarray:
+    """`mask` with enclosed 2-D holes of at most `max_area_vox` filled, in slices along each axis.
+
+    A tube's cross-section is a ring in the slices along whichever axis is closest to the
+    tube's own; the union over three axes fills the lumen of a tube in any orientation. The size
+    limit keeps loops between separate filaments open.
+    """
+    if max_area_vox < 1:
+        return mask
+    filled = mask.copy()
+    for axis in range(3):
+        # Connectivity within the planes perpendicular to `axis` only: each region is 2-D.
+        structure = np.zeros((3, 3, 3), dtype=bool)
+        structure[tuple(1 if a == axis else slice(None) for a in range(3))] = (
+            ndimage.generate_binary_structure(2, 1))
+        holes, n = ndimage.label(~mask, structure=structure)
+        if n == 0:
+            continue
+        sizes = np.bincount(holes.ravel(), minlength=n + 1)
+        fill = sizes <= max_area_vox
+        fill[0] = False
+        for a in range(3):  # regions reaching the in-plane border of the box are not enclosed
+            if a != axis:
+                for face in (np.take(holes, 0, axis=a), np.take(holes, -1, axis=a)):
+                    fill[np.unique(face)] = False
+        filled |= fill[holes]
+    return filled
 
 
 def _adjacency(points: np.ndarray) -> sparse.csr_matrix:
@@ -144,8 +179,9 @@ def _free_ends(adj, junction, labels, n_branch) -> np.ndarray:
     return np.bincount(labels[free], minlength=n_branch)
 
 
-def _branches(points: np.ndarray) -> list[np.ndarray]:
-    """Ordered voxel paths (float (m, 3)), each extended to the junctions it touches."""
+def _branches(points: np.ndarray, solid: np.ndarray) -> list[np.ndarray]:
+    """Ordered voxel paths (float (m, 3)), each extended to the junctions it touches and, at
+    free ends, to the end of the filament in `solid`."""
     adj, junction, labels, n_branch = _pieces(points)
     # Junction clusters: adjacent junction voxels are one junction, represented by its centroid.
     j_index = np.flatnonzero(junction)
@@ -170,8 +206,46 @@ def _branches(points: np.ndarray) -> list[np.ndarray]:
             path = np.vstack([j_centre[start], path])
         if end >= 0 and (end != start or len(order) > 1):
             path = np.vstack([path, j_centre[end]])
+        loop = len(order) > 2 and np.abs(path[0] - path[-1]).max() <= 1
+        if not loop and len(order) > 2:
+            if end < 0:
+                path = np.vstack([path, _extend_end(path, solid)])
+            if start < 0:
+                path = np.vstack([_extend_end(path[::-1], solid), path])
         paths.append(path)
     return paths
+
+
+def _extend_end(path: np.ndarray, solid: np.ndarray) -> np.ndarray:
+    """The point where the path, continued straight beyond its last point, leaves `solid`.
+
+    A skeleton stops about one filament radius short of each free end (thinning erodes the end
+    caps); without this every filament would come out about a diameter too short. The extension
+    is capped at the local radius (distance transform in a small window) plus one voxel, so that
+    a skeleton ending inside a big blob does not run across it.
+    """
+    end = path[-1]
+    tail = path[-min(len(path), 5)]
+    direction = end - tail
+    norm = np.linalg.norm(direction)
+    if norm == 0:
+        return end[None]
+    direction /= norm
+    centre = end.astype(np.int64)
+    window = tuple(slice(max(c - EXTEND_WINDOW_VOX, 0), c + EXTEND_WINDOW_VOX + 1)
+                   for c in centre)
+    local = solid[window]
+    inside = tuple(c - w.start for c, w in zip(centre, window, strict=True))
+    radius = ndimage.distance_transform_edt(local)[inside] if local[inside] else 0.0
+    step, travelled, last = 0.5, 0.0, end
+    while travelled + step <= radius + 1.0:
+        q = end + (travelled + step) * direction
+        idx = tuple(int(round(v)) for v in q)
+        if any(i < 0 or i >= n for i, n in zip(idx, solid.shape, strict=True)) or not solid[idx]:
+            break
+        travelled += step
+        last = q
+    return last[None]
 
 
 def _touching_junction(i: int, adj: sparse.csr_matrix, j_cluster: np.ndarray) -> int:

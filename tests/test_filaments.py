@@ -39,7 +39,7 @@ def test_curved_tube_traced_to_one_filament_of_the_right_length():
     filaments = trace_filaments(_half_ring(radius, centre=centre), SPEC, VOXEL_A)
     assert len(filaments) == 1
     f = filaments[0]
-    assert f.length_voxels() == pytest.approx(np.pi * radius, rel=0.10)
+    assert f.length_voxels() == pytest.approx(np.pi * radius, rel=0.05)
     # Points lie on the ring's centre line, every ~2 nm.
     r = np.hypot(f.points_zyx[:, 1] - centre[1], f.points_zyx[:, 2] - centre[2])
     assert np.abs(r - radius).max() < 1.5
@@ -63,6 +63,31 @@ def test_straight_filament_directions_and_scaling():
     assert np.allclose(f.points_zyx[:, 1:], 32.0)
 
 
+def test_hollow_tube_is_traced_along_its_axis():
+    """A model may label only a microtubule's wall: the lumen is filled before thinning."""
+    direction = np.array([0.0, 0.6, 0.8])  # oblique in the xy plane
+    start = np.array([16.0, 8.0, 6.0])
+    length = 60.0
+    rel = _grid() - start
+    t = rel @ direction
+    radial = np.linalg.norm(rel - t[..., None] * direction, axis=-1)
+    wall = (radial >= 3.5) & (radial <= 6.5) & (t >= 0) & (t <= length)
+    spec = ClassSpec("microtubule", "filament", min_length_nm=20.0, point_spacing_nm=4.0)
+    (f,) = trace_filaments(wall, spec, VOXEL_A)
+    assert f.length_voxels() == pytest.approx(length, rel=0.10)
+    off_axis = f.points_zyx - start
+    off_axis -= (off_axis @ direction)[:, None] * direction
+    # Within about a diameter of an oblique open end the lumen is not enclosed in any slice, so
+    # the trace may bend towards the wall there: check the interior.
+    assert np.linalg.norm(off_axis, axis=1)[3:-3].max() < 1.5
+    assert np.abs(np.abs(f.directions_zyx[3:-3] @ direction) - 1).max() < 0.02
+    # Without lumen filling the wall thins to a loop around the lumen, not the axis.
+    no_fill = ClassSpec("microtubule", "filament", min_length_nm=20.0, point_spacing_nm=4.0,
+                        extra={"lumen_diameter_nm": 0})
+    traced = trace_filaments(wall, no_fill, VOXEL_A)
+    assert not (len(traced) == 1 and abs(traced[0].length_voxels() - length) < 6)
+
+
 def test_y_junction_splits_into_three_pieces():
     centre = (16, 32, 32)
     arms = [(16, 4, 32), (16, 56, 8), (16, 56, 56)]
@@ -73,9 +98,9 @@ def test_y_junction_splits_into_three_pieces():
     assert len(filaments) == 3
     expected = sorted(np.linalg.norm(np.subtract(end, centre)) for end in arms)
     lengths = sorted(f.length_voxels() for f in filaments)
-    # Each piece runs from the junction to within a tube radius of its arm's end.
+    # Each piece runs from the junction to the tip of its arm (the capsule's end, radius 2).
     for got, want in zip(lengths, expected, strict=True):
-        assert want - 5.0 < got <= want + 1.0
+        assert want - 1.0 < got <= want + 2.5
     for f in filaments:
         ends = f.points_zyx[[0, -1]]
         assert np.linalg.norm(ends - centre, axis=1).min() < 3.0

@@ -396,12 +396,14 @@ class FailureRecords:
         return out
 
     def retry(self, selector: str | None = None) -> int:
-        """Clear records: all (None), or those whose key, target path or stem is `selector`."""
+        """Clear records: all (None), or those whose key or stem is `selector`, or whose target
+        path is or ends with it (`TS_01`, `session1/TS_01`, `/abs/outputs/session1/TS_01`)."""
         cleared = 0
+        wanted = None if selector is None else selector.strip().rstrip("/")
         for key, record in self.all().items():
-            target = str(record.get("target", "")).strip("/")
-            names = {key, target, Path(target).name} if target else {key}
-            if selector is None or selector.strip("/") in names:
+            target = str(record.get("target", "")).rstrip("/")
+            if (wanted is None or wanted == key
+                    or (target and (target == wanted or target.endswith("/" + wanted)))):
                 cleared += self.clear(key)
         return cleared
 

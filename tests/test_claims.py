@@ -240,7 +240,10 @@ def test_quarantine_and_fingerprint_change_and_retry(tmp_path):
     assert a.retry("nothing-like-it") == 0
     assert a.retry("TS_02") == 1  # by stem
     assert not a.is_quarantined("k2", "fpx") and a.attempts("k2", "fpx") == 0
+    assert a.retry("S1/TS_01") == 0 and a.retry("1/TS_01") == 0  # whole path components only
     assert a.retry("s1/TS_01") == 1  # by relative path
+    a.record_failure("k4", "f", "x", str(tmp_path / "outputs" / "s3" / "TS_04"))
+    assert a.retry("s3/TS_04") == 1  # an absolute target matches by its tail
     a.record_failure("k3", "f", "x")
     assert a.retry(None) == 1 and a.all() == {}
 

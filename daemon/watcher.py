@@ -255,10 +255,12 @@ class _Hints(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in EVENT_TYPES:
             return
-        # A rename into the folder is an event on its destination.
-        path = event.dest_path if event.event_type == "moved" else event.src_path
-        if path:
-            self.sink(os.fsdecode(path))
+        if event.is_directory and event.event_type not in ("created", "moved"):
+            return  # a folder's own modified/deleted events say nothing new (and would cost a scan)
+        # A rename into the folder is an event on its destination; its source is gone.
+        for path in (event.src_path, event.dest_path if event.event_type == "moved" else ""):
+            if path:
+                self.sink(os.fsdecode(path))
 
 
 class FileWatcher:

@@ -121,41 +121,63 @@ class _Tube:
 
 
 class _Occupancy:
-    """Spheres already taken by accepted objects, for collision tests (physical, nm)."""
+    """Spheres already taken by accepted objects, for collision tests (physical, nm).
+
+    Points live in a few KD-trees: recent additions go to a small tree that is rebuilt on each
+    addition, and are merged into the large tree only now and then (rebuilding one big tree per
+    object would be quadratic in the number of objects).
+    """
+
+    _MERGE_POINTS = 4000
 
     def __init__(self) -> None:
-        self._points: list[np.ndarray] = []
-        self._radii: list[np.ndarray] = []
-        self._tree: cKDTree | None = None
+        self._big: list[tuple[cKDTree, np.ndarray]] = []  # (tree, radii)
+        self._recent_p: list[np.ndarray] = []
+        self._recent_r: list[np.ndarray] = []
+        self._recent: tuple[cKDTree, np.ndarray] | None = None
         self._lumens: list[tuple[np.ndarray, float]] = []  # vesicle interiors: keep them empty
+
+    def _trees(self) -> list[tuple[cKDTree, np.ndarray]]:
+        if self._recent is None and self._recent_p:
+            self._recent = (cKDTree(np.concatenate(self._recent_p)),
+                            np.concatenate(self._recent_r))
+        return self._big + ([self._recent] if self._recent is not None else [])
 
     def collides(self, points: np.ndarray, radii: np.ndarray,
                  lumen: tuple[np.ndarray, float] | None = None) -> bool:
-        for centre, radius in self._lumens:
-            if np.any(np.linalg.norm(points - centre, axis=1) < radius):
+        if self._lumens:
+            centres = np.array([c for c, _ in self._lumens])
+            radii_l = np.array([r for _, r in self._lumens])
+            d2 = ((points[:, None, :] - centres[None]) ** 2).sum(-1)
+            if np.any(d2 < radii_l**2):
                 return True
-        if not self._points:
-            return False
-        if self._tree is None:
-            self._all_p = np.concatenate(self._points)
-            self._all_r = np.concatenate(self._radii)
-            self._tree = cKDTree(self._all_p)
-        reach = float(radii.max() + self._all_r.max() + GAP_NM)
-        pairs = cKDTree(points).sparse_distance_matrix(self._tree, reach, output_type="ndarray")
-        limit = radii[pairs["i"]] + self._all_r[pairs["j"]] + GAP_NM
-        if len(pairs) and np.any(pairs["v"] < limit):
-            return True
-        if lumen is not None:  # a new vesicle must not swallow what is already there
-            return bool(np.any(np.linalg.norm(self._all_p - lumen[0], axis=1) < lumen[1]))
+        new_tree = None
+        for tree, tree_r in self._trees():
+            new_tree = new_tree or cKDTree(points)
+            reach = float(radii.max() + tree_r.max() + GAP_NM)
+            pairs = new_tree.sparse_distance_matrix(tree, reach, output_type="ndarray")
+            if len(pairs) and np.any(pairs["v"] < radii[pairs["i"]] + tree_r[pairs["j"]]
+                                     + GAP_NM):
+                return True
+            # A new vesicle must not swallow what is already there.
+            if lumen is not None and tree.query_ball_point(lumen[0], lumen[1],
+                                                           return_length=True) > 0:
+                return True
         return False
 
     def add(self, points: np.ndarray, radii: np.ndarray,
             lumen: tuple[np.ndarray, float] | None = None) -> None:
         if lumen is not None:
             self._lumens.append(lumen)
-        self._points.append(points)
-        self._radii.append(radii)
-        self._tree = None
+        self._recent_p.append(points)
+        self._recent_r.append(radii)
+        self._recent = None
+        if sum(len(p) for p in self._recent_p) > self._MERGE_POINTS:
+            self._big.append(self._trees()[-1])
+            self._recent_p, self._recent_r, self._recent = [], [], None
+            if len(self._big) > 8:  # keep the number of trees to query small
+                data = np.concatenate([t.data for t, _ in self._big])
+                self._big = [(cKDTree(data), np.concatenate([r for _, r in self._big]))]
 
 
 class _Scene:
@@ -475,7 +497,10 @@ def _render_shell(shell: _Shell, density: np.ndarray, labels: np.ndarray, vs_nm:
         return
     slices, coords = box
     u = np.sqrt(_sq_dist(coords, shell.centre)) - shell.radius
-    _paint(density, labels, slices, _bilayer(u), np.abs(u) <= BILAYER_HALF_NM, MEMBRANE)
+    near = np.abs(u) < BILAYER_HALF_NM + 3.0  # the profile is ~0 beyond
+    dens = np.zeros(u.shape, dtype=np.float32)
+    dens[near] = _bilayer(u[near])
+    _paint(density, labels, slices, dens, np.abs(u) <= BILAYER_HALF_NM, MEMBRANE)
 
 
 def _render_sheet(sheet: _Sheet, density: np.ndarray, labels: np.ndarray, vs_nm: float,
@@ -496,10 +521,11 @@ def _render_sheet(sheet: _Sheet, density: np.ndarray, labels: np.ndarray, vs_nm:
         near = np.abs(u) < BILAYER_HALF_NM + 3.0
         if not near.any():
             continue
-        dens = np.where(near, _bilayer(u) * inside_slab, 0.0).astype(np.float32)
-        np.maximum(density[iz], dens, out=density[iz])
-        in_label = near & (np.abs(u) <= BILAYER_HALF_NM) & (slab_nm[0] <= z <= slab_nm[1])
-        labels[iz][in_label] = MEMBRANE
+        plane, u_near = density[iz], u[near]
+        plane[near] = np.maximum(plane[near], _bilayer(u_near) * inside_slab)
+        if slab_nm[0] <= z <= slab_nm[1]:
+            labels[iz][near] = np.where(np.abs(u_near) <= BILAYER_HALF_NM, MEMBRANE,
+                                        labels[iz][near])
 
 
 def _render_tube(tube: _Tube, density: np.ndarray, labels: np.ndarray, vs_nm: float,
@@ -577,9 +603,14 @@ def _filter_plane(kz: float, ky: np.ndarray, kx: np.ndarray, tan_tilt: float) ->
     return (high * low * wedge).astype(np.float32)
 
 
-def _image(density: np.ndarray, vs_nm: float, tilt_range_deg: float,
+def _image(holder: list[np.ndarray], vs_nm: float, tilt_range_deg: float,
            noise_sigma: float) -> tuple[np.ndarray, float]:
-    """Wedge and band-pass in one Fourier pass; returns (tomogram, SNR). Consumes `density`."""
+    """Wedge and band-pass in one Fourier pass; returns (tomogram, SNR).
+
+    The density comes in a one-element list that is emptied, so that its memory is freed
+    before the inverse transform (peak: one complex64 half spectrum plus one float32 volume).
+    """
+    density = holder.pop()
     shape = density.shape
     spectrum = scipy.fft.rfftn(density, workers=1)  # complex64 for float32 input
     del density
@@ -648,8 +679,9 @@ def synthesize(
         progress("render", 1.0)
     sigma_voxel = noise_sigma * (1.0 / vs_nm) ** 1.5  # same physical noise power at any voxel
     _add_noise(density, sigma_voxel, np.random.Generator(np.random.PCG64(noise_seed)))
-    tomogram, snr = _image(density, vs_nm, tilt_range_deg, sigma_voxel)
+    holder = [density]
     del density
+    tomogram, snr = _image(holder, vs_nm, tilt_range_deg, sigma_voxel)
     if progress is not None:
         progress("image", 1.0)
     particles = [

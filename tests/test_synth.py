@@ -80,8 +80,11 @@ def test_gold_is_densest_and_dark(default_volume):
 
 
 def test_deterministic_for_a_seed():
-    a = synthesize((40, 96, 96), 10.0, seed=5)
+    calls = []
+    a = synthesize((40, 96, 96), 10.0, seed=5, progress=lambda *args: calls.append(args))
     b = synthesize((40, 96, 96), 10.0, seed=5)
+    assert [c for c in calls if c[1] == 1.0] == [("scene", 1.0), ("render", 1.0), ("image", 1.0)]
+    assert all(0.0 <= f <= 1.0 for _, f in calls)
     c = synthesize((40, 96, 96), 10.0, seed=6)
     assert np.array_equal(a.tomogram, b.tomogram)
     assert np.array_equal(a.labels, b.labels)

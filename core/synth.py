@@ -15,7 +15,9 @@ Scene, inside a specimen slab that fills the box's z extent less a margin:
                    internal density texture; label = the particle body
   gold (5)         10 nm beads, 6x the protein density; label = the bead
   distractors      small 5-12 nm protein blobs, NOT labelled
-Objects are kept >= 2 nm apart (placements that collide are rejected), so labels never overlap.
+Objects are kept >= 2 nm apart (placements that collide are rejected), so labels never overlap;
+vesicle lumens stay empty. Each kind's minimum count is placed before the rest, so every class is
+present in boxes from about 40 x 96 x 96 nm up (ribosomes and microtubules need ~40 nm of slab).
 
 Image formation: density (ice 0.3, protein +1, gold +6) plus white noise (noise before the
 filters, as in a real reconstruction where noise comes through the same tilt series), then in

@@ -1,0 +1,143 @@
+"""Training quality benchmark (issue 4): train on a 16-slice region of ONE synthetic tomogram
+within a CPU time budget, segment two OTHER synthetic tomograms (one at 10 Å float32, one at
+13.2 Å stored as int16) with the pipeline `tomolive segment` uses, and score them with
+core.evaluate (Dice per class; particle F1 for ribosome and gold, matched within half the
+particle radius). Prints JSON.
+
+    python bench/train_quality.py                  # 10-minute budget (the issue's setting)
+    python bench/train_quality.py --minutes 3      # shorter
+    python bench/train_quality.py --model M.safetensors   # score an existing model, no training
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tomolive.core.classes import SYNTH_CLASS_NAMES
+from tomolive.core.evaluate import evaluate, particle_radii_vox
+from tomolive.core.infer import InferenceOptions
+from tomolive.core.model import load_bundle, save_bundle
+from tomolive.core.pipeline import SegmentOptions, segment_file
+from tomolive.core.synth import synthesize, write_synth
+from tomolive.core.train import TrainingSource, TrainOptions, class_specs_for, parse_region, train
+
+TARGETS = {"dice": {"membrane": 0.75, "microtubule": 0.75, "gold": 0.75, "actin": 0.5,
+                    "ribosome": 0.5},
+           "particle_f1": {"ribosome": 0.8, "gold": 0.8}}
+
+
+def physical_shape(shape_zyx: tuple[int, int, int], voxel_a: float, ref_voxel_a: float
+                   ) -> tuple[int, ...]:
+    """The shape that covers the same physical box ((n - 1) * voxel) at another voxel size,
+    so that synth puts the same objects in it."""
+    return tuple(int(round((n - 1) * ref_voxel_a / voxel_a)) + 1 for n in shape_zyx)
+
+
+def train_model(folder: Path, args: argparse.Namespace) -> tuple[Path, dict]:
+    result = synthesize(tuple(args.shape), 10.0, seed=args.train_seed)
+    write_synth(result, folder / "train.mrc", folder / "train_labels.mrc")
+    z_mid = args.shape[0] // 2
+    region = parse_region(f"{z_mid - 8}:{z_mid + 8},:,:")
+    options = TrainOptions(max_minutes=args.minutes, steps=args.steps, device=args.device,
+                           seed=args.seed, base_width=args.base_width, synthetic=True,
+                           name="bench-train-quality",
+                           description="train_quality benchmark: 16 slices of one tomogram")
+    last = {"t": 0.0}
+
+    def progress(report) -> None:
+        if report.elapsed_s - last["t"] >= 30 and report.validation_dice is not None:
+            last["t"] = report.elapsed_s
+            dice = " ".join(f"{k}={v:.2f}" for k, v in report.validation_dice.items())
+            print(f"step {report.step} {report.elapsed_s:.0f}s loss {report.loss:.3f} "
+                  f"val {dice}", file=sys.stderr, flush=True)
+
+    trained = train([TrainingSource(folder / "train.mrc", folder / "train_labels.mrc", region)],
+                    class_specs_for(SYNTH_CLASS_NAMES), options, progress=progress)
+    path = save_bundle(folder / "model.safetensors", trained.network, trained.meta)
+    t = trained.meta.training
+    return path, {"steps": t["steps"], "elapsed_s": t["elapsed_s"], "best_step": t["best_step"],
+                  "validation_dice": t["validation_dice"], "region": "z " + str(region[0])}
+
+
+def score(bundle_path: Path, folder: Path, seed: int, voxel_a: float, dtype: str,
+          args: argparse.Namespace) -> dict:
+    shape = physical_shape(tuple(args.shape), voxel_a, 10.0)
+    result = synthesize(shape, voxel_a, seed=seed)
+    stem = f"test_s{seed}_{voxel_a:g}A_{dtype}"
+    write_synth(result, folder / f"{stem}.mrc", dtype=dtype)
+    bundle = load_bundle(bundle_path)
+    options = SegmentOptions(inference=InferenceOptions(device=args.device))
+    start = time.perf_counter()
+    seg, _ = segment_file(folder / f"{stem}.mrc", folder / "out", bundle, options)
+    seconds = time.perf_counter() - start
+    names = [c.name for c in bundle.classes]
+    pred = {name: table.zyx[:, ::-1] for name, table in seg.particles.items()}
+    scores = evaluate(seg.labels, result.labels, names, pred, result.particles,
+                      particle_radii_vox(bundle.classes, voxel_a))
+    return {
+        "tomogram": stem, "shape_zyx": list(shape), "segment_s": round(seconds, 1),
+        "dice": {k: _round(v) for k, v in scores["dice"].items()},
+        "particle_f1": {k: _round(v["f1"]) for k, v in scores["particles"].items()},
+        "particles": {k: {"tp": v["tp"], "fp": v["fp"], "fn": v["fn"]}
+                      for k, v in scores["particles"].items()},
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 3)
+
+
+def verdict(tests: list[dict]) -> dict:
+    """Per target: the worst value over the test tomograms and whether it meets the target."""
+    out = {}
+    for kind, targets in TARGETS.items():
+        for name, target in targets.items():
+            values = [t[kind].get(name) for t in tests]
+            worst = min((v if v is not None else 0.0) for v in values)
+            out[f"{kind}:{name}"] = {"target": target, "worst": worst, "met": worst >= target}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget (CPU minutes)")
+    p.add_argument("--steps", type=int, default=None, help="also stop after this many steps")
+    p.add_argument("--model", type=Path, help="score this bundle instead of training one")
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 256, 256], metavar=("Z", "Y", "X"))
+    p.add_argument("--train-seed", type=int, default=11)
+    p.add_argument("--test-seeds", type=int, nargs=2, default=[12, 13])
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--base-width", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--keep", type=Path, help="keep the files in this folder")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="tomolive-bench-") as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        training = None
+        bundle_path = args.model
+        if bundle_path is None:
+            bundle_path, training = train_model(folder, args)
+        tests = [score(bundle_path, folder, args.test_seeds[0], 10.0, "float32", args),
+                 score(bundle_path, folder, args.test_seeds[1], 13.2, "int16", args)]
+    report = {"benchmark": "train_quality", "budget_minutes": args.minutes,
+              "device": args.device, "threads": torch.get_num_threads(),
+              "training": training, "tests": tests, "targets": verdict(tests)}
+    report["all_met"] = all(v["met"] for v in report["targets"].values())
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    raise SystemExit(main())

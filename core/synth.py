@@ -10,7 +10,7 @@ Scene, inside a specimen slab that fills the box's z extent less a margin:
   microtubule (2)  hollow tubes, 25 nm outer / 15 nm inner diameter, long, gently curved, lying
                    roughly in XY; label = wall AND lumen (a solid tube: what tracing and
                    skeletonising need, and what an annotator paints in a slice)
-  actin (3)        7 nm filaments, curved, in any direction; label = the filament
+  actin (3)        7 nm filaments, curved, mostly in XY (tilted <~10°); label = the filament
   ribosome (4)     ~25 nm particles: a large and a small subunit plus small protrusions, with
                    internal density texture; label = the particle body
   gold (5)         10 nm beads, 6x the protein density; label = the bead

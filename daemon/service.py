@@ -1,0 +1,450 @@
+"""The main loop of `tomolive run`: discovery -> queue -> leases -> workers -> metrics.
+
+One thread runs the loop; it alone touches the queue, the leases and the failure records.
+Signals only set flags. SIGTERM: stop taking work, let running tomograms finish within
+`shutdown_grace_seconds`, abandon the rest cleanly (workers stopped, temporary output folders
+removed, leases released), exit 0. SIGHUP: reload the configuration without dropping work.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.fingerprint import input_fingerprint
+from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, is_done, lease_key
+from .config import Config, ConfigError, load_config
+from .metrics import Metrics, MetricsServer
+from .models import ModelRegistry, ServingModel
+from .notify import SystemdNotifier
+from .scheduler import QueueItem, WorkQueue
+from .watcher import FileWatcher
+from .workers import Job, WorkerPool
+
+log = logging.getLogger("tomolive.service")
+
+LOOP_WAIT_S = 0.2  # the longest the loop sleeps waiting for worker messages
+MODEL_POLL_INTERVAL_S = 1.0
+STUCK_AFTER_S = 30.0  # /healthz turns 503 when the loop has not turned for this long
+
+
+@dataclass
+class InFlight:
+    """A tomogram a worker is segmenting under our lease."""
+
+    item: QueueItem
+    lease: Lease
+    fingerprint: str
+    model: ServingModel
+    lease_lost: bool = False
+
+
+def run_service(config_path: Path | None) -> int:
+    """Entry point of `tomolive run`: returns the exit status."""
+    try:
+        config = load_config(config_path, Path.cwd())
+    except ConfigError as error:
+        print(f"tomolive: error: {error}", file=sys.stderr)
+        return 1
+    logging.getLogger().setLevel(config.log_level)
+    return Service(config, config_path).run()
+
+
+class Service:
+    def __init__(self, config: Config, config_path: Path | None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.host = socket.gethostname()
+        self.devices = _resolve_devices(config.devices)
+        self.notifier = SystemdNotifier()
+        self.metrics = Metrics(devices=self.devices)
+        self.queue = WorkQueue(config.order)
+        self.in_flight: dict[int, InFlight] = {}
+        self._next_job_id = 1
+        self._stop_requested = False
+        self._reload_requested = False
+        self._stopping_since_s: float | None = None
+        self._last_tick_s = time.monotonic()
+        self._last_model_poll_s = 0.0
+        self._last_renew_s = time.monotonic()
+        self._finished_ok = 0
+        self._started_s = time.monotonic()
+        self._state_dir = Path(tempfile.mkdtemp(prefix="tomolive-"))
+        self._setup_shared_state()
+
+    # --- set-up and tear-down -----------------------------------------------------------------
+
+    def _setup_shared_state(self) -> None:
+        config = self.config
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        self.leases = LeaseManager(config.output_dir, config.lease_seconds,
+                                   on_reclaim=lambda key, old: self._on_reclaim(key, old))
+        self.failures = FailureRecords(config.output_dir, config.max_attempts)
+        from ..core.model import default_bundle_path
+
+        self.registry = ModelRegistry(
+            config.models_dir, self._state_dir / "models", policy=config.model,
+            settle_s=min(config.settle_seconds, 5.0), default_bundle=default_bundle_path(),
+            on_rejected=lambda path, reason: self.metrics.bundle_rejected())
+        self.watcher = FileWatcher(config)
+
+    def _on_reclaim(self, key: str, old: dict[str, Any]) -> None:
+        log.warning("lease %s of %s (pid %s) was stale: reclaimed", key, old.get("host"),
+                    old.get("pid"))
+        self.metrics.lease_reclaimed()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        server = None
+        if self.config.metrics.enabled:
+            server = MetricsServer(self.metrics, self.config.metrics.host,
+                                   self.config.metrics.port, health=self.healthy)
+            log.info("metrics on %s/metrics", server.url)
+        self.pool = WorkerPool(self.devices, threads_per_cpu_worker=self._cpu_threads())
+        try:
+            self._switch_model_if_needed(force=True)
+            self.pool.start()
+            self.watcher.start()
+            log.info("tomolive serving: watching %s, outputs in %s, devices %s",
+                     ", ".join(str(w.path) for w in self.config.watch), self.config.output_dir,
+                     ",".join(self.devices))
+            self.notifier.ready(self._status_text())
+            while not self._done_stopping():
+                self._tick()
+        finally:
+            self._shutdown(server)
+        return 0
+
+    def _shutdown(self, server: MetricsServer | None) -> None:
+        for worker in self.pool.busy_workers():
+            job = self.pool.abandon(worker)
+            if job is not None:
+                self._abandon_job(job.job_id, "shutdown: grace period over")
+        self.pool.stop()
+        self.watcher.stop()
+        if server is not None:
+            server.stop()
+        shutil.rmtree(self._state_dir, ignore_errors=True)
+        log.info("tomolive stopped")
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        self._stop_requested = True
+
+    def _on_hup(self, signum: int, frame: Any) -> None:
+        self._reload_requested = True
+
+    def healthy(self) -> bool:
+        """For /healthz: the loop turned recently and we are not stopping."""
+        return (self._stopping_since_s is None
+                and time.monotonic() - self._last_tick_s < STUCK_AFTER_S)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _done_stopping(self) -> bool:
+        if not self._stop_requested:
+            return False
+        now = time.monotonic()
+        if self._stopping_since_s is None:
+            self._stopping_since_s = now
+            self.notifier.stopping()
+            log.info("stopping: %d tomogram(s) running, grace %gs", len(self.in_flight),
+                     self.config.shutdown_grace_seconds)
+        grace_over = now - self._stopping_since_s >= self.config.shutdown_grace_seconds
+        return not self.in_flight or grace_over
+
+    def _tick(self) -> None:
+        self._last_tick_s = time.monotonic()
+        if self._reload_requested:
+            self._reload_config()
+        if self._stopping_since_s is None:
+            self._switch_model_if_needed()
+            self._discover()
+            self._dispatch()
+        for message in self.pool.messages(LOOP_WAIT_S):
+            self._handle(message)
+        for worker, job, exitcode in self.pool.reap_dead():
+            self.metrics.worker_restarted(worker.device)
+            if job is not None:
+                self._job_failed(job.job_id, f"{job.path}: worker process died "
+                                             f"(exit code {exitcode})")
+        self._renew_leases()
+        self._publish_state()
+
+    def _publish_state(self) -> None:
+        self.metrics.set_queue(len(self.queue), len(self.in_flight),
+                               self.queue.oldest_enqueued_s())
+        self.notifier.status(self._status_text())
+        self.notifier.watchdog()
+
+    def _status_text(self) -> str:
+        hours = max((time.monotonic() - self._started_s) / 3600.0, 1e-9)
+        model = self.registry.current.label() if self.registry.current else "none"
+        return (f"queue {len(self.queue)}, running {len(self.in_flight)}, done "
+                f"{self._finished_ok} ({self._finished_ok / hours:.1f}/h), model {model}")
+
+    # --- models -------------------------------------------------------------------------------
+
+    def _switch_model_if_needed(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_model_poll_s < MODEL_POLL_INTERVAL_S:
+            return
+        self._last_model_poll_s = now
+        previous = self.registry.current
+        new = self.registry.poll()
+        if new is None:
+            if self.registry.current is None:
+                raise RuntimeError("no valid model: the models folder has none and the "
+                                   "shipped default model is missing")
+            return
+        self.metrics.set_model(new.name, str(new.version), new.sha256)
+        self.metrics.model_reloaded("ok")
+        log.info("serving model %s from %s", new.label(), new.source)
+        if previous is not None and self.config.resegment_on_model_change:
+            self._queue_resegmentation()
+
+    def _queue_resegmentation(self) -> None:
+        """Finished tomograms go back in the queue, behind new arrivals."""
+        for candidate in self.watcher.rescan_all():
+            self._enqueue(candidate, resegment=True)
+
+    # --- discovery and dispatch ---------------------------------------------------------------
+
+    def _discover(self) -> None:
+        # A file that settled but is not a valid tomogram (garbage, truncated, NaN) is queued
+        # like any other: the worker's validation fails it with a clear message, and the
+        # failure records count the attempts up to quarantine, across all daemons.
+        for candidate in self.watcher.poll():
+            self._enqueue(candidate)
+
+    def _enqueue(self, candidate: Any, resegment: bool = False) -> None:
+        item = QueueItem(path=candidate.path, out_parent=candidate.out_parent,
+                         key=lease_key(candidate.rel_output), mtime_ns=candidate.mtime_ns,
+                         voxel_size_a=candidate.voxel_size_a, resegment=resegment)
+        if self._skip(item):
+            return
+        if self.queue.add(item):
+            self.metrics.tomograms_discovered()
+
+    def _skip(self, item: QueueItem) -> bool:
+        """Done with the current model (or any, unless re-segmenting), or quarantined."""
+        try:
+            fingerprint = input_fingerprint(item.path)
+        except OSError:
+            return True  # gone
+        model_sha = self.registry.current.sha256 if self.registry.current else None
+        wanted_sha = model_sha if (item.resegment or
+                                   self.config.resegment_on_model_change) else None
+        if is_done(item.out_parent / item.path.stem, wanted_sha, fingerprint):
+            return True
+        return self.failures.is_quarantined(item.key, fingerprint)
+
+    def _dispatch(self) -> None:
+        idle = self.pool.idle_workers()
+        if not idle or self.registry.current is None:
+            return
+        for item in list(self.queue.ready()):
+            if not idle:
+                return
+            if self._skip(item):
+                self.queue.remove(item.path)
+                continue
+            lease = self.leases.try_claim(item.key, str(item.out_parent / item.path.stem))
+            if lease is None:
+                continue  # another daemon works on it; its lease is watched on later passes
+            if self._skip(item):  # finished by someone else between our check and the claim
+                self.leases.release(lease)
+                self.queue.remove(item.path)
+                continue
+            self._start(idle.pop(0), item, lease)
+
+    def _start(self, worker: Any, item: QueueItem, lease: Lease) -> None:
+        _remove_temporary_outputs(item.out_parent, item.path.stem)
+        model = self.registry.current
+        job = Job(job_id=self._next_job_id, path=str(item.path),
+                  out_parent=str(item.out_parent), model_path=str(model.cached_path),
+                  model_sha256=model.sha256, voxel_size_a=item.voxel_size_a,
+                  inference=self._inference_options())
+        self._next_job_id += 1
+        self.in_flight[job.job_id] = InFlight(item, lease, input_fingerprint(item.path), model)
+        self.queue.remove(item.path)
+        self.pool.submit(worker, job)
+        log.debug("started %s on %s", item.path, worker.device)
+
+    def _inference_options(self) -> dict[str, Any]:
+        inference = self.config.inference
+        options: dict[str, Any] = {"batch_size": inference.batch_size,
+                                   "tta_flips": inference.tta_flips}
+        if inference.tile_size_px:
+            options["tile_size_px"] = inference.tile_size_px
+        return options
+
+    # --- worker messages ----------------------------------------------------------------------
+
+    def _handle(self, message: tuple) -> None:
+        kind, job_id = message[0], message[1]
+        if kind == "may_publish":
+            self.pool.reply_publish(job_id, self._may_publish(job_id))
+        elif kind == "done":
+            self._job_done(job_id, message[2], message[3])
+        elif kind == "failed":
+            self._job_failed(job_id, message[2])
+        elif kind == "abandoned":
+            self._abandon_job(job_id, message[2])
+
+    def _may_publish(self, job_id: int) -> bool:
+        flight = self.in_flight.get(job_id)
+        if flight is None or flight.lease_lost:
+            return False
+        try:
+            self.leases.renew(flight.lease)
+        except LeaseLost:
+            self._lease_lost(flight)
+            return False
+        return True
+
+    def _job_done(self, job_id: int, summary: dict[str, Any], memory_bytes: int | None) -> None:
+        flight = self.in_flight.pop(job_id, None)
+        finished = self.pool.finish(job_id)
+        if flight is None or finished is None:
+            return
+        worker, job, busy_s = finished
+        self.leases.release(flight.lease)
+        self.failures.clear(flight.item.key)
+        self.metrics.device_busy_seconds(worker.device, busy_s)
+        self.metrics.set_device_memory(worker.device, memory_bytes)
+        self.metrics.observe_tomogram(summary, resegmented=flight.item.resegment)
+        self._finished_ok += 1
+        log.info("%s", _summary_line(summary, flight.item, worker.device))
+
+    def _job_failed(self, job_id: int, error: str) -> None:
+        flight = self.in_flight.pop(job_id, None)
+        finished = self.pool.finish(job_id)
+        if finished is not None:
+            self.metrics.device_busy_seconds(finished[0].device, finished[2])
+        if flight is None:
+            return
+        _remove_temporary_outputs(flight.item.out_parent, flight.item.path.stem)
+        if flight.lease_lost:
+            log.warning("%s (after losing the lease; not counted)", error)
+            return
+        attempts = self.failures.record_failure(flight.item.key, flight.fingerprint, error,
+                                                str(flight.item.out_parent / flight.item.path.stem))
+        self.leases.release(flight.lease)
+        quarantined = attempts >= self.config.max_attempts
+        self.metrics.tomogram_failed(quarantined=quarantined)
+        log.error("%s (attempt %d/%d%s)", error, attempts, self.config.max_attempts,
+                  ", quarantined" if quarantined else ", will retry")
+        if not quarantined:
+            item = flight.item
+            item.not_before_monotonic_s = time.monotonic() + self.config.rescan_interval_seconds
+            self.queue.add(item)
+
+    def _abandon_job(self, job_id: int, reason: str) -> None:
+        """A job stopped without a result (lease lost, or shutdown): clean up, count nothing."""
+        flight = self.in_flight.pop(job_id, None)
+        self.pool.finish(job_id)
+        if flight is None:
+            return
+        _remove_temporary_outputs(flight.item.out_parent, flight.item.path.stem)
+        if not flight.lease_lost:
+            self.leases.release(flight.lease)
+        log.warning("%s: abandoned (%s)", flight.item.path, reason)
+
+    # --- leases -------------------------------------------------------------------------------
+
+    def _renew_leases(self) -> None:
+        now = time.monotonic()
+        if now - self._last_renew_s < self.config.heartbeat_interval_seconds:
+            return
+        self._last_renew_s = now
+        for flight in self.in_flight.values():
+            if flight.lease_lost:
+                continue
+            try:
+                self.leases.renew(flight.lease)
+            except LeaseLost:
+                self._lease_lost(flight)
+            except OSError as error:  # a network share hiccup: try again next beat
+                self.metrics.lease_renewal_failed()
+                log.warning("lease renewal for %s failed: %s", flight.item.path, error)
+
+    def _lease_lost(self, flight: InFlight) -> None:
+        flight.lease_lost = True
+        self.metrics.lease_renewal_failed()
+        log.warning("%s: lease lost to another daemon; the result will not be published",
+                    flight.item.path)
+
+    # --- configuration ------------------------------------------------------------------------
+
+    def _reload_config(self) -> None:
+        self._reload_requested = False
+        try:
+            new = load_config(self.config_path, Path.cwd())
+        except ConfigError as error:
+            log.error("configuration not reloaded: %s", error)
+            return
+        fixed = ("devices", "metrics", "output_dir")
+        for name in fixed:
+            if getattr(new, name) != getattr(self.config, name):
+                log.warning("configuration: %s changed; it takes effect after a restart", name)
+                setattr(new, name, getattr(self.config, name))
+        self.config = new
+        self.queue.order = new.order
+        self.failures.max_attempts = new.max_attempts
+        self.leases.lease_s = new.lease_seconds
+        self.registry.models_dir = new.models_dir
+        self.registry.policy = new.model
+        self.watcher.stop()
+        self.watcher = FileWatcher(new)
+        self.watcher.start()
+        log.info("configuration reloaded from %s", self.config_path or "defaults")
+
+    def _cpu_threads(self) -> int | None:
+        import os
+
+        cpu_workers = sum(1 for d in self.devices if d == "cpu")
+        return max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
+
+
+def _resolve_devices(setting: Any) -> list[str]:
+    """`auto`: every visible GPU, else the CPU; `cpu`; or a list of GPU ids."""
+    if setting == "cpu":
+        return ["cpu"]
+    if isinstance(setting, list):
+        return [f"cuda:{int(i)}" for i in setting]
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+
+
+def _remove_temporary_outputs(out_parent: Path, stem: str) -> None:
+    """Remove half-built output folders of this tomogram (a killed worker leaves them)."""
+    if not out_parent.is_dir():
+        return
+    for pattern in (f".{stem}.tmp-*", f".{stem}.old-*"):  # see core.export
+        for leftover in out_parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _summary_line(summary: dict[str, Any], item: QueueItem, device: str) -> str:
+    timings = summary.get("timings_s", {})
+    counts = summary.get("counts", {})
+    parts = [f"{name}={n}" for name, n in (counts.get("particles") or {}).items()]
+    parts += [f"{name}_filaments={n}" for name, n in (counts.get("filaments") or {}).items()]
+    stages = " ".join(f"{k}={float(v):.1f}s" for k, v in timings.items() if k != "total")
+    model = summary.get("model", {})
+    return (f"{item.path.name}: ok in {float(timings.get('total', 0)):.1f}s on {device} "
+            f"({stages}) {' '.join(parts)} confidence={summary.get('confidence', 0):.2f} "
+            f"model={model.get('name')} v{model.get('version')}"
+            f"{' (re-segmented)' if item.resegment else ''}")

@@ -75,7 +75,8 @@ class ModelRegistry:
         """Look at the folder; return the new serving model if it changed, else None."""
         self._scan()
         chosen = self._choose()
-        if chosen is None and self.current is None and self.default_bundle is not None:
+        if chosen is None and self.current is None and self.default_bundle is not None \
+                and self.default_bundle.exists():
             chosen = self._validate(self.default_bundle, self.default_bundle.stat())
         if chosen is not None and (self.current is None or chosen.sha256 != self.current.sha256):
             self.current = chosen
@@ -98,12 +99,13 @@ class ModelRegistry:
             key = (stat.st_size, stat.st_mtime_ns)
             seen = self._seen.get(path)
             if seen is None or seen[:2] != key:
-                self._seen[path] = (*key, now)
                 self._valid.pop(path, None)
-                continue
-            if now - seen[2] < self.settle_s or path in self._valid:
-                continue
-            if self._rejected.get(path) == key:
+                # Untouched for the settle time already (found at start-up): settled.
+                untouched_s = time.time() - stat.st_mtime_ns / 1e9
+                since = now - self.settle_s if untouched_s >= self.settle_s else now
+                seen = self._seen[path] = (*key, since)
+            if now - seen[2] < self.settle_s or path in self._valid \
+                    or self._rejected.get(path) == key:
                 continue
             model = self._validate(path, stat)
             if model is not None:

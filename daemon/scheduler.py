@@ -18,6 +18,7 @@ class QueueItem:
     path: Path
     out_parent: Path  # the tomogram's outputs go to out_parent / path.stem
     key: str  # lease and failure-record key
+    rel_output: str  # the output folder relative to output_dir: `session1/TS_01`
     mtime_ns: int
     voxel_size_a: float | None = None
     resegment: bool = False

@@ -76,6 +76,7 @@ class Service:
         self._last_model_poll_s = 0.0
         self._last_renew_s = time.monotonic()
         self._finished_ok = 0
+        self._warned_no_model = False
         self._started_s = time.monotonic()
         self._state_dir = Path(tempfile.mkdtemp(prefix="tomolive-"))
         self._setup_shared_state()
@@ -202,9 +203,10 @@ class Service:
         previous = self.registry.current
         new = self.registry.poll()
         if new is None:
-            if self.registry.current is None:
-                raise RuntimeError("no valid model: the models folder has none and the "
-                                   "shipped default model is missing")
+            if self.registry.current is None and not self._warned_no_model:
+                self._warned_no_model = True
+                log.error("no valid model yet: %s has none and the shipped default model is "
+                          "missing; waiting for one", self.config.models_dir)
             return
         self.metrics.set_model(new.name, str(new.version), new.sha256)
         self.metrics.model_reloaded("ok")
@@ -228,7 +230,8 @@ class Service:
 
     def _enqueue(self, candidate: Any, resegment: bool = False) -> None:
         item = QueueItem(path=candidate.path, out_parent=candidate.out_parent,
-                         key=lease_key(candidate.rel_output), mtime_ns=candidate.mtime_ns,
+                         key=lease_key(candidate.rel_output), rel_output=candidate.rel_output,
+                         mtime_ns=candidate.mtime_ns,
                          voxel_size_a=candidate.voxel_size_a, resegment=resegment)
         if self._skip(item):
             return
@@ -258,7 +261,7 @@ class Service:
             if self._skip(item):
                 self.queue.remove(item.path)
                 continue
-            lease = self.leases.try_claim(item.key, str(item.out_parent / item.path.stem))
+            lease = self.leases.try_claim(item.key, item.rel_output)
             if lease is None:
                 continue  # another daemon works on it; its lease is watched on later passes
             if self._skip(item):  # finished by someone else between our check and the claim
@@ -337,8 +340,12 @@ class Service:
         if flight.lease_lost:
             log.warning("%s (after losing the lease; not counted)", error)
             return
-        attempts = self.failures.record_failure(flight.item.key, flight.fingerprint, error,
-                                                str(flight.item.out_parent / flight.item.path.stem))
+        try:
+            attempts = self.failures.record_failure(flight.item.key, flight.fingerprint,
+                                                    error, flight.item.rel_output)
+        except OSError as record_error:  # the shared folder's lock timed out: count it later
+            log.error("%s (could not record the failure: %s)", error, record_error)
+            attempts = 0
         self.leases.release(flight.lease)
         quarantined = attempts >= self.config.max_attempts
         self.metrics.tomogram_failed(quarantined=quarantined)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from tomolive.core.classes import default_class
 from tomolive.core.infer import (
     InferenceOptions,
     Prediction,
+    auto_batch_size,
     iter_probabilities,
     neighbour_indices,
     predict,
@@ -236,6 +238,24 @@ def test_bundle_round_trip_gives_identical_predictions(trained, tmp_path: Path) 
     prepared = prepare_network(bundle, "cpu")
     assert not prepared.training
     from_file = predict(prepared, data, bundle.meta.in_slices, options)
-    reference = predict(fuse_for_inference(network), data, 5, options)
+    channels_last = fuse_for_inference(network).to(memory_format=torch.channels_last)
+    reference = predict(channels_last, data, 5, options)
     assert np.array_equal(from_file.labels, reference.labels)
     assert np.array_equal(from_file.confidence, reference.confidence)
+
+
+def test_channels_last_matches_default_layout(trained, plain) -> None:
+    network, data, _ = trained
+    nhwc = predict(copy.deepcopy(network).to(memory_format=torch.channels_last), data, 5,
+                   InferenceOptions(device="cpu"))
+    assert (nhwc.labels == plain.labels).mean() > 0.999
+    assert np.abs(nhwc.confidence.astype(int) - plain.confidence).max() <= 1
+
+
+def test_auto_batch_size() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
+    assert auto_batch_size(cpu, 256 * 256) == 2
+    assert auto_batch_size(cpu, 1024 * 1024) == 1
+    assert auto_batch_size(cpu, 64 * 64) == 32
+    assert auto_batch_size(cuda, 512 * 512) == 8
+    assert auto_batch_size(cuda, 16 * 16) == 64

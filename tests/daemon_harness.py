@@ -1,0 +1,170 @@
+"""Run the real daemon (`python -m tomolive run`) as a subprocess against real folders.
+
+Shared by the daemon, metrics, Prometheus and multi-host tests: one piece of code that starts,
+watches and stops daemons, and makes tiny models and tomograms for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from tomolive.core.classes import SYNTH_CLASS_NAMES, default_class
+from tomolive.core.model import BundleMeta, UNet25D, save_bundle
+from tomolive.core.preprocess import DEFAULT_RECIPE
+from tomolive.core.volume import write_mrc
+
+TOMOGRAM_SHAPE_ZYX = (16, 64, 64)
+
+
+def write_tiny_model(path: Path, name: str = "tiny", version: int = 1, seed: int = 0) -> Path:
+    """A random-weight bundle small enough for fast CPU tests (the daemon's plumbing is
+    what these tests check, not segmentation quality)."""
+    import torch
+
+    torch.manual_seed(seed)
+    arch = {"name": "unet25d", "in_slices": 3, "base_width": 4, "levels": 5,
+            "n_classes": len(SYNTH_CLASS_NAMES) + 1}
+    network = UNet25D(in_slices=3, n_classes=arch["n_classes"], base_width=4, levels=5)
+    meta = BundleMeta(name=name, version=version, architecture=arch, voxel_size_a=10.0,
+                      classes=[default_class(n) for n in SYNTH_CLASS_NAMES],
+                      preprocess=DEFAULT_RECIPE, description="random weights, for tests")
+    save_bundle(path, network, meta)
+    return path
+
+
+def tomogram_bytes(seed: int = 0, shape_zyx=TOMOGRAM_SHAPE_ZYX, voxel_size_a: float = 10.0,
+                   scratch: Path | None = None, nan: bool = False) -> bytes:
+    """The bytes of a small float32 MRC file (random noise with a few dark blobs)."""
+    rng = np.random.default_rng(seed)
+    data = rng.standard_normal(shape_zyx).astype(np.float32)
+    if nan:
+        data[shape_zyx[0] // 2, 3, 3] = np.nan
+    scratch = scratch or Path(os.environ.get("TMPDIR", "/tmp"))
+    path = scratch / f".scratch-{os.getpid()}-{seed}-{time.monotonic_ns()}.mrc"
+    write_mrc(path, data, voxel_size_a)
+    blob = path.read_bytes()
+    path.unlink()
+    return blob
+
+
+def write_slowly(target: Path, blob: bytes, chunks: int = 6, pause_s: float = 0.3) -> None:
+    """Write under the final name piece by piece, as reconstruction software does."""
+    step = -(-len(blob) // chunks)
+    with target.open("wb") as handle:
+        for start in range(0, len(blob), step):
+            handle.write(blob[start:start + step])
+            handle.flush()
+            time.sleep(pause_s)
+
+
+class Daemon:
+    """One `tomolive run` subprocess with its own config in `root`."""
+
+    def __init__(self, root: Path, name: str = "d1", **overrides: Any) -> None:
+        self.root = root
+        self.name = name
+        self.incoming = root / "incoming"
+        self.outputs = root / "outputs"
+        self.models = root / "models"
+        for folder in (self.incoming, self.outputs, self.models):
+            folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "watch": [{"path": str(self.incoming), "patterns": ["*.mrc"]}],
+            "output_dir": str(self.outputs),
+            "models_dir": str(self.models),
+            "devices": "cpu",
+            "settle_seconds": 0.5,
+            "rescan_interval_seconds": 1.0,
+            "truncated_after_seconds": 2.0,
+            "max_attempts": 2,
+            "lease_seconds": 4.0,
+            "shutdown_grace_seconds": 20.0,
+            "metrics": {"host": "127.0.0.1", "port": 0},
+        }
+        config.update(overrides)
+        self.config_path = root / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = root / f"{name}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> Daemon:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tomolive", "run", "--config", str(self.config_path)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=self.root)
+        return self
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for(self, predicate: Callable[[], Any], timeout_s: float = 60.0,
+                 what: str = "condition") -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"daemon {self.name} exited ({self.process.returncode}) "
+                                     f"while waiting for {what}:\n{self.log[-3000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log[-3000:]}")
+
+    def wait_for_log(self, pattern: str, timeout_s: float = 60.0) -> re.Match:
+        return self.wait_for(lambda: re.search(pattern, self.log, re.MULTILINE), timeout_s,
+                             f"log line /{pattern}/")
+
+    def metrics_url(self, timeout_s: float = 60.0) -> str:
+        match = self.wait_for_log(r"metrics on (http://\S+)/metrics", timeout_s)
+        return match.group(1)
+
+    def summary(self, stem: str, rel: str = ".") -> dict | None:
+        path = self.outputs / rel / stem / f"{stem}_summary.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def wait_for_summary(self, stem: str, timeout_s: float = 90.0, rel: str = ".") -> dict:
+        return self.wait_for(lambda: self.summary(stem, rel), timeout_s, f"summary of {stem}")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self._log.close()
+        return code
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+            self._log.close()
+
+
+def partial_outputs(outputs: Path) -> list[Path]:
+    """Hidden temporary folders a crash could leave (`.STEM.tmp-*`, `.STEM.old-*`)."""
+    return [p for p in outputs.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]

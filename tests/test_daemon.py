@@ -1,0 +1,194 @@
+"""The real daemon as a subprocess (issue 5): discovery, completeness, hot reload, bad inputs,
+SIGTERM, restart, systemd notify, polling."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tomolive.core.export import output_paths
+from tomolive.core.fingerprint import input_fingerprint
+from tomolive.core.model import load_bundle
+
+from .daemon_harness import (Daemon, partial_outputs, tomogram_bytes, write_slowly,
+                             write_tiny_model)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    created: list[Daemon] = []
+
+    def make(**overrides) -> Daemon:
+        d = Daemon(tmp_path, name=f"d{len(created) + 1}", **overrides)
+        if not any(d.models.iterdir()):
+            write_tiny_model(d.models / "a.safetensors", name="model-a")
+        created.append(d)
+        return d
+
+    yield make
+    for d in created:
+        d.kill()
+
+
+def _contract_files_present(d: Daemon, stem: str) -> None:
+    bundle = load_bundle(next(d.models.glob("a.safetensors")))
+    expected = output_paths(d.outputs, stem, bundle.classes)
+    for path in expected.values():
+        assert path.exists(), path
+    assert {p.name for p in (d.outputs / stem).iterdir()} == {p.name for p in expected.values()}
+
+
+def test_backlog_slow_write_and_rename_each_processed_once(daemon, tmp_path):
+    d = daemon()
+    (d.incoming / "backlog.mrc").write_bytes(tomogram_bytes(1))
+    d.start()
+    d.wait_for_summary("backlog")
+    # Written slowly under its final name, with pauses longer than the settle time: the
+    # header check must keep the daemon from reading it before it is complete.
+    slow = d.incoming / "slow.mrc"
+    write_slowly(slow, tomogram_bytes(2), chunks=5, pause_s=0.8)
+    staged = tmp_path / "staged.mrc"
+    staged.write_bytes(tomogram_bytes(3))
+    os.rename(staged, d.incoming / "renamed.mrc")
+    for stem in ("slow", "renamed"):
+        d.wait_for_summary(stem)
+    time.sleep(2.5)  # a few more rescans: nothing may be processed twice
+    log = d.log
+    for stem in ("backlog", "slow", "renamed"):
+        assert log.count(f"{stem}.mrc: ok") == 1, log
+        _contract_files_present(d, stem)
+    assert d.summary("slow")["input"]["fingerprint"] == input_fingerprint(slow)
+    assert "error" not in log.lower(), log
+    assert d.stop() == 0
+
+
+def test_hot_reload_waits_for_complete_model_and_rejects_corrupt(daemon, tmp_path):
+    d = daemon()
+    d.start()
+    d.wait_for_log(r"serving model model-a v1")
+    new_model = write_tiny_model(tmp_path / "b.staging", name="model-b", version=2, seed=1)
+    # Copied in slowly under its final name: must not be loaded before it is complete.
+    write_slowly(d.models / "b.safetensors", new_model.read_bytes(), chunks=4, pause_s=0.15)
+    d.wait_for_log(r"serving model model-b v2")
+    assert "rejected" not in d.log
+    (d.incoming / "t1.mrc").write_bytes(tomogram_bytes(4))
+    assert d.wait_for_summary("t1")["model"]["name"] == "model-b"
+    # A corrupt bundle, newer than the others: rejected, and model-b keeps serving.
+    (d.models / "c.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    d.wait_for_log(r"model .*c\.safetensors rejected")
+    (d.incoming / "t2.mrc").write_bytes(tomogram_bytes(5))
+    assert d.wait_for_summary("t2")["model"]["name"] == "model-b"
+    assert d.stop() == 0
+
+
+def test_bad_inputs_are_quarantined_and_work_goes_on(daemon):
+    d = daemon()
+    blob = tomogram_bytes(6)
+    (d.incoming / "truncated.mrc").write_bytes(blob[: len(blob) // 2])
+    (d.incoming / "text.mrc").write_text("this is not a tomogram\n" * 100)
+    (d.incoming / "nan.mrc").write_bytes(tomogram_bytes(7, nan=True))
+    d.start()
+    failures = d.outputs / ".tomolive" / "failures"
+
+    def quarantined() -> dict[str, dict]:
+        records = {}
+        for path in failures.glob("*.json") if failures.is_dir() else []:
+            record = json.loads(path.read_text())
+            if record.get("quarantined"):
+                records[record["target"]] = record
+        return records if len(records) == 3 else None
+
+    records = d.wait_for(quarantined, 90, "three quarantined inputs")
+    assert "header implies" in records["truncated"]["last_error"]
+    assert "not an MRC file" in records["text"]["last_error"]
+    assert "NaN" in records["nan"]["last_error"] or "non-finite" in records["nan"]["last_error"]
+    for record in records.values():
+        assert record["attempts"] == 2
+    (d.incoming / "good.mrc").write_bytes(tomogram_bytes(8))
+    d.wait_for_summary("good")
+    assert d.process.poll() is None
+    assert d.stop() == 0
+
+
+def test_sigterm_mid_tomogram_leaves_no_partial_output_and_restart_finishes(daemon):
+    d = daemon(shutdown_grace_seconds=0.5)
+    (d.incoming / "big.mrc").write_bytes(tomogram_bytes(9, shape_zyx=(96, 128, 128)))
+    d.start()
+    d.wait_for(lambda: list((d.outputs / ".tomolive" / "leases").glob("*.lease"))
+               if (d.outputs / ".tomolive" / "leases").is_dir() else None, 60, "a lease")
+    time.sleep(0.5)
+    started = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.process.wait(timeout=30) == 0
+    assert time.monotonic() - started < 15
+    assert not (d.outputs / "big").exists()
+    assert partial_outputs(d.outputs) == []
+    assert list((d.outputs / ".tomolive" / "leases").glob("*.lease")) == []
+    assert "abandoned" in d.log
+    d2 = daemon()
+    d2.start()
+    d2.wait_for_summary("big", timeout_s=180)
+    assert d2.stop() == 0
+
+
+def test_systemd_notify_ready_watchdog_stopping(daemon, tmp_path):
+    socket_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(socket_path))
+    sock.settimeout(1.0)
+    d = daemon()
+    d.start(env={"NOTIFY_SOCKET": str(socket_path), "WATCHDOG_USEC": "1000000"})
+    received: list[str] = []
+
+    def receive_until(field: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                received.extend(sock.recv(4096).decode().split("\n"))
+            except TimeoutError:
+                continue
+            if field in received:
+                return
+        raise AssertionError(f"{field} not received; got {received}\n{d.log[-2000:]}")
+
+    try:
+        receive_until("READY=1", 60)
+        receive_until("WATCHDOG=1", 10)
+        assert any(f.startswith("STATUS=queue") for f in received)
+        d.signal(signal.SIGTERM)
+        receive_until("STOPPING=1", 30)
+        assert d.process.wait(timeout=30) == 0
+    finally:
+        sock.close()
+
+
+def test_polling_discovery(daemon):
+    d = daemon(discovery="polling")
+    d.start()
+    d.wait_for_log(r"watching .*incoming \(polling\)")
+    write_slowly(d.incoming / "polled.mrc", tomogram_bytes(10), chunks=3, pause_s=0.2)
+    d.wait_for_summary("polled")
+    assert d.stop() == 0
+
+
+def test_already_finished_tomograms_are_not_redone_after_restart(daemon):
+    d = daemon()
+    (d.incoming / "once.mrc").write_bytes(tomogram_bytes(11))
+    d.start()
+    d.wait_for_summary("once")
+    assert d.stop() == 0
+    d.start()
+    d.wait_for_log(r"tomolive serving", 60)
+    time.sleep(3)  # several rescans
+    assert d.log.count("once.mrc: ok") == 1
+    assert d.stop() == 0
+    shutil.rmtree(d.outputs / "once")

@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import socket
-import subprocess
-import time
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 from tomolive.daemon.metrics import STAGES, Metrics, MetricsServer
 
-REPO = Path(__file__).resolve().parents[1]
-ALERTS = REPO / "monitoring" / "alerts.yml"
+from .prometheus_harness import REPO, Prometheus, running_prometheus, scalar
+
 DASHBOARD = REPO / "monitoring" / "grafana-dashboard.json"
-POLL_LIMIT_S = 30.0
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,79 +36,6 @@ def fake_summary(scale: float = 1.0) -> dict:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Prometheus:
-    """A prometheus process with a throw-away config and storage; `api()` queries it."""
-
-    def __init__(self, binary: str, tmp: Path, target: str) -> None:
-        self.port = free_port()
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(ALERTS)],
-            "scrape_configs": [{"job_name": "tomolive",
-                                "static_configs": [{"targets": [target]}]}],
-        }
-        config_file = tmp / "prometheus.yml"
-        config_file.write_text(yaml.safe_dump(config))
-        self.log_path = tmp / "prometheus.log"
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [binary, f"--config.file={config_file}", f"--storage.tsdb.path={tmp / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
-        self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def api(self, path: str, **params: str) -> Any:
-        url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        with urllib.request.urlopen(url, timeout=10) as response:
-            reply = json.load(response)
-        assert reply["status"] == "success", reply
-        return reply["data"]
-
-    def query(self, expr: str) -> list[dict]:
-        return self.api("query", query=expr)["result"]
-
-    def wait_for(self, what: str, check: Callable[[], bool]) -> None:
-        """Poll `check` until True; fail with the server's log after POLL_LIMIT_S."""
-        deadline = time.monotonic() + POLL_LIMIT_S
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"prometheus exited ({self.process.returncode}):\n{self.log()}")
-            try:
-                if check():
-                    return
-            except (OSError, AssertionError, KeyError, IndexError) as exc:
-                last_error = exc  # not up yet, or no sample yet
-            time.sleep(0.25)
-        pytest.fail(f"prometheus: {what} not seen in {POLL_LIMIT_S} s "
-                    f"(last error: {last_error!r}):\n{self.log()}")
-
-
-def scalar(result: list[dict]) -> float:
-    assert len(result) == 1, result
-    return float(result[0]["value"][1])
-
-
 @pytest.fixture
 def served() -> Iterator[tuple[Metrics, MetricsServer]]:
     metrics = Metrics(devices=["cpu"])
@@ -130,22 +48,9 @@ def served() -> Iterator[tuple[Metrics, MetricsServer]]:
 
 @pytest.fixture
 def prometheus(served, tmp_path: Path) -> Iterator[Prometheus]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("prometheus not installed (Debian package `prometheus`; "
-                    "scripts/install-prometheus.sh installs it, CI does)")
     _, server = served
-    server_process = Prometheus(binary, tmp_path, f"127.0.0.1:{server.port}")
-    try:
-        server_process.wait_for("its own readiness", lambda: _ready(server_process.port))
+    with running_prometheus(tmp_path, f"127.0.0.1:{server.port}") as server_process:
         yield server_process
-    finally:
-        server_process.stop()  # always: a leaked prometheus would outlive the test run
-
-
-def _ready(port: int) -> bool:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5) as response:
-        return response.status == 200
 
 
 def test_prometheus_sees_finished_count_and_stage_histogram(served, prometheus) -> None:

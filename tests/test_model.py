@@ -345,3 +345,8 @@ def test_reject_nonfinite_weights(tmp_path: Path) -> None:
         network.down[2][0].weight[0, 0, 0, 0] = float("inf")
     _reject(_write_raw(tmp_path / "inf.safetensors", _meta().to_json(), network),
             "tensor down.2.0.weight has non-finite values (NaN or Inf)")
+
+
+def test_reject_bad_preprocess_recipe(tmp_path: Path) -> None:
+    doc = {**_meta().to_json(), "preprocess": [{"step": "sharpen"}]}
+    _reject(_write_raw(tmp_path / "recipe.safetensors", doc), "unknown step 'sharpen'")

@@ -94,8 +94,13 @@ class Service:
         self.registry = ModelRegistry(
             config.models_dir, self._state_dir / "models", policy=config.model,
             settle_s=min(config.settle_seconds, 5.0), default_bundle=default_bundle_path(),
-            on_rejected=lambda path, reason: self.metrics.bundle_rejected())
+            on_rejected=lambda path, reason: self._on_bundle_rejected())
         self.watcher = FileWatcher(config)
+
+    def _on_bundle_rejected(self) -> None:
+        # A failed switch attempt as well as a bad file: the dashboard shows reloads by result.
+        self.metrics.bundle_rejected()
+        self.metrics.model_reloaded("rejected")
 
     def _on_reclaim(self, key: str, old: dict[str, Any]) -> None:
         log.warning("lease %s of %s (pid %s) was stale: reclaimed", key, old.get("host"),

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import yaml
-
 from tomolive.core.classes import SYNTH_CLASS_NAMES, default_class
 from tomolive.core.model import BundleMeta, UNet25D, save_bundle
 from tomolive.core.preprocess import DEFAULT_RECIPE

@@ -9,16 +9,13 @@ import shutil
 import signal
 import socket
 import time
-from pathlib import Path
 
 import pytest
-
 from tomolive.core.export import output_paths
 from tomolive.core.fingerprint import input_fingerprint
 from tomolive.core.model import load_bundle
 
-from .daemon_harness import (Daemon, partial_outputs, tomogram_bytes, write_slowly,
-                             write_tiny_model)
+from .daemon_harness import Daemon, partial_outputs, tomogram_bytes, write_slowly, write_tiny_model
 
 pytestmark = pytest.mark.timeout(300)
 

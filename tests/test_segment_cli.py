@@ -14,7 +14,6 @@ import mrcfile
 import numpy as np
 import pytest
 import starfile
-
 from tomolive.core.export import output_paths
 from tomolive.core.model import default_bundle_path, load_bundle
 from tomolive.core.resample import fourier_rescale, grid_for

@@ -1,0 +1,289 @@
+"""Segmentation speed and memory benchmark (issue 8): `segment_file` end to end on a synthetic
+tomogram of a given shape, per stage, median of repeats. Prints JSON.
+
+    python bench/segment_speed.py --shape 200 512 512 --repeats 3
+    python bench/segment_speed.py --shape 300 1024 1024 --repeats 1      # the memory figure
+    python bench/segment_speed.py --model M.safetensors --device cuda
+
+The tomogram: core.synth at the model's voxel size (realistic objects, so cleanup, particle
+picking and filament tracing get a realistic load). Shapes larger than --tile-yx in y or x are
+made by synthesizing ONE tile of (Z, tile, tile) and repeating it across y and x, written slab by
+slab into a memory-mapped MRC, so that making a 300x1024x1024 input needs memory for one tile
+only. The tomogram is a float32 MRC in a temporary folder, read memory-mapped as in production.
+
+Each measurement runs in a fresh subprocess, because a process's resident high-water mark
+(VmHWM) cannot be reset: per run we report ru_maxrss, VmHWM and the maximum of VmRSS sampled
+every 50 ms. The network is prepared (BatchNorm folding, channels_last) before the timed run, as
+the daemon keeps it between tomograms; its preparation time is reported apart.
+
+Without --model the shipped default model is used when present; otherwise a random-weight
+bundle of the same architecture (base_width 16, 5 levels, 5 slices, 6 classes) -- the
+inference speed is the same, but post-processing times depend on what is predicted, so the JSON
+says which model ran ("model_kind").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import tomolive  # noqa: F401  (sets OMP_WAIT_POLICY before torch is imported)
+
+# isort: split
+import mrcfile
+import numpy as np
+import torch
+from tomolive.core.classes import SYNTH_CLASS_NAMES, default_class
+from tomolive.core.infer import InferenceOptions, prepare_network, resolve_device
+from tomolive.core.model import (
+    BundleMeta,
+    UNet25D,
+    default_bundle_path,
+    flops_per_voxel,
+    load_bundle,
+    save_bundle,
+)
+from tomolive.core.pipeline import STAGES, SegmentOptions, segment_file
+from tomolive.core.preprocess import DEFAULT_RECIPE
+from tomolive.core.synth import synthesize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak import device_name, measure_peak  # noqa: E402
+
+DEFAULT_ARCH = {"name": "unet25d", "in_slices": 5, "base_width": 16, "levels": 5,
+                "n_classes": len(SYNTH_CLASS_NAMES) + 1}
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+def write_random_bundle(path: Path, voxel_size_a: float = 10.0) -> Path:
+    """A random-weight bundle with the default model's architecture."""
+    torch.manual_seed(0)
+    arch = dict(DEFAULT_ARCH)
+    network = UNet25D(in_slices=arch["in_slices"], n_classes=arch["n_classes"],
+                      base_width=arch["base_width"], levels=arch["levels"])
+    meta = BundleMeta(name="bench-random", version=1, architecture=arch,
+                      voxel_size_a=voxel_size_a,
+                      classes=[default_class(n) for n in SYNTH_CLASS_NAMES],
+                      preprocess=DEFAULT_RECIPE, description="random weights, for speed only")
+    return save_bundle(path, network, meta)
+
+
+def write_tomogram(path: Path, shape_zyx: tuple[int, int, int], voxel_size_a: float,
+                   tile_yx: int, seed: int = 0) -> dict[str, Any]:
+    """Synthesize (tiled in y/x beyond `tile_yx`) into a float32 MRC written slab by slab."""
+    nz, ny, nx = shape_zyx
+    tile_shape = (nz, min(ny, tile_yx), min(nx, tile_yx))
+    start = time.perf_counter()
+    tile = synthesize(tile_shape, voxel_size_a, seed=seed).tomogram.astype(np.float32, copy=False)
+    with mrcfile.new_mmap(path, shape=shape_zyx, mrc_mode=2, overwrite=True) as mrc:
+        for y0 in range(0, ny, tile_shape[1]):
+            for x0 in range(0, nx, tile_shape[2]):
+                h, w = min(tile_shape[1], ny - y0), min(tile_shape[2], nx - x0)
+                mrc.data[:, y0:y0 + h, x0:x0 + w] = tile[:, :h, :w]
+        mrc.voxel_size = voxel_size_a
+        mrc.update_header_stats()
+    return {"tile_shape_zyx": list(tile_shape), "synth_s": round(time.perf_counter() - start, 2)}
+
+
+# --- one measurement (child process) -----------------------------------------------------------
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class _RssSampler(threading.Thread):
+    """Samples VmRSS every `period_s`; `peak_kib` is the largest value seen."""
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.period_s, self.peak_kib, self._done = period_s, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.peak_kib = max(self.peak_kib, _status_kib("VmRSS"))
+            self._done.wait(self.period_s)
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        self.peak_kib = max(self.peak_kib, _status_kib("VmRSS"))
+        return self.peak_kib
+
+
+def run_once(tomogram: Path, model: Path, device: str, voxel_size_a: float | None,
+             threads: int | None) -> dict[str, Any]:
+    """One `segment_file` run in this (fresh) process: timings and memory."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    rss_before_kib = _status_kib("VmRSS")
+    bundle = load_bundle(model)
+    options = SegmentOptions(inference=InferenceOptions(device=device),
+                             voxel_size_a=voxel_size_a)
+    t0 = time.perf_counter()
+    network = prepare_network(bundle, device)
+    prepare_s = time.perf_counter() - t0
+    rss_model_kib = _status_kib("VmRSS")
+    sampler = _RssSampler()
+    sampler.start()
+    with tempfile.TemporaryDirectory(prefix="segspeed-out-", dir=tomogram.parent) as out:
+        start = time.perf_counter()
+        seg, out_dir = segment_file(tomogram, out, bundle, options, network=network)
+        end_to_end_s = time.perf_counter() - start
+        summary = json.loads(next(out_dir.glob("*summary*.json")).read_text())
+    sampled_kib = sampler.stop()
+    return {
+        "timings_s": {k: summary["timings_s"].get(k, 0.0) for k in STAGES},
+        "end_to_end_s": end_to_end_s,
+        "prepare_network_s": prepare_s,
+        "model_grid_shape_zyx": seg.input["model_grid_shape_zyx"],
+        "class_fractions": seg.class_fractions,
+        "n_particles": {k: len(v) for k, v in seg.particles.items()},
+        "n_filaments": {k: len(v) for k, v in seg.filaments.items()},
+        "rss_before_load_mib": rss_before_kib / 1024,
+        "rss_after_model_mib": rss_model_kib / 1024,
+        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "vm_hwm_mib": _status_kib("VmHWM") / 1024,
+        "sampled_rss_peak_mib": sampled_kib / 1024,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# --- driver ------------------------------------------------------------------------------------
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def summarize(runs: list[dict[str, Any]], shape: tuple[int, int, int], model: Path,
+              model_kind: str, device: str, peak: dict[str, Any] | None,
+              made: dict[str, Any]) -> dict[str, Any]:
+    bundle = load_bundle(model)
+    fpv = flops_per_voxel(bundle.meta.architecture)
+    stages = {k: {"median": round(_median([r["timings_s"][k] for r in runs]), 3),
+                  "all": [round(r["timings_s"][k], 3) for r in runs]} for k in STAGES}
+    e2e = [r["end_to_end_s"] for r in runs]
+    model_voxels = int(np.prod(runs[0]["model_grid_shape_zyx"]))
+    inference_s = stages["inference"]["median"]
+    non_inference = [(r["end_to_end_s"] - r["timings_s"]["inference"]) / r["end_to_end_s"]
+                     for r in runs]
+    achieved = model_voxels * fpv / inference_s if inference_s else None
+    input_bytes = int(np.prod(shape)) * 4
+    model_bytes = model.stat().st_size
+    peak_mib = max(max(r["vm_hwm_mib"], r["sampled_rss_peak_mib"]) for r in runs)
+    out: dict[str, Any] = {
+        "shape_zyx": list(shape),
+        "device": device,
+        "device_name": device_name(resolve_device(device)),
+        "torch_threads": runs[0]["torch_threads"],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "model": str(model),
+        "model_kind": model_kind,
+        "tomogram": made,
+        "repeats": len(runs),
+        "stages_s": stages,
+        "end_to_end_s": {"median": round(_median(e2e), 3), "all": [round(v, 3) for v in e2e]},
+        "voxels_per_s": int(np.prod(shape)) / _median(e2e),
+        "model_grid_shape_zyx": runs[0]["model_grid_shape_zyx"],
+        "flops_per_voxel": fpv,
+        "inference_flops_per_s": achieved,
+        "non_inference_fraction": {"median": round(_median(non_inference), 4),
+                                   "all": [round(v, 4) for v in non_inference]},
+        "input_float32_bytes": input_bytes,
+        "model_bytes": model_bytes,
+        "memory_mib": {k: [round(r[k], 1) for r in runs] for k in
+                       ("ru_maxrss_mib", "vm_hwm_mib", "sampled_rss_peak_mib",
+                        "rss_after_model_mib")},
+        "peak_rss_over_input_float32": round(peak_mib * 2**20 / input_bytes, 3),
+        "prepare_network_s": [round(r["prepare_network_s"], 3) for r in runs],
+        "class_fractions": runs[0]["class_fractions"],
+        "n_particles": runs[0]["n_particles"],
+        "n_filaments": runs[0]["n_filaments"],
+    }
+    if peak is not None:
+        out["peak"] = peak
+        if achieved:
+            out["fraction_of_attainable"] = {
+                "vs_median": round(achieved / peak["flops_per_s_median"], 3),
+                "vs_best": round(achieved / peak["flops_per_s_best"], 3)}
+    return out
+
+
+def _child(args: argparse.Namespace) -> None:
+    result = run_once(Path(args.child_tomogram), Path(args.child_model), args.device,
+                      args.voxel_size, args.threads)
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", nargs=3, type=int, default=[200, 512, 512],
+                        metavar=("Z", "Y", "X"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default=None, help="bundle (default: the shipped model)")
+    parser.add_argument("--voxel-size", type=float, default=None,
+                        help="tomogram voxel size in Å (default: the model's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--tile-yx", type=int, default=512,
+                        help="synthesize tiles of at most this y/x size and repeat them")
+    parser.add_argument("--peak-json", default=None,
+                        help="bench/peak.py output to use instead of measuring it here")
+    parser.add_argument("--scratch", default=None, help="folder for the temporary MRC")
+    parser.add_argument("--child-tomogram", help=argparse.SUPPRESS)
+    parser.add_argument("--child-model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_tomogram:
+        _child(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="segspeed-", dir=args.scratch) as tmp_text:
+        tmp = Path(tmp_text)
+        if args.model:
+            model, kind = Path(args.model), "given"
+        elif default_bundle_path().exists():
+            model, kind = default_bundle_path(), "shipped default"
+        else:
+            model, kind = write_random_bundle(tmp / "random.safetensors"), \
+                "random weights, default architecture (shipped model absent)"
+        voxel_a = args.voxel_size or load_bundle(model).meta.voxel_size_a
+        shape = tuple(args.shape)
+        tomogram = tmp / "bench.mrc"
+        made = write_tomogram(tomogram, shape, voxel_a, args.tile_yx)
+        runs = []
+        for i in range(args.repeats):
+            cmd = [sys.executable, __file__, "--child-tomogram", str(tomogram),
+                   "--child-model", str(model), "--device", args.device,
+                   "--voxel-size", str(voxel_a)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                sys.exit(f"run {i + 1} failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+            runs.append(json.loads(lines[-1][len("RESULT "):]))
+            print(f"run {i + 1}/{args.repeats}: {runs[-1]['end_to_end_s']:.1f} s",
+                  file=sys.stderr)
+        if args.peak_json:
+            peak = json.loads(Path(args.peak_json).read_text())
+        else:
+            peak = measure_peak(args.device, threads=args.threads)
+        result = summarize(runs, shape, model, kind, args.device, peak, made)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,7 @@ class ServingModel:
     source: Path  # where it came from (models folder or the shipped default)
     cached_path: Path  # what workers load
     mtime_ns: int
+    classes: tuple[str, ...] = ()
 
     def label(self) -> str:
         return f"{self.name} v{self.version} ({self.sha256[:12]})"
@@ -136,7 +137,8 @@ class ModelRegistry:
         cached.replace(final)
         log.info("model %s valid: %s v%s", path.name, bundle.meta.name, bundle.meta.version)
         return ServingModel(bundle.meta.name, int(bundle.meta.version), bundle.sha256,
-                            path, final, stat.st_mtime_ns)
+                            path, final, stat.st_mtime_ns,
+                            tuple(spec.name for spec in bundle.classes))
 
     def _copy_to_cache(self, path: Path) -> Path:
         self.cache_dir.mkdir(parents=True, exist_ok=True)

@@ -213,7 +213,7 @@ class Service:
                 log.error("no valid model yet: %s has none and the shipped default model is "
                           "missing; waiting for one", self.config.models_dir)
             return
-        self.metrics.set_model(new.name, str(new.version), new.sha256)
+        self.metrics.set_model(new.name, str(new.version), new.sha256, new.classes)
         self.metrics.model_reloaded("ok")
         log.info("serving model %s from %s", new.label(), new.source)
         if previous is not None and self.config.resegment_on_model_change:

@@ -8,9 +8,12 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
+import yaml
 from tomolive.core.export import output_paths
 from tomolive.core.fingerprint import input_fingerprint
 from tomolive.core.model import load_bundle
@@ -189,3 +192,53 @@ def test_already_finished_tomograms_are_not_redone_after_restart(daemon):
     assert d.log.count("once.mrc: ok") == 1
     assert d.stop() == 0
     shutil.rmtree(d.outputs / "once")
+
+
+def test_sighup_reloads_configuration_without_dropping_work(daemon, tmp_path):
+    d = daemon()
+    (d.incoming / "before.mrc").write_bytes(tomogram_bytes(12, shape_zyx=(64, 96, 96)))
+    d.start()
+    d.wait_for(lambda: list((d.outputs / ".tomolive" / "leases").glob("*.lease"))
+               if (d.outputs / ".tomolive" / "leases").is_dir() else None, 60, "a lease")
+    second = tmp_path / "second"
+    second.mkdir()
+    config = yaml.safe_load(d.config_path.read_text())
+    config["watch"].append({"path": str(second), "patterns": ["*.mrc"]})
+    d.config_path.write_text(yaml.safe_dump(config))
+    d.signal(signal.SIGHUP)  # while `before` is being segmented
+    d.wait_for_log(r"configuration reloaded")
+    (second / "after.mrc").write_bytes(tomogram_bytes(13))
+    d.wait_for_summary("before")
+    d.wait_for_summary("after")
+    assert d.log.count("before.mrc: ok") == 1
+    assert "abandoned" not in d.log
+    assert d.stop() == 0
+
+
+def test_status_and_retry_commands(daemon):
+    d = daemon()
+    (d.incoming / "fine.mrc").write_bytes(tomogram_bytes(14))
+    (d.incoming / "broken.mrc").write_text("not a tomogram\n" * 100)
+    d.start()
+    d.wait_for_summary("fine")
+    records = d.outputs / ".tomolive" / "failures"
+    d.wait_for(lambda: any(json.loads(p.read_text()).get("quarantined")
+                           for p in records.glob("*.json")) if records.is_dir() else None,
+               60, "quarantine")
+    assert d.stop() == 0
+    status = _tomolive("status", "--config", d.config_path)
+    assert status.returncode == 0, status.stderr
+    first = status.stdout.splitlines()[0]
+    assert "1 done" in first and "1 quarantined" in first and "0 running" in first, first
+    assert "broken" in status.stdout and "not an MRC file" in status.stdout
+    as_json = json.loads(_tomolive("status", "--config", d.config_path, "--json").stdout)
+    assert as_json["counts"]["done"] == 1 and as_json["counts"]["waiting"] == 0
+    retry = _tomolive("retry", "broken", "--config", d.config_path)
+    assert retry.returncode == 0 and "cleared 1" in retry.stdout, retry.stdout + retry.stderr
+    after = json.loads(_tomolive("status", "--config", d.config_path, "--json").stdout)
+    assert after["counts"]["quarantined"] == 0 and after["counts"]["waiting"] == 1
+
+
+def _tomolive(*args):
+    return subprocess.run([sys.executable, "-m", "tomolive", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)

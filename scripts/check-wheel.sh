@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# A wheel built from the repo installs and imports in a clean virtual environment, ships the
+# default model, and its `tomolive` command runs (DESIGN.md: "a wheel built from the repo must
+# install and import in a clean virtual environment").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-.venv/bin/python}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+"$python" -m build --wheel --outdir "$work/dist" . > "$work/build.log" 2>&1 || {
+    cat "$work/build.log"; exit 1; }
+python3 -m venv "$work/venv"
+"$work/venv/bin/pip" install --quiet torch==2.13.0 "$work"/dist/tomolive-*.whl 2>&1 \
+    | grep -v "^WARNING: Location" || true
+cd "$work"  # away from the source tree, so only the installed package can be imported
+"$work/venv/bin/python" - <<'PY'
+import tomolive.core.pipeline, tomolive.daemon.service  # noqa: F401
+from tomolive.core.model import default_bundle_path, load_bundle
+bundle = load_bundle(default_bundle_path())
+print(f"wheel ok: default model {bundle.meta.name} v{bundle.meta.version} from {default_bundle_path()}")
+PY
+"$work/venv/bin/tomolive" --version

@@ -227,7 +227,7 @@ class _Part:
 
 @dataclass
 class _PreparedSource:
-    train: _Part
+    train: list[_Part]
     validation: _Part | None
     record: dict[str, Any]
 
@@ -339,34 +339,57 @@ def _model_image(
 
 def _split(
     image: np.ndarray, labels: np.ndarray, validation_fraction: float, patch_px: int
-) -> tuple[_Part, _Part | None]:
-    """Training part and validation strip: the last `validation_fraction` of the longer
-    in-plane axis. The two never share label voxels."""
+) -> tuple[list[_Part], _Part | None]:
+    """Training parts and one validation strip (`validation_fraction` of y or of x), which
+    never share label voxels. Of the candidate strips (5 positions along each in-plane axis)
+    the one where most foreground classes are present in both the strip and the rest wins, so
+    that the validation Dice covers the classes; ties go to the end of the longer axis."""
     if validation_fraction <= 0:
-        part = _Part(_pad_xy(image, patch_px, "reflect"), _pad_xy(labels, patch_px, IGNORE))
-        part.build_index()
-        return part, None
-    axis = 1 if labels.shape[1] >= labels.shape[2] else 2
-    n = labels.shape[axis]
-    n_val = int(round(n * validation_fraction))
-    if n_val < 1 or n - n_val < 1:
+        return [_part(image, labels, patch_px)], None
+    counts_all = np.bincount(labels.reshape(-1), minlength=256)
+    best: tuple[int, int, int, int] | None = None  # (score, -order, axis, start)
+    order = 0
+    for axis in sorted((1, 2), key=lambda a: -labels.shape[a]):
+        n = labels.shape[axis]
+        n_val = int(round(n * validation_fraction))
+        if n_val < 1 or n - n_val < 1:
+            continue
+        for start in np.linspace(n - n_val, 0, 5).round().astype(int):
+            strip = labels.take(range(start, start + n_val), axis=axis)
+            counts_val = np.bincount(strip.reshape(-1), minlength=256)
+            shared = (counts_val[1:IGNORE] > 0) & (counts_all[1:IGNORE] > counts_val[1:IGNORE])
+            key = (int(shared.sum()), -order, axis, int(start))
+            best = key if best is None or key[:2] > best[:2] else best
+            order += 1
+    if best is None:
         raise ValueError(
-            f"region is too small ({n} model voxels along {'zyx'[axis]}) to keep a "
-            f"validation part of {validation_fraction:.0%}; use a larger region"
+            f"region is too small ({labels.shape[1]} x {labels.shape[2]} model voxels in y, x) "
+            f"to keep a validation part of {validation_fraction:.0%}; use a larger region"
         )
-    cut = n - n_val
-    take = [slice(None)] * 3
-    take[axis] = slice(None, cut)
-    train = _Part(_pad_xy(image[tuple(take)], patch_px, "reflect"),
-                  _pad_xy(labels[tuple(take)], patch_px, IGNORE))
-    take[axis] = slice(cut, None)
-    validation = _Part(np.ascontiguousarray(image[tuple(take)]),
-                       np.ascontiguousarray(labels[tuple(take)]))
-    train.build_index()
-    validation.build_index()
-    if train.n_annotated == 0:
+    _, _, axis, start = best
+    n_val = int(round(labels.shape[axis] * validation_fraction))
+    pieces = [(0, start), (start + n_val, labels.shape[axis])]
+    train = [_part(_take(image, axis, lo, hi), _take(labels, axis, lo, hi), patch_px)
+             for lo, hi in pieces if hi > lo]
+    train = [part for part in train if part.n_annotated]
+    if not train:
         raise ValueError("the training part of the region has no annotated voxels")
+    validation = _Part(np.ascontiguousarray(_take(image, axis, start, start + n_val)),
+                       np.ascontiguousarray(_take(labels, axis, start, start + n_val)))
+    validation.build_index()
     return train, (validation if validation.n_annotated else None)
+
+
+def _take(array: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
+    index = [slice(None)] * 3
+    index[axis] = slice(lo, hi)
+    return array[tuple(index)]
+
+
+def _part(image: np.ndarray, labels: np.ndarray, patch_px: int) -> _Part:
+    part = _Part(_pad_xy(image, patch_px, "reflect"), _pad_xy(labels, patch_px, IGNORE))
+    part.build_index()
+    return part
 
 
 def _pad_xy(array: np.ndarray, size: int, mode: str | int) -> np.ndarray:
@@ -613,8 +636,8 @@ def train(
         network.load_state_dict(init_bundle.state_dict, strict=True)
     network = network.to(device).train()
 
-    sampler = _Sampler([p.train for p in prepared], in_slices, options.patch_px, rng,
-                       options.augment)
+    train_parts = [part for p in prepared for part in p.train]
+    sampler = _Sampler(train_parts, in_slices, options.patch_px, rng, options.augment)
     val_parts = [p.validation for p in prepared if p.validation is not None]
     best = _run(network, sampler, val_parts, names, options, in_slices, device, progress)
 

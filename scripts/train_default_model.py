@@ -29,7 +29,7 @@ from tomolive.core.train import TrainingSource, TrainOptions, class_specs_for, t
 # stored as int16, so the model also learns from data that went through the Fourier rescale.
 TOMOGRAMS = ((1001, 10.0, "float32"), (1002, 10.0, "float32"), (1003, 13.2, "int16"))
 SHAPE_AT_10A = (64, 256, 256)
-DEFAULT_STEPS = 1500
+DEFAULT_STEPS = 1200
 
 
 def _shape(voxel_a: float) -> tuple[int, ...]:

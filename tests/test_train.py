@@ -187,13 +187,14 @@ def test_labels_are_resampled_to_the_model_grid_by_nearest_neighbour(tiny):
     prepared = T._prepare_source(
         T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc", T.parse_region("4:20,:,:")),
         5, 20.0, DEFAULT_RECIPE, 5, 0.0, 8, "cpu")
-    got = prepared.train.labels
+    (part,) = prepared.train
+    got = part.labels
     # Model index i sits at input i * 2; region z 4:20 -> model z 2..9.
     expected = labels[4:20:2, ::2, ::2].astype(np.int16)
     expected[expected == -1] = 255
     assert got.shape == (8, 32, 32)
     np.testing.assert_array_equal(got, expected)
-    assert prepared.train.image.shape == (8 + 4, 32, 32)  # 2 context slices each side
+    assert part.image.shape == (8 + 4, 32, 32)  # 2 context slices each side
 
 
 def test_fine_tuning_increments_version_and_names_parent(tiny, tmp_path):
@@ -245,3 +246,16 @@ def test_bad_label_volumes_name_the_file(tiny, tmp_path):
     with pytest.raises(ValueError, match="training needs steps and/or max_minutes"):
         T.train([T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc")],
                 T.class_specs_for(NAMES), tiny_options(steps=None))
+
+
+def test_validation_strip_is_chosen_so_classes_are_in_both_parts():
+    labels = np.zeros((4, 40, 20), np.uint8)
+    labels[:, ::3, ::3] = 1
+    labels[:, 2:6, 5:9] = 2  # class 2 only near the start of y ...
+    labels[:, 12:14, 5:9] = 2  # ... and a little further on
+    image = np.zeros((8, 40, 20), np.float32)
+    train_parts, validation = T._split(image, labels, 0.25, 8)
+    # Strips are tried from the end of y; 8:18 is the first that shares class 2 with the rest.
+    np.testing.assert_array_equal(validation.labels, labels[:, 8:18])
+    assert [p.labels.shape for p in train_parts] == [(4, 8, 20), (4, 22, 20)]
+    assert all(2 in p.index for p in train_parts[:1]) and 2 in validation.index

@@ -342,6 +342,16 @@ class Service:
         if flight is None:
             return
         _remove_temporary_outputs(flight.item.out_parent, flight.item.path.stem)
+        if not flight.lease_lost:
+            # After a stall the worker's error (e.g. its temporary folder removed by the
+            # daemon that reclaimed the lease) can arrive before our next heartbeat notices
+            # the loss: someone else owns the tomogram now, so this failure is not counted.
+            try:
+                self.leases.check(flight.lease)
+            except LeaseLost:
+                self._lease_lost(flight)
+            except OSError:
+                pass  # the share hiccupped: count the failure as reported
         if flight.lease_lost:
             log.warning("%s (after losing the lease; not counted)", error)
             return

@@ -252,3 +252,32 @@ def test_sigstopped_holder_loses_lease_and_does_not_publish_after_sigcont(shared
     assert _metric(b, "tomolive_lease_reclaims_total") == 1
     assert _metric(a, "tomolive_lease_reclaims_total") == 0
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_holder_stopped_while_writing_its_temporary_folder_records_no_failure(shared, tmp_path):
+    """Frozen while writing `.big.tmp-*`: the reclaiming daemon removes that folder; when the
+    frozen one continues, its worker's write errors must not count as a failure of the
+    tomogram (someone else finished it)."""
+    a = shared("a", batch_size=2).start()
+    a.wait_for_log(r"tomolive serving", 90)
+    _drop(a.incoming, tmp_path / "staging", "big.mrc",
+          tomogram_bytes(400, shape_zyx=BIG_SHAPE_ZYX))
+    a.wait_for(lambda: list(a.outputs.glob(".big.tmp-*")), 120, "a's temporary folder")
+    frozen = [a.process.pid, *_descendants(a.process.pid)]
+    for pid in frozen:
+        _signal(pid, signal.SIGSTOP)
+    if a.summary("big") is not None:
+        pytest.skip("a published before it was frozen (write stage too short to catch)")
+    b = shared("b", batch_size=8).start()
+    b.wait_for_summary("big", timeout_s=180)
+    for pid in frozen:
+        _signal(pid, signal.SIGCONT)
+    # Its worker either fails writing into the removed folder or is refused at publishing.
+    a.wait_for_log(r"after losing the lease; not counted|big\.mrc: abandoned|attempt \d", 60)
+    time.sleep(2.0)  # a few more loop turns and rescans of a
+    assert "attempt 1/" not in a.log, a.log
+    assert not list((b.outputs / ".tomolive" / "failures").glob("*.json")), a.log
+    assert _ok_lines(a, "big") == 0 and _ok_lines(b, "big") == 1, (a.log, b.log)
+    assert _summaries(b.outputs) == {"big": 1}
+    assert partial_outputs(b.outputs) == []
+    assert a.stop() == 0 and b.stop() == 0

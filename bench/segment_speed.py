@@ -112,10 +112,20 @@ class _RssSampler(threading.Thread):
     def __init__(self, period_s: float = 0.05) -> None:
         super().__init__(daemon=True)
         self.period_s, self.peak_kib, self._done = period_s, 0, threading.Event()
+        self.stage = "read"
+        self.stage_peak_kib: dict[str, int] = {}
+
+    def progress(self, stage: str, fraction: float) -> None:
+        """segment_file's progress callback: a finished stage moves on to the next one."""
+        if fraction >= 1.0 and stage in STAGES and stage != STAGES[-1]:
+            stage = STAGES[STAGES.index(stage) + 1]
+        self.stage = stage
 
     def run(self) -> None:
         while not self._done.is_set():
-            self.peak_kib = max(self.peak_kib, _status_kib("VmRSS"))
+            rss = _status_kib("VmRSS")
+            self.peak_kib = max(self.peak_kib, rss)
+            self.stage_peak_kib[self.stage] = max(self.stage_peak_kib.get(self.stage, 0), rss)
             self._done.wait(self.period_s)
 
     def stop(self) -> int:
@@ -142,7 +152,8 @@ def run_once(tomogram: Path, model: Path, device: str, voxel_size_a: float | Non
     sampler.start()
     with tempfile.TemporaryDirectory(prefix="segspeed-out-", dir=tomogram.parent) as out:
         start = time.perf_counter()
-        seg, out_dir = segment_file(tomogram, out, bundle, options, network=network)
+        seg, out_dir = segment_file(tomogram, out, bundle, options, network=network,
+                                    progress=sampler.progress)
         end_to_end_s = time.perf_counter() - start
         summary = json.loads(next(out_dir.glob("*summary*.json")).read_text())
     sampled_kib = sampler.stop()
@@ -159,6 +170,8 @@ def run_once(tomogram: Path, model: Path, device: str, voxel_size_a: float | Non
         "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "vm_hwm_mib": _status_kib("VmHWM") / 1024,
         "sampled_rss_peak_mib": sampled_kib / 1024,
+        "sampled_rss_peak_by_stage_mib": {k: round(v / 1024, 1)
+                                          for k, v in sampler.stage_peak_kib.items()},
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -208,7 +221,10 @@ def summarize(runs: list[dict[str, Any]], shape: tuple[int, int, int], model: Pa
         "memory_mib": {k: [round(r[k], 1) for r in runs] for k in
                        ("ru_maxrss_mib", "vm_hwm_mib", "sampled_rss_peak_mib",
                         "rss_after_model_mib")},
+        "sampled_rss_peak_by_stage_mib": [r["sampled_rss_peak_by_stage_mib"] for r in runs],
         "peak_rss_over_input_float32": round(peak_mib * 2**20 / input_bytes, 3),
+        "peak_rss_above_model_loaded_over_input_float32": round(
+            (peak_mib - runs[0]["rss_after_model_mib"]) * 2**20 / input_bytes, 3),
         "prepare_network_s": [round(r["prepare_network_s"], 3) for r in runs],
         "class_fractions": runs[0]["class_fractions"],
         "n_particles": runs[0]["n_particles"],

@@ -1,0 +1,115 @@
+"""`tomolive segment --claim` as real processes (issue 7): two batch jobs over the same files,
+and a batch job beside a running daemon, share one output folder without double work."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .daemon_harness import Daemon, partial_outputs, tomogram_bytes, write_tiny_model
+
+pytestmark = pytest.mark.timeout(240)
+
+LEASE_S = 4.0
+SHAPE_ZYX = (32, 64, 64)
+
+
+def _batch(out: Path, model: Path, paths: list[Path], log: Path) -> subprocess.Popen:
+    """One `tomolive segment --claim` process; stdout and stderr into `log`."""
+    with log.open("wb") as handle:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "tomolive", "segment", "--claim", "--out", str(out),
+             "--model", str(model), "--device", "cpu", "--lease-seconds", str(LEASE_S),
+             *map(str, paths)],
+            stdout=handle, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _done_lines(text: str, stem: str) -> int:
+    """Lines `STEM: done in ...` that the batch prints for each tomogram it published."""
+    return len(re.findall(rf"^{re.escape(stem)}: done in ", text, re.MULTILINE))
+
+
+def _summaries(out: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for path in out.rglob("*_summary.json"):
+        stem = path.name[: -len("_summary.json")]
+        counts[stem] = counts.get(stem, 0) + 1
+    return counts
+
+
+def _leases(out: Path) -> list[Path]:
+    return list((out / ".tomolive" / "leases").glob("*.lease"))
+
+
+@pytest.fixture
+def inputs(tmp_path) -> tuple[Path, list[Path]]:
+    model = write_tiny_model(tmp_path / "m.safetensors")
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    paths = []
+    for i in range(6):
+        path = folder / f"b{i}.mrc"
+        path.write_bytes(tomogram_bytes(500 + i, shape_zyx=SHAPE_ZYX))
+        paths.append(path)
+    return model, paths
+
+
+def test_two_batch_jobs_over_the_same_files_do_each_once(inputs, tmp_path):
+    model, paths = inputs
+    out = tmp_path / "shared"
+    # Opposite orders, as two array tasks given overlapping lists would meet in the middle.
+    jobs = [_batch(out, model, paths, tmp_path / "one.log"),
+            _batch(out, model, paths[::-1], tmp_path / "two.log")]
+    codes = [job.wait(timeout=200) for job in jobs]
+    logs = [(tmp_path / f"{n}.log").read_text() for n in ("one", "two")]
+    assert codes == [0, 0], logs
+    stems = [p.stem for p in paths]
+    for stem in stems:
+        assert sum(_done_lines(text, stem) for text in logs) == 1, (stem, logs)
+    split = [sum(_done_lines(text, s) for s in stems) for text in logs]
+    print(f"\nbatch split {split}")
+    assert split[0] > 0 and split[1] > 0, logs
+    assert _summaries(out) == dict.fromkeys(stems, 1)
+    assert _leases(out) == []
+    assert partial_outputs(out) == []
+    assert not (out / ".tomolive" / "failures").exists() or \
+        not list((out / ".tomolive" / "failures").glob("*.json"))
+
+
+def test_batch_job_beside_a_running_daemon_no_tomogram_done_twice(inputs, tmp_path):
+    model, paths = inputs
+    d = Daemon(tmp_path / "daemon", watch=[{"path": str(paths[0].parent),
+                                            "patterns": ["*.mrc"]}],
+               lease_seconds=LEASE_S)
+    d.incoming = paths[0].parent
+    (d.models / "m.safetensors").write_bytes(model.read_bytes())
+    try:
+        d.start()
+        job = _batch(d.outputs, model, paths[::-1], tmp_path / "batch.log")
+        assert job.wait(timeout=200) == 0, (tmp_path / "batch.log").read_text()
+        stems = [p.stem for p in paths]
+        d.wait_for(lambda: all(d.summary(s) for s in stems), 120, "all summaries")
+        batch_log = (tmp_path / "batch.log").read_text()
+        daemon_done = {s: len(re.findall(rf"\b{s}\.mrc: ok in ", d.log)) for s in stems}
+        batch_done = {s: _done_lines(batch_log, s) for s in stems}
+        print(f"\ndaemon {sum(daemon_done.values())}, batch {sum(batch_done.values())}")
+        for stem in stems:
+            assert daemon_done[stem] + batch_done[stem] == 1, (stem, d.log, batch_log)
+        # Whoever published it, the summary names the very input file.
+        for path in paths:
+            summary = json.loads((d.outputs / path.stem / f"{path.stem}_summary.json")
+                                 .read_text())
+            assert Path(summary["input"]["path"]).name == path.name
+        assert _summaries(d.outputs) == dict.fromkeys(stems, 1)
+        d.wait_for(lambda: _leases(d.outputs) == [], 30, "leases released")
+        assert partial_outputs(d.outputs) == []
+        assert d.stop() == 0
+    finally:
+        d.kill()

@@ -80,7 +80,7 @@ def trace_filaments(mask: np.ndarray, spec: ClassSpec, voxel_size_a: float) -> l
     lumen_nm = float(spec.extra.get("lumen_diameter_nm", DEFAULT_LUMEN_DIAMETER_NM))
     lumen_area_vox = math.pi * (lumen_nm / voxel_nm / 2.0) ** 2
     solid = _fill_lumens(mask[box], lumen_area_vox)
-    points = np.argwhere(skeletonize(solid))
+    points = np.argwhere(_skeleton(solid))
     if len(points) < 2:
         return []
     points = _prune_spurs(points, min_length_vox)
@@ -91,6 +91,23 @@ def trace_filaments(mask: np.ndarray, spec: ClassSpec, voxel_size_a: float) -> l
         if filament is not None:
             filaments.append(filament)
     return filaments
+
+
+def _skeleton(solid: np.ndarray) -> np.ndarray:
+    """`skeletonize(solid)`, run per 26-connected component inside its own bounding box.
+
+    Lee's thinning only looks at each voxel's 26-neighbourhood, which never reaches another
+    component, so the result is identical; but each pass scans the whole array, and a
+    component's box is much smaller than the class's box (2x faster measured on synth).
+    """
+    comps, n = ndimage.label(solid, structure=np.ones((3, 3, 3), dtype=bool))
+    if n <= 1:
+        return skeletonize(solid)
+    out = np.zeros(solid.shape, dtype=bool)
+    for i, box in enumerate(ndimage.find_objects(comps), start=1):
+        if box is not None:
+            out[box] |= skeletonize(comps[box] == i)
+    return out
 
 
 def _fill_lumens(mask: np.ndarray, max_area_vox: float) -> np.ndarray:

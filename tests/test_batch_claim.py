@@ -8,9 +8,11 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from tomolive.daemon.claims import lease_key
 
 from .daemon_harness import Daemon, partial_outputs, tomogram_bytes, write_tiny_model
 
@@ -64,9 +66,15 @@ def inputs(tmp_path) -> tuple[Path, list[Path]]:
 def test_two_batch_jobs_over_the_same_files_do_each_once(inputs, tmp_path):
     model, paths = inputs
     out = tmp_path / "shared"
+    big = paths[0]  # bigger, so that job one is still busy with it when job two starts
+    big.write_bytes(tomogram_bytes(499, shape_zyx=(96, 256, 256)))
     # Opposite orders, as two array tasks given overlapping lists would meet in the middle.
-    jobs = [_batch(out, model, paths, tmp_path / "one.log"),
-            _batch(out, model, paths[::-1], tmp_path / "two.log")]
+    jobs = [_batch(out, model, paths, tmp_path / "one.log")]
+    lease = out / ".tomolive" / "leases" / f"{lease_key(big.stem)}.lease"
+    deadline = time.monotonic() + 90
+    while not lease.exists() and jobs[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    jobs.append(_batch(out, model, paths[::-1], tmp_path / "two.log"))
     codes = [job.wait(timeout=200) for job in jobs]
     logs = [(tmp_path / f"{n}.log").read_text() for n in ("one", "two")]
     assert codes == [0, 0], logs

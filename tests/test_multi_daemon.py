@@ -24,7 +24,7 @@ from .daemon_harness import Daemon, partial_outputs, tomogram_bytes, write_tiny_
 pytestmark = pytest.mark.timeout(300)
 
 LEASE_S = 3.0
-BIG_SHAPE_ZYX = (96, 128, 128)  # several seconds of CPU work: long enough to stop or kill
+BIG_SHAPE_ZYX = (96, 256, 256)  # seconds of CPU work (the tiny model): time to stop or kill it
 
 
 # --- helpers: /proc, leases, logs, metrics ----------------------------------------------------
@@ -226,7 +226,7 @@ def test_sigstopped_holder_loses_lease_and_does_not_publish_after_sigcont(shared
     b.wait_for_log(r"was stale: reclaimed", 90)
     # b waited for the heartbeat to stand still for the lease duration on its own clock.
     assert time.monotonic() - stopped_at >= LEASE_S
-    assert _lease_of(b.outputs, b.process.pid, "big") is not None
+    b.wait_for(lambda: _lease_of(b.outputs, b.process.pid, "big"), 30, "b's lease on big")
     assert a.summary("big") is None  # nobody published while a was frozen mid-tomogram
     winner = b.wait_for_summary("big", timeout_s=180)
     folder = b.outputs / "big"

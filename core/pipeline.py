@@ -8,6 +8,7 @@ coordinates are mapped back to the input grid and the file's own axis order.
 
 from __future__ import annotations
 
+import mmap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -102,6 +103,7 @@ def segment(
         grid = grid_for(canonical.shape, volume.voxel_size_a, model_voxel_a)
         model_data = fourier_rescale(canonical, grid, device=_device_name(options))
     _report(progress, "rescale", 1.0)
+    _release_pages(volume.data)
     with timer.stage("preprocess"):
         model_data = apply_recipe(model_data, model_voxel_a, meta.preprocess,
                                   device=_device_name(options))
@@ -204,6 +206,22 @@ def _device_name(options: SegmentOptions) -> str:
 def _report(progress: Progress | None, stage: str, fraction: float) -> None:
     if progress is not None:
         progress(stage, fraction)
+
+
+def _release_pages(data: np.ndarray) -> None:
+    """Drop a memory-mapped input's pages from this process's resident set (the page cache
+    keeps them; a later read faults them back in). After the rescale the input is not needed
+    until the preview reads three slices, and its touched pages would otherwise count towards
+    peak memory: for 300x1024x1024 float32 that is 1.26 GB."""
+    base = data
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        base.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):  # advice only: a closed map or an unsupported platform
+        pass
 
 
 def _model_record(bundle: ModelBundle) -> dict[str, Any]:

@@ -52,6 +52,10 @@ def segment_with_claims(paths: list[Path], out_dir: Path, bundle: Any, network: 
                 continue
             progressed = True
             pending.remove(path)
+            if is_done(out_dir / path.stem, None, fingerprint):
+                # Published and released by someone else between our check and our claim.
+                leases.release(lease)
+                continue
             failed += not _segment_leased(path, out_dir, bundle, network, options, leases,
                                           lease, failures, fingerprint)
         if pending and not progressed:

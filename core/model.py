@@ -15,7 +15,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from .atomic import atomic_path
 from .classes import ClassSpec
 
 FORMAT_VERSION = 1
@@ -403,33 +403,10 @@ def save_bundle(path: str | Path, network: nn.Module, meta: BundleMeta) -> Path:
     raw = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
     tensors = _check_tensors(raw, meta.architecture)
     payload = st_save(tensors, metadata={METADATA_KEY: json.dumps(meta.to_json())})
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
+        os.chmod(tmp, 0o644)  # readable by the service user, whoever trained the model
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename durable; not possible on every platform / file system, so best effort.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _read_metadata(blob: bytes) -> dict[str, str]:

@@ -39,13 +39,13 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.fft
 from scipy.spatial import cKDTree
 
+from .atomic import atomic_path
 from .classes import SYNTH_CLASS_NAMES
 
 Progress = Callable[[str, float], None]  # (stage name, fraction of that stage done in 0..1)
@@ -724,11 +724,8 @@ def write_synth(
     if labels_path is not None:
         write_mrc(labels_path, result.labels.astype(np.int8, copy=False), result.voxel_size_a)
     if particles_csv is not None:
-        path = Path(particles_csv)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(particles_csv) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["class", "x", "y", "z"])
             for name, x, y, z in result.particles:
                 writer.writerow([name, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}"])
-        os.replace(tmp, path)

@@ -8,13 +8,14 @@ output without rotation) are detected with `thin_axis` and viewed beam-axis-firs
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import mrcfile
 import numpy as np
 from mrcfile.dtypes import HEADER_DTYPE
+
+from .atomic import atomic_path
 
 HEADER_BYTES = 1024
 MIN_DIM = 8
@@ -234,21 +235,13 @@ def write_mrc(
     if data.ndim != 3:
         raise ValueError(f"{path}: write_mrc needs a 3-D [z, y, x] array, got shape {data.shape}")
     dtype = _file_dtype(data)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         with mrcfile.new_mmap(tmp, shape=data.shape, mrc_mode=_DTYPE_MODE[dtype.name],
                               overwrite=True) as mrc:
             _copy_with_stats(data, mrc.data, mrc.header)
             mrc.voxel_size = voxel_size_a
             for axis, value in zip("xyz", origin_xyz_a, strict=True):
                 mrc.header.origin[axis] = value
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
     return path
 
 
@@ -274,20 +267,6 @@ def _copy_with_stats(src: np.ndarray, dst: np.ndarray, header: np.recarray) -> N
     # mrcfile.validate recomputes the rms in float16 for mode 12, which overflows: leave it
     # "undetermined" (negative, as MRC2014 allows) there.
     header.rms = np.sqrt(m2_total / n_total) if dst.dtype != np.float16 else -1.0
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable; some filesystems (SMB) refuse directory fsync, which is fine."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def thin_axis(shape_zyx: tuple[int, ...]) -> int:

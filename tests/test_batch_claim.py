@@ -8,11 +8,12 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from tomolive.daemon.claims import lease_key
+from tomolive.daemon.claims import LeaseManager, lease_key
 
 from .daemon_harness import Daemon, partial_outputs, tomogram_bytes, write_tiny_model
 
@@ -66,15 +67,27 @@ def inputs(tmp_path) -> tuple[Path, list[Path]]:
 def test_two_batch_jobs_over_the_same_files_do_each_once(inputs, tmp_path):
     model, paths = inputs
     out = tmp_path / "shared"
-    big = paths[0]  # bigger, so that job one is still busy with it when job two starts
-    big.write_bytes(tomogram_bytes(499, shape_zyx=(96, 256, 256)))
-    # Opposite orders, as two array tasks given overlapping lists would meet in the middle.
-    jobs = [_batch(out, model, paths, tmp_path / "one.log")]
-    lease = out / ".tomolive" / "leases" / f"{lease_key(big.stem)}.lease"
+    # Both jobs start with a bigger tomogram (opposite ends of the list), and the test holds
+    # every lease (renewing it, as a live daemon would) until both jobs have loaded their model:
+    # each then claims its own big one first, so both must do some of the work.
+    for big in (paths[0], paths[-1]):
+        big.write_bytes(tomogram_bytes(499 + len(big.stem), shape_zyx=(96, 256, 256)))
+    holder = LeaseManager(out, LEASE_S)
+    held = [holder.try_claim(lease_key(p.stem), p.stem) for p in paths]
+    stop = threading.Event()
+    beat = threading.Thread(target=lambda: [holder.renew(lease) for _ in iter(
+        lambda: not stop.wait(0.5), False) for lease in held], daemon=True)
+    beat.start()
+    jobs = [_batch(out, model, paths, tmp_path / "one.log"),
+            _batch(out, model, paths[::-1], tmp_path / "two.log")]
     deadline = time.monotonic() + 90
-    while not lease.exists() and jobs[0].poll() is None and time.monotonic() < deadline:
+    while time.monotonic() < deadline and not all(
+            "model tiny" in (tmp_path / f"{n}.log").read_text() for n in ("one", "two")):
         time.sleep(0.05)
-    jobs.append(_batch(out, model, paths[::-1], tmp_path / "two.log"))
+    stop.set()
+    beat.join()
+    for lease in held:
+        assert holder.release(lease)
     codes = [job.wait(timeout=200) for job in jobs]
     logs = [(tmp_path / f"{n}.log").read_text() for n in ("one", "two")]
     assert codes == [0, 0], logs

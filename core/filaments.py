@@ -25,6 +25,7 @@ from scipy.sparse.csgraph import connected_components
 from skimage.morphology import skeletonize
 
 from .classes import ClassSpec
+from .cleanup import component_sizes
 
 # A model may label only the wall of a hollow filament (microtubule); its skeleton would be a
 # loop around the wall, not the axis. Holes of up to this diameter in 2-D slices are filled first
@@ -128,7 +129,7 @@ def _fill_lumens(mask: np.ndarray, max_area_vox: float) -> np.ndarray:
         holes, n = ndimage.label(~mask, structure=structure)
         if n == 0:
             continue
-        sizes = np.bincount(holes.ravel(), minlength=n + 1)
+        sizes = component_sizes(holes, n)
         fill = sizes <= max_area_vox
         fill[0] = False
         for a in range(3):  # regions reaching the in-plane border of the box are not enclosed

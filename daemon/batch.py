@@ -24,10 +24,25 @@ log = logging.getLogger("tomolive.batch")
 MAX_ATTEMPTS = 3
 
 
+def relative_output(path: Path, relative_to: Path | None) -> str:
+    """The output folder of `path` relative to the shared output folder: `session1/TS_01`
+    when `relative_to` is the daemons' watched root (so batch jobs and daemons agree on the
+    lease), else just the stem."""
+    if relative_to is None:
+        return path.stem
+    try:
+        parent = path.absolute().parent.relative_to(relative_to.absolute())
+    except ValueError:
+        raise ValueError(f"{path}: not under --relative-to {relative_to}") from None
+    return (parent / path.stem).as_posix()
+
+
 def segment_with_claims(paths: list[Path], out_dir: Path, bundle: Any, network: Any,
-                        options: Any, lease_seconds: float) -> int:
+                        options: Any, lease_seconds: float,
+                        relative_to: Path | None = None) -> int:
     """Segment every path not done elsewhere; returns the exit status (1 if any failed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    rel_outputs = {path: relative_output(path, relative_to) for path in paths}
     leases = LeaseManager(out_dir, lease_seconds)
     failures = FailureRecords(out_dir, MAX_ATTEMPTS)
     pending = list(paths)
@@ -37,13 +52,15 @@ def segment_with_claims(paths: list[Path], out_dir: Path, bundle: Any, network: 
     while pending:
         progressed = False
         for path in list(pending):
-            key = lease_key(path.stem)
+            rel_output = rel_outputs[path]
+            key = lease_key(rel_output)
             fingerprint = input_fingerprint(path)
-            if is_done(out_dir / path.stem, None, fingerprint) or \
+            out_parent = (out_dir / rel_output).parent
+            if is_done(out_dir / rel_output, None, fingerprint) or \
                     failures.is_quarantined(key, fingerprint):
                 pending.remove(path)
                 continue
-            lease = leases.try_claim(key, path.stem)
+            lease = leases.try_claim(key, rel_output)
             if lease is None:
                 waiting_since.setdefault(path, time.monotonic())
                 if time.monotonic() - waiting_since[path] > deadline_per_wait_s:
@@ -52,20 +69,20 @@ def segment_with_claims(paths: list[Path], out_dir: Path, bundle: Any, network: 
                 continue
             progressed = True
             pending.remove(path)
-            if is_done(out_dir / path.stem, None, fingerprint):
+            if is_done(out_dir / rel_output, None, fingerprint):
                 # Published and released by someone else between our check and our claim.
                 leases.release(lease)
                 continue
-            failed += not _segment_leased(path, out_dir, bundle, network, options, leases,
-                                          lease, failures, fingerprint)
+            failed += not _segment_leased(path, out_parent, bundle, network, options, leases,
+                                          lease, failures, fingerprint, rel_output)
         if pending and not progressed:
             time.sleep(min(2.0, lease_seconds / 4))  # watch the other leases' heartbeats
     return 1 if failed else 0
 
 
-def _segment_leased(path: Path, out_dir: Path, bundle: Any, network: Any, options: Any,
+def _segment_leased(path: Path, out_parent: Path, bundle: Any, network: Any, options: Any,
                     leases: LeaseManager, lease: Lease, failures: FailureRecords,
-                    fingerprint: str) -> bool:
+                    fingerprint: str, rel_output: str) -> bool:
     stop = threading.Event()
     lost = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(leases, lease, stop, lost), daemon=True)
@@ -77,14 +94,14 @@ def _segment_leased(path: Path, out_dir: Path, bundle: Any, network: Any, option
         leases.renew(lease)
 
     try:
-        seg, folder = segment_file(path, out_dir, bundle, options, network=network,
+        seg, folder = segment_file(path, out_parent, bundle, options, network=network,
                                    before_publish=check_lease)
     except LeaseLost as error:
         print(f"tomolive: {error}", file=sys.stderr)
         return True  # someone else owns it now: not our failure
     except (ValueError, OSError, RuntimeError) as error:
         message = " ".join(str(error).split())
-        failures.record_failure(lease.key, fingerprint, message, path.stem)
+        failures.record_failure(lease.key, fingerprint, message, rel_output)
         print(f"tomolive: error: {message}", file=sys.stderr)
         return False
     finally:

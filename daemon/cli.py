@@ -66,6 +66,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--claim", action="store_true",
                    help="take leases in the output folder (batch jobs beside running daemons)")
     p.add_argument("--lease-seconds", type=float, default=120.0)
+    p.add_argument("--relative-to", type=Path, metavar="ROOT",
+                   help="with --claim: the daemons' watched root; outputs and leases follow "
+                        "the files' folders below it, as the daemons' do")
     p.set_defaults(handler=_cmd_segment)
 
 
@@ -108,7 +111,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         from .batch import segment_with_claims
 
         return segment_with_claims(args.tomograms, args.out, bundle, network, options,
-                                   lease_seconds=args.lease_seconds)
+                                   lease_seconds=args.lease_seconds,
+                                   relative_to=args.relative_to)
     failures = 0
     for path in args.tomograms:
         try:

@@ -23,13 +23,14 @@ LEASE_S = 4.0
 SHAPE_ZYX = (32, 64, 64)
 
 
-def _batch(out: Path, model: Path, paths: list[Path], log: Path) -> subprocess.Popen:
+def _batch(out: Path, model: Path, paths: list[Path], log: Path,
+           *extra: str) -> subprocess.Popen:
     """One `tomolive segment --claim` process; stdout and stderr into `log`."""
     with log.open("wb") as handle:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
             [sys.executable, "-m", "tomolive", "segment", "--claim", "--out", str(out),
              "--model", str(model), "--device", "cpu", "--lease-seconds", str(LEASE_S),
-             *map(str, paths)],
+             *extra, *map(str, paths)],
             stdout=handle, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -104,19 +105,29 @@ def test_two_batch_jobs_over_the_same_files_do_each_once(inputs, tmp_path):
         not list((out / ".tomolive" / "failures").glob("*.json"))
 
 
-def test_batch_job_beside_a_running_daemon_no_tomogram_done_twice(inputs, tmp_path):
+@pytest.mark.parametrize("session", [None, "session1"])
+def test_batch_job_beside_a_running_daemon_no_tomogram_done_twice(inputs, tmp_path, session):
+    """Files at the top of the watched folder, or in a session folder below it (then the
+    batch job is told the daemons' watched root with --relative-to, and both key the lease
+    and the output folder by `session1/STEM`)."""
     model, paths = inputs
-    d = Daemon(tmp_path / "daemon", watch=[{"path": str(paths[0].parent),
-                                            "patterns": ["*.mrc"]}],
+    root = paths[0].parent
+    extra: tuple[str, ...] = ()
+    rel = "."
+    if session:
+        (root / session).mkdir()
+        paths = [p.rename(root / session / p.name) for p in paths]
+        extra, rel = ("--relative-to", str(root)), session
+    d = Daemon(tmp_path / "daemon", watch=[{"path": str(root), "patterns": ["*.mrc"]}],
                lease_seconds=LEASE_S)
-    d.incoming = paths[0].parent
+    d.incoming = root
     (d.models / "m.safetensors").write_bytes(model.read_bytes())
     try:
         d.start()
-        job = _batch(d.outputs, model, paths[::-1], tmp_path / "batch.log")
+        job = _batch(d.outputs, model, paths[::-1], tmp_path / "batch.log", *extra)
         assert job.wait(timeout=200) == 0, (tmp_path / "batch.log").read_text()
         stems = [p.stem for p in paths]
-        d.wait_for(lambda: all(d.summary(s) for s in stems), 120, "all summaries")
+        d.wait_for(lambda: all(d.summary(s, rel) for s in stems), 120, "all summaries")
         batch_log = (tmp_path / "batch.log").read_text()
         daemon_done = {s: len(re.findall(rf"\b{s}\.mrc: ok in ", d.log)) for s in stems}
         batch_done = {s: _done_lines(batch_log, s) for s in stems}
@@ -125,7 +136,7 @@ def test_batch_job_beside_a_running_daemon_no_tomogram_done_twice(inputs, tmp_pa
             assert daemon_done[stem] + batch_done[stem] == 1, (stem, d.log, batch_log)
         # Whoever published it, the summary names the very input file.
         for path in paths:
-            summary = json.loads((d.outputs / path.stem / f"{path.stem}_summary.json")
+            summary = json.loads((d.outputs / rel / path.stem / f"{path.stem}_summary.json")
                                  .read_text())
             assert Path(summary["input"]["path"]).name == path.name
         assert _summaries(d.outputs) == dict.fromkeys(stems, 1)

@@ -31,6 +31,7 @@ from typing import Any
 
 from filelock import SoftFileLease, Timeout
 
+from ..core.atomic import atomic_write_text
 from ..core.fingerprint import input_fingerprint
 
 __all__ = [
@@ -102,17 +103,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write to a unique temp name in the same folder, then rename over `path` (atomic)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    """Readers see the old record or the whole new one (temp beside, then rename)."""
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _critical_section(lock_path: Path) -> SoftFileLease:

@@ -328,6 +328,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--name", default=None)
+    p.add_argument("--base-width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_distill)
 
@@ -340,14 +341,14 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     if args.steps is None and args.max_minutes is None:
         raise CommandError("give --steps N and/or --max-minutes M")
     singles = [load_bundle(path) for path in args.models]
-    options = training.TrainOptions(steps=args.steps, max_minutes=args.max_minutes,
-                                    device=args.device, seed=args.seed,
-                                    name=args.name or args.out.stem)
+    options = training.TrainOptions(
+        steps=args.steps, max_minutes=args.max_minutes, device=args.device, seed=args.seed,
+        name=args.name or args.out.stem,
+        **({"base_width": args.base_width} if args.base_width else {}))
     with _TrainingProgress(args.steps) as progress:
         trained = distill(singles, args.tomograms, options, progress=progress)
     save_bundle(args.out, trained.network, trained.meta)
-    print(f"{args.out}: joint model of {', '.join(c.name for c in trained.meta.classes_specs())}"
-          if hasattr(trained.meta, "classes_specs") else f"{args.out}: joint model written")
+    print(f"{args.out}: joint model of {', '.join(c.name for c in trained.meta.classes)}")
     return EXIT_OK
 
 

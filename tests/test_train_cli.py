@@ -1,0 +1,56 @@
+"""`tomolive train` and `tomolive distill` as a user runs them, on tiny synthetic data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tomolive.core.model import load_bundle
+from tomolive.core.synth import synthesize, write_synth
+from tomolive.core.volume import write_mrc
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def tomolive(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tomolive", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_train_single_feature_models_then_distill_them(tmp_path):
+    result = synthesize((40, 96, 96), 10.0, seed=5)
+    tomogram = tmp_path / "t.mrc"
+    write_synth(result, tomogram)
+    singles = []
+    for index, name in ((1, "membrane"), (5, "gold")):
+        labels = (result.labels == index).astype(np.int8)
+        labels[:, :, 80:] = -1  # not annotated (255 in an unsigned file)
+        write_mrc(tmp_path / f"{name}.mrc", labels, 10.0)
+        out = tmp_path / f"{name}.safetensors"
+        run = tomolive("train", "--tomogram", tomogram, "--labels", tmp_path / f"{name}.mrc",
+                       "--classes", name, "--region", "8:32,0:96,0:96", "--steps", "3",
+                       "--base-width", "4", "--device", "cpu", "--out", out)
+        assert run.returncode == 0, run.stderr
+        assert f"{out}: {name} v1" in run.stdout
+        bundle = load_bundle(out)
+        assert [c.name for c in bundle.classes] == [name]
+        assert bundle.meta.training["steps"] == 3
+        singles.append(out)
+
+    joint = tmp_path / "joint.safetensors"
+    run = tomolive("distill", "--models", *singles, "--tomograms", tomogram, "--steps", "2",
+                   "--base-width", "4", "--device", "cpu", "--out", joint)
+    assert run.returncode == 0, run.stderr
+    assert "joint model of membrane, gold" in run.stdout
+    meta = load_bundle(joint).meta
+    assert [c.name for c in meta.classes] == ["membrane", "gold"]
+    assert len(meta.training["distilled_from"]) == 2
+
+
+def test_train_rejects_a_missing_stop_condition_in_one_line(tmp_path):
+    run = tomolive("train", "--tomogram", tmp_path / "t.mrc", "--labels", tmp_path / "l.mrc",
+                   "--classes", "membrane", "--out", tmp_path / "m.safetensors")
+    assert run.returncode == 1
+    assert run.stderr.strip() == "tomolive: error: give --steps N and/or --max-minutes M"

@@ -242,3 +242,18 @@ def test_status_and_retry_commands(daemon):
 def _tomolive(*args):
     return subprocess.run([sys.executable, "-m", "tomolive", *map(str, args)],
                           capture_output=True, text=True, timeout=120)
+
+
+def test_resegment_on_model_change_after_new_arrivals(daemon, tmp_path):
+    d = daemon(resegment_on_model_change=True)
+    (d.incoming / "early.mrc").write_bytes(tomogram_bytes(15))
+    d.start()
+    assert d.wait_for_summary("early")["model"]["name"] == "model-a"
+    new_model = write_tiny_model(tmp_path / "b.staging", name="model-b", version=2, seed=1)
+    shutil.copyfile(new_model, d.models / ".b.partial")
+    os.rename(d.models / ".b.partial", d.models / "b.safetensors")  # published atomically
+    d.wait_for_log(r"serving model model-b v2")
+    d.wait_for_log(r"early\.mrc: ok .*model=model-b v2 \(re-segmented\)", 90)
+    assert d.summary("early")["model"]["name"] == "model-b"
+    assert d.log.count("early.mrc: ok") == 2
+    assert d.stop() == 0

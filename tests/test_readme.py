@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 from prometheus_client import generate_latest
-
 from tomolive.daemon.cli import build_parser
 from tomolive.daemon.metrics import Metrics
 

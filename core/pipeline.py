@@ -28,7 +28,7 @@ from .particles import ParticleTable, find_particles
 from .preprocess import apply_recipe
 from .resample import GridMap, fourier_rescale, grid_for, labels_to_input
 from .segmentation import Segmentation
-from .volume import Volume, from_canonical, read_mrc, thin_axis, to_canonical
+from .volume import Volume, from_canonical, read_mrc, swap_zyx_columns, thin_axis, to_canonical
 
 STAGES = ("read", "rescale", "preprocess", "inference", "cleanup", "particles", "filaments",
           "write")
@@ -253,7 +253,7 @@ def _specimen_confidence(confidence_u8: np.ndarray) -> float:
 def _points_to_input(zyx_model: np.ndarray, grid: GridMap, beam_axis: int) -> np.ndarray:
     """Model-grid (canonical) voxel coordinates -> the input file's own voxel coordinates."""
     zyx = grid.to_input(np.asarray(zyx_model, dtype=np.float64).reshape(-1, 3))
-    return zyx[:, [1, 0, 2]] if beam_axis == 1 else zyx
+    return swap_zyx_columns(zyx, beam_axis)
 
 
 def _particles_to_input(table: ParticleTable, grid: GridMap, beam_axis: int) -> ParticleTable:
@@ -265,7 +265,5 @@ def _filament_to_input(filament: Filament, grid: GridMap, beam_axis: int) -> Fil
     directions = directions * np.asarray(grid.scale_zyx)  # tangents stretch with the grid
     norms = np.linalg.norm(directions, axis=1, keepdims=True)
     directions = directions / np.where(norms > 0, norms, 1.0)
-    if beam_axis == 1:
-        directions = directions[:, [1, 0, 2]]
     return Filament(points_zyx=_points_to_input(filament.points_zyx, grid, beam_axis),
-                    directions_zyx=directions)
+                    directions_zyx=swap_zyx_columns(directions, beam_axis))

@@ -12,8 +12,8 @@ volume itself), so a class that occupies a corner costs only that corner. Per cl
 Filling claims a voxel only if it is background or belongs to a class of strictly lower
 `priority`, so gold fiducials fill holes over membrane but membrane never eats gold. Classes are
 processed from the highest priority down, so lower-priority classes are cleaned around what the
-higher ones claimed. Memory: one bool mask and one int32 component map per class box; no float
-copies. The input array is modified in place and returned.
+higher ones claimed. Memory: one bool mask and one component map (uint16 when the count fits,
+else int32) per class box; no float copies. The input array is modified in place and returned.
 """
 
 from __future__ import annotations
@@ -123,9 +123,22 @@ def component_sizes(comps: np.ndarray, n: int) -> np.ndarray:
     return sizes
 
 
+def label_compact(mask: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, int]:
+    """`ndimage.label(mask, structure)` into uint16 when the components fit (2 bytes per voxel
+    instead of int32's 4: 0.6 GB less for a 300x1024x1024 box); int32 otherwise.
+
+    Same label numbers either way. With more than 65535 components scipy first retries in int32
+    itself and then refuses the cast; that rare case costs one more labelling.
+    """
+    try:
+        return ndimage.label(mask, structure=structure, output=np.uint16)
+    except RuntimeError:  # "insufficient bit-depth": more than 65535 components
+        return ndimage.label(mask, structure=structure)
+
+
 def _remove_small(sub: np.ndarray, mask: np.ndarray, min_vox: float) -> None:
     """Set components of `mask` smaller than `min_vox` to background (updates `mask` too)."""
-    comps, n = ndimage.label(mask, structure=_FACE)
+    comps, n = label_compact(mask, _FACE)
     if n == 0:
         return
     sizes = component_sizes(comps, n)
@@ -142,7 +155,7 @@ def _fill_holes(
     sub: np.ndarray, mask: np.ndarray, value: int, fill_vox: float, priority: np.ndarray
 ) -> None:
     """Fill enclosed non-class regions smaller than `fill_vox`, respecting class priority."""
-    holes, n = ndimage.label(~mask, structure=_FACE)
+    holes, n = label_compact(~mask, _FACE)
     if n == 0:
         return
     sizes = component_sizes(holes, n)

@@ -21,6 +21,7 @@ from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
 from .classes import ClassSpec
+from .cleanup import label_compact
 
 MIN_VOLUME_FRACTION = 0.2  # x sphere volume of the expected diameter
 MAX_VOLUME_FRACTION = 3.0
@@ -100,7 +101,7 @@ def find_particles(
     if len(boxes) < class_index or boxes[class_index - 1] is None:
         return ParticleTable.empty(spec.name)
     cbox = boxes[class_index - 1]
-    comps, n = ndimage.label(labels[cbox] == class_index, structure=_FACE)
+    comps, n = label_compact(labels[cbox] == class_index, _FACE)
     zyx, scores, volumes = [], [], []
     for i, box in enumerate(ndimage.find_objects(comps), start=1):
         if box is None:

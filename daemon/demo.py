@@ -53,6 +53,7 @@ def run_demo(folder: Path, once: bool, count: int = 3) -> int:
     )
     threading.Thread(target=_echo, args=(daemon.stdout,), daemon=True).start()
     tomograms = demo_tomograms(count)
+    finished: dict[str, dict] = {}
     try:
         for tomogram in tomograms:
             _write_slowly(folder / "incoming", tomogram)
@@ -67,7 +68,11 @@ def run_demo(folder: Path, once: bool, count: int = 3) -> int:
     finally:
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=120)
+            try:
+                daemon.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
     ok = len(finished) == len(tomograms)
     return 0 if ok and daemon.returncode == 0 else 1
 

@@ -71,18 +71,27 @@ class ModelRegistry:
         self._seen: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime, since)
         self._valid: dict[Path, ServingModel] = {}
         self._rejected: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime) when rejected
+        self._warned_pinned = False
 
     def poll(self) -> ServingModel | None:
         """Look at the folder; return the new serving model if it changed, else None."""
         self._scan()
         chosen = self._choose()
-        if chosen is None and self.current is None and self.default_bundle is not None \
-                and self.default_bundle.exists():
-            chosen = self._validate(self.default_bundle, self.default_bundle.stat())
+        if chosen is None and self.current is None:
+            chosen = self._default()
         if chosen is not None and (self.current is None or chosen.sha256 != self.current.sha256):
             self.current = chosen
             return chosen
         return None
+
+    def _default(self) -> ServingModel | None:
+        """The shipped default model, validated once (and again only if the file changes)."""
+        if self.default_bundle is None or not self.default_bundle.exists():
+            return None
+        stat = self.default_bundle.stat()
+        if self._rejected.get(self.default_bundle) == (stat.st_size, stat.st_mtime_ns):
+            return None
+        return self._validate(self.default_bundle, stat)
 
     def _scan(self) -> None:
         now = time.monotonic()
@@ -147,9 +156,13 @@ class ModelRegistry:
         return target
 
     def _choose(self) -> ServingModel | None:
-        if not self._valid:
-            return None
         if self.policy != "newest":
             pinned = [m for p, m in self._valid.items() if p.name == self.policy]
+            if not pinned and not self._warned_pinned:
+                self._warned_pinned = True
+                log.warning("pinned model %s is not a valid bundle in %s; keeping the current "
+                            "model", self.policy, self.models_dir)
             return pinned[0] if pinned else None
+        if not self._valid:
+            return None
         return max(self._valid.values(), key=lambda m: (m.mtime_ns, m.version))

@@ -2,7 +2,8 @@
 
 Order: tomograms never segmented come first (newest first by default: the tomogram just
 collected matters most to the person at the microscope; the backlog after), re-segmentations
-for a new model after them. Failed attempts wait `retry_delay_s` before they are tried again.
+for a new model after them. An item whose `not_before_monotonic_s` lies in the future (a
+failed attempt waiting to be retried) is held back until then.
 """
 
 from __future__ import annotations

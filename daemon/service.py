@@ -8,6 +8,7 @@ removed, leases released), exit 0. SIGHUP: reload the configuration without drop
 
 from __future__ import annotations
 
+import glob
 import logging
 import shutil
 import signal
@@ -77,6 +78,8 @@ class Service:
         self._last_renew_s = time.monotonic()
         self._finished_ok = 0
         self._warned_no_model = False
+        self._parked: dict[Path, QueueItem] = {}  # quarantined or unreadable, looked at again
+        self._last_parked_check_s = time.monotonic()
         self._started_s = time.monotonic()
         self._state_dir = Path(tempfile.mkdtemp(prefix="tomolive-"))
         self._setup_shared_state()
@@ -112,12 +115,12 @@ class Service:
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
         server = None
-        if self.config.metrics.enabled:
-            server = MetricsServer(self.metrics, self.config.metrics.host,
-                                   self.config.metrics.port, health=self.healthy)
-            log.info("metrics on %s/metrics", server.url)
         self.pool = WorkerPool(self.devices, threads_per_cpu_worker=self._cpu_threads())
         try:
+            if self.config.metrics.enabled:
+                server = MetricsServer(self.metrics, self.config.metrics.host,
+                                       self.config.metrics.port, health=self.healthy)
+                log.info("metrics on %s/metrics", server.url)
             self._switch_model_if_needed(force=True)
             self.pool.start()
             self.watcher.start()
@@ -126,7 +129,11 @@ class Service:
                      ",".join(self.devices))
             self.notifier.ready(self._status_text())
             while not self._done_stopping():
-                self._tick()
+                try:
+                    self._tick()
+                except OSError as error:  # a shared folder gone wrong must not stop the service
+                    log.error("main loop: %s; going on", error)
+                    time.sleep(1.0)
         finally:
             self._shutdown(server)
         return 0
@@ -232,29 +239,53 @@ class Service:
         # failure records count the attempts up to quarantine, across all daemons.
         for candidate in self.watcher.poll():
             self._enqueue(candidate)
+        now = time.monotonic()
+        if now - self._last_parked_check_s >= self.config.rescan_interval_seconds:
+            self._last_parked_check_s = now
+            self._recheck_parked()
 
     def _enqueue(self, candidate: Any, resegment: bool = False) -> None:
         item = QueueItem(path=candidate.path, out_parent=candidate.out_parent,
                          key=lease_key(candidate.rel_output), rel_output=candidate.rel_output,
                          mtime_ns=candidate.mtime_ns,
                          voxel_size_a=candidate.voxel_size_a, resegment=resegment)
-        if self._skip(item):
+        self._queue_or_park(item)
+
+    def _queue_or_park(self, item: QueueItem) -> None:
+        """Queue `item` if it needs work; park it if it may need work later (quarantined until
+        `tomolive retry`, or unreadable for now); drop it if it is done or gone."""
+        try:
+            status, _ = self._status_of(item)
+        except OSError as error:
+            log.warning("%s: cannot check it now (%s); will look again", item.path, error)
+            status = "unreadable"
+        if status in ("quarantined", "unreadable"):
+            self._parked[item.path] = item
             return
-        if self.queue.add(item):
+        self._parked.pop(item.path, None)
+        if status is None and self.queue.add(item):
             self.metrics.tomograms_discovered()
 
-    def _skip(self, item: QueueItem) -> bool:
-        """Done with the current model (or any, unless re-segmenting), or quarantined."""
+    def _recheck_parked(self) -> None:
+        for item in list(self._parked.values()):
+            self._queue_or_park(item)
+
+    def _status_of(self, item: QueueItem) -> tuple[str | None, str | None]:
+        """(why no work is needed now: 'gone', 'done' or 'quarantined'; None when it is, and
+        the input's fingerprint). Raises OSError when the shared folder cannot be read."""
         try:
             fingerprint = input_fingerprint(item.path)
-        except OSError:
-            return True  # gone
-        model_sha = self.registry.current.sha256 if self.registry.current else None
-        wanted_sha = model_sha if (item.resegment or
-                                   self.config.resegment_on_model_change) else None
+        except FileNotFoundError:
+            return "gone", None
+        # Re-segmentation items exist only with resegment_on_model_change; with it, a result
+        # of another model is not done.
+        wanted_sha = (self.registry.current.sha256 if self.registry.current and
+                      self.config.resegment_on_model_change else None)
         if is_done(item.out_parent / item.path.stem, wanted_sha, fingerprint):
-            return True
-        return self.failures.is_quarantined(item.key, fingerprint)
+            return "done", fingerprint
+        if self.failures.is_quarantined(item.key, fingerprint):
+            return "quarantined", fingerprint
+        return None, fingerprint
 
     def _dispatch(self) -> None:
         idle = self.pool.idle_workers()
@@ -263,27 +294,45 @@ class Service:
         for item in list(self.queue.ready()):
             if not idle:
                 return
-            if self._skip(item):
-                self.queue.remove(item.path)
-                continue
-            lease = self.leases.try_claim(item.key, item.rel_output)
-            if lease is None:
-                continue  # another daemon works on it; its lease is watched on later passes
-            if self._skip(item):  # finished by someone else between our check and the claim
-                self.leases.release(lease)
-                self.queue.remove(item.path)
-                continue
-            self._start(idle.pop(0), item, lease)
+            try:
+                if self._claim_and_start(item, idle[0]):
+                    idle.pop(0)
+            except OSError as error:  # the shared folder misbehaves: try this one later
+                log.warning("%s: not started (%s); will retry", item.path, error)
+                self.queue.defer(item.path, self.config.rescan_interval_seconds)
 
-    def _start(self, worker: Any, item: QueueItem, lease: Lease) -> None:
-        _remove_temporary_outputs(item.out_parent, item.path.stem)
+    def _claim_and_start(self, item: QueueItem, worker: Any) -> bool:
+        status, _ = self._status_of(item)
+        if status is not None:
+            self.queue.remove(item.path)
+            if status == "quarantined":
+                self._parked[item.path] = item
+            return False
+        lease = self.leases.try_claim(item.key, item.rel_output)
+        if lease is None:
+            return False  # another daemon works on it; its lease is watched on later passes
+        try:
+            # Finished by someone else between our check and the claim?
+            status, fingerprint = self._status_of(item)
+            if status is not None:
+                self._release(lease)
+                self.queue.remove(item.path)
+                return False
+            self._start(worker, item, lease, fingerprint)
+        except BaseException:
+            self._release(lease)
+            raise
+        return True
+
+    def _start(self, worker: Any, item: QueueItem, lease: Lease, fingerprint: str) -> None:
+        _remove_temporary_outputs(item.out_parent, item.path.stem)  # ours: we hold the lease
         model = self.registry.current
         job = Job(job_id=self._next_job_id, path=str(item.path),
                   out_parent=str(item.out_parent), model_path=str(model.cached_path),
                   model_sha256=model.sha256, voxel_size_a=item.voxel_size_a,
                   inference=self._inference_options())
         self._next_job_id += 1
-        self.in_flight[job.job_id] = InFlight(item, lease, input_fingerprint(item.path), model)
+        self.in_flight[job.job_id] = InFlight(item, lease, fingerprint, model)
         self.queue.remove(item.path)
         self.pool.submit(worker, job)
         log.debug("started %s on %s", item.path, worker.device)
@@ -318,6 +367,11 @@ class Service:
         except LeaseLost:
             self._lease_lost(flight)
             return False
+        except OSError as error:  # cannot prove the lease is ours: do not publish
+            self.metrics.lease_renewal_failed()
+            log.warning("%s: lease not confirmed (%s); result not published",
+                        flight.item.path, error)
+            return False
         return True
 
     def _job_done(self, job_id: int, summary: dict[str, Any], memory_bytes: int | None) -> None:
@@ -326,8 +380,11 @@ class Service:
         if flight is None or finished is None:
             return
         worker, job, busy_s = finished
-        self.leases.release(flight.lease)
-        self.failures.clear(flight.item.key)
+        self._release(flight.lease)
+        try:
+            self.failures.clear(flight.item.key)
+        except OSError as error:
+            log.warning("%s: old failure record not cleared: %s", flight.item.path, error)
         self.metrics.device_busy_seconds(worker.device, busy_s)
         self.metrics.set_device_memory(worker.device, memory_bytes)
         self.metrics.observe_tomogram(summary, resegmented=flight.item.resegment)
@@ -341,33 +398,29 @@ class Service:
             self.metrics.device_busy_seconds(finished[0].device, finished[2])
         if flight is None:
             return
-        _remove_temporary_outputs(flight.item.out_parent, flight.item.path.stem)
-        if not flight.lease_lost:
-            # After a stall the worker's error (e.g. its temporary folder removed by the
-            # daemon that reclaimed the lease) can arrive before our next heartbeat notices
-            # the loss: someone else owns the tomogram now, so this failure is not counted.
-            try:
-                self.leases.check(flight.lease)
-            except LeaseLost:
-                self._lease_lost(flight)
-            except OSError:
-                pass  # the share hiccupped: count the failure as reported
-        if flight.lease_lost:
+        # After a stall the worker's error (e.g. its temporary folder removed by the daemon
+        # that reclaimed the lease) can arrive before our next heartbeat notices the loss:
+        # someone else owns the tomogram now, so this failure is not counted, and their
+        # temporary folder is not ours to remove.
+        if not self._still_ours(flight):
             log.warning("%s (after losing the lease; not counted)", error)
             return
+        _remove_temporary_outputs(flight.item.out_parent, flight.item.path.stem)
         try:
             attempts = self.failures.record_failure(flight.item.key, flight.fingerprint,
                                                     error, flight.item.rel_output)
         except OSError as record_error:  # the shared folder's lock timed out: count it later
             log.error("%s (could not record the failure: %s)", error, record_error)
             attempts = 0
-        self.leases.release(flight.lease)
+        self._release(flight.lease)
         quarantined = attempts >= self.config.max_attempts
         self.metrics.tomogram_failed(quarantined=quarantined)
         log.error("%s (attempt %d/%d%s)", error, attempts, self.config.max_attempts,
                   ", quarantined" if quarantined else ", will retry")
-        if not quarantined:
-            item = flight.item
+        item = flight.item
+        if quarantined:
+            self._parked[item.path] = item  # until `tomolive retry` or a changed input
+        else:
             item.not_before_monotonic_s = time.monotonic() + self.config.rescan_interval_seconds
             self.queue.add(item)
 
@@ -377,10 +430,30 @@ class Service:
         self.pool.finish(job_id)
         if flight is None:
             return
-        _remove_temporary_outputs(flight.item.out_parent, flight.item.path.stem)
-        if not flight.lease_lost:
-            self.leases.release(flight.lease)
+        if self._still_ours(flight):
+            _remove_temporary_outputs(flight.item.out_parent, flight.item.path.stem)
+            self._release(flight.lease)
         log.warning("%s: abandoned (%s)", flight.item.path, reason)
+
+    def _still_ours(self, flight: InFlight) -> bool:
+        """Does the lease file still carry our token? (An unreadable share counts as yes:
+        nobody can have taken it without being able to write there.)"""
+        if flight.lease_lost:
+            return False
+        try:
+            self.leases.check(flight.lease)
+        except LeaseLost:
+            self._lease_lost(flight)
+            return False
+        except OSError:
+            return True
+        return True
+
+    def _release(self, lease: Lease) -> None:
+        try:
+            self.leases.release(lease)
+        except OSError as error:  # it expires after lease_seconds without heartbeats anyway
+            log.warning("lease %s not released (%s); it will expire", lease.key, error)
 
     # --- leases -------------------------------------------------------------------------------
 
@@ -451,12 +524,22 @@ def _resolve_devices(setting: Any) -> list[str]:
 
 
 def _remove_temporary_outputs(out_parent: Path, stem: str) -> None:
-    """Remove half-built output folders of this tomogram (a killed worker leaves them)."""
+    """Clean up after a killed worker (call only while holding the tomogram's lease).
+
+    core.export builds `.STEM.tmp-*` and, when replacing a result, moves the old folder to
+    `.STEM.old-*` just before renaming the new one in: a worker killed between the two renames
+    leaves no `STEM`, and the old result is put back rather than deleted.
+    """
     if not out_parent.is_dir():
         return
-    for pattern in (f".{stem}.tmp-*", f".{stem}.old-*"):  # see core.export
-        for leftover in out_parent.glob(pattern):
-            shutil.rmtree(leftover, ignore_errors=True)
+    final = out_parent / stem
+    for old in sorted(out_parent.glob(f".{glob.escape(stem)}.old-*")):
+        if not final.exists():
+            old.rename(final)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for leftover in out_parent.glob(f".{glob.escape(stem)}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _summary_line(summary: dict[str, Any], item: QueueItem, device: str) -> str:

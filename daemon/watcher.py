@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -195,7 +196,8 @@ class Scanner:
                     self._walk(index, entry.path, ignored, found)
                 elif self._matches(index, entry.name) and entry.path not in found:
                     st = entry.stat()
-                    found[entry.path] = (index, st)
+                    if stat.S_ISREG(st.st_mode):  # a FIFO or device would block a reader
+                        found[entry.path] = (index, st)
             except OSError:
                 continue  # removed between listing and stat
 
@@ -424,7 +426,7 @@ class FileWatcher:
                     self._update(sub, index, sub_st, now_s)
                 continue
             index = self.scanner.accepts(path)
-            if index is not None:
+            if index is not None and stat.S_ISREG(st.st_mode):
                 self._update(path, index, st, now_s)
 
     def _restat_pending(self, now_s: float) -> None:

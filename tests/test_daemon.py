@@ -187,7 +187,7 @@ def test_already_finished_tomograms_are_not_redone_after_restart(daemon):
     d.wait_for_summary("once")
     assert d.stop() == 0
     d.start()
-    d.wait_for_log(r"tomolive serving", 60)
+    d.wait_for(lambda: d.log.count("tomolive serving") == 2, 60, "the second start")
     time.sleep(3)  # several rescans
     assert d.log.count("once.mrc: ok") == 1
     assert d.stop() == 0
@@ -256,4 +256,18 @@ def test_resegment_on_model_change_after_new_arrivals(daemon, tmp_path):
     d.wait_for_log(r"early\.mrc: ok .*model=model-b v2 \(re-segmented\)", 90)
     assert d.summary("early")["model"]["name"] == "model-b"
     assert d.log.count("early.mrc: ok") == 2
+    assert d.stop() == 0
+
+
+def test_retry_while_running_offers_a_quarantined_tomogram_again(daemon):
+    d = daemon()
+    (d.incoming / "junk.mrc").write_text("not a tomogram\n" * 100)
+    os.mkfifo(d.incoming / "pipe.mrc")  # a FIFO would block any reader: never picked up
+    d.start()
+    d.wait_for_log(r"junk\.mrc: not an MRC file.*attempt 2/2, quarantined")
+    retry = _tomolive("retry", "junk", "--config", d.config_path)
+    assert retry.returncode == 0, retry.stderr
+    d.wait_for(lambda: d.log.count("attempt 1/2") == 2, 60, "a new first attempt")
+    assert "pipe.mrc" not in d.log
+    assert d.process.poll() is None
     assert d.stop() == 0

@@ -35,7 +35,7 @@ from .classes import ClassSpec
 from .filaments import Filament
 from .particles import ParticleTable
 from .segmentation import Segmentation
-from .volume import write_mrc
+from .volume import release_pages, write_mrc
 
 STAR_VERSION = "# version 50001"  # RELION 5
 PREVIEW_MAX_PX = 1200
@@ -279,6 +279,27 @@ def _gray(slices: list[np.ndarray]) -> list[np.ndarray]:
     return [np.clip((f - lo) * scale, 0, 255).astype(np.uint8) for f in floats]
 
 
+def _central_slices(tomogram: np.ndarray) -> list[np.ndarray]:
+    """The central xy, yz (transposed to (y, z)) and xz slices of a [z, y, x] volume.
+
+    The yz and xz slices take a little from every z plane, and the kernel maps file pages in
+    large folios, so on a memory map they make most of the file resident (measured: the whole
+    input for yz, 140 of 200 MiB for xz at 200x512x512). Gathered slab by slab, dropping the
+    map's pages after each, their resident cost stays one slab.
+    """
+    nz, ny, nx = tomogram.shape
+    yz = np.empty((nz, ny), dtype=tomogram.dtype)
+    xz = np.empty((nz, nx), dtype=tomogram.dtype)
+    step = max(1, (16 << 20) // max(1, ny * nx * tomogram.itemsize))
+    for z0 in range(0, nz, step):
+        yz[z0:z0 + step] = tomogram[z0:z0 + step, :, nx // 2]
+        xz[z0:z0 + step] = tomogram[z0:z0 + step, ny // 2, :]
+        release_pages(tomogram)
+    xy = np.array(tomogram[nz // 2])
+    release_pages(tomogram)
+    return [xy, yz.T, xz]
+
+
 def write_preview(
     path: Path, labels: np.ndarray, classes: list[ClassSpec], tomogram: np.ndarray | None
 ) -> None:
@@ -287,7 +308,7 @@ def write_preview(
     nz, ny, nx = labels.shape
     lab = [labels[nz // 2], labels[:, :, nx // 2].T, labels[:, ny // 2, :]]  # (y,x) (y,z) (z,x)
     if tomogram is not None:
-        gray = _gray([tomogram[nz // 2], tomogram[:, :, nx // 2].T, tomogram[:, ny // 2, :]])
+        gray = _gray(_central_slices(tomogram))
     else:
         gray = [np.zeros(s.shape, dtype=np.uint8) for s in lab]
     palette = np.zeros((len(classes) + 1, 3), dtype=np.float32)

@@ -8,7 +8,6 @@ coordinates are mapped back to the input grid and the file's own axis order.
 
 from __future__ import annotations
 
-import mmap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +27,15 @@ from .particles import ParticleTable, find_particles
 from .preprocess import apply_recipe
 from .resample import GridMap, fourier_rescale, grid_for, labels_to_input
 from .segmentation import Segmentation
-from .volume import Volume, from_canonical, read_mrc, swap_zyx_columns, thin_axis, to_canonical
+from .volume import (
+    Volume,
+    from_canonical,
+    read_mrc,
+    release_pages,
+    swap_zyx_columns,
+    thin_axis,
+    to_canonical,
+)
 
 STAGES = ("read", "rescale", "preprocess", "inference", "cleanup", "particles", "filaments",
           "write")
@@ -103,7 +110,9 @@ def segment(
         grid = grid_for(canonical.shape, volume.voxel_size_a, model_voxel_a)
         model_data = fourier_rescale(canonical, grid, device=_device_name(options))
     _report(progress, "rescale", 1.0)
-    _release_pages(volume.data)
+    # The input is not needed again until the preview reads three slices: its touched pages
+    # would otherwise count towards peak memory.
+    release_pages(volume.data)
     with timer.stage("preprocess"):
         model_data = apply_recipe(model_data, model_voxel_a, meta.preprocess,
                                   device=_device_name(options))
@@ -206,22 +215,6 @@ def _device_name(options: SegmentOptions) -> str:
 def _report(progress: Progress | None, stage: str, fraction: float) -> None:
     if progress is not None:
         progress(stage, fraction)
-
-
-def _release_pages(data: np.ndarray) -> None:
-    """Drop a memory-mapped input's pages from this process's resident set (the page cache
-    keeps them; a later read faults them back in). After the rescale the input is not needed
-    until the preview reads three slices, and its touched pages would otherwise count towards
-    peak memory: for 300x1024x1024 float32 that is 1.26 GB."""
-    base = data
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)
-    if base is None or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    try:
-        base.madvise(mmap.MADV_DONTNEED)
-    except (OSError, ValueError):  # advice only: a closed map or an unsupported platform
-        pass
 
 
 def _model_record(bundle: ModelBundle) -> dict[str, Any]:

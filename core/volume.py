@@ -7,6 +7,7 @@ output without rotation) are detected with `thin_axis` and viewed beam-axis-firs
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,3 +303,21 @@ def swap_zyx_columns(zyx: np.ndarray, thin_axis: int) -> np.ndarray:
     if thin_axis != 0:
         out[..., [0, thin_axis]] = zyx[..., [thin_axis, 0]]
     return out
+
+
+def release_pages(data: np.ndarray) -> None:
+    """Drop a memory-mapped array's pages from this process's resident set (the page cache
+    keeps them; a later read faults them back in). No-op for an array that is not a map.
+
+    Touched pages of a mapped input count towards the process's peak memory: all of them for a
+    300x1024x1024 float32 tomogram is 1.26 GB.
+    """
+    base = data
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        base.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):  # advice only: a closed map or an unsupported platform
+        pass

@@ -253,11 +253,14 @@ def _copy_with_stats(src: np.ndarray, dst: np.ndarray, header: np.recarray) -> N
     step = _voxels_per_slab(src.shape, 8)
     for z0 in range(0, src.shape[0], step):
         dst[z0 : z0 + step] = src[z0 : z0 + step]
-        slab = np.asarray(dst[z0 : z0 + step], dtype=np.float64)
+        slab = np.array(dst[z0 : z0 + step], dtype=np.float64)  # a copy: edited in place below
+        release_pages(dst)  # written pages stay in the page cache, not in our resident set
+        lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf data: stats say so
             n, mean = slab.size, float(slab.mean())
-            m2 = float(np.square(slab - mean).sum())
-        lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+            slab -= mean  # in place: one float64 slab instead of three
+            m2 = float(np.square(slab, out=slab).sum())
+        del slab  # before the next slab is allocated
         delta = mean - mean_total
         total = n_total + n
         mean_total += delta * n / total

@@ -58,6 +58,10 @@ class Config(_Strict):
     models_dir: Path = Path("models")
     model: str = "newest"
     devices: Literal["auto", "cpu"] | list[int] = "auto"
+    # Two worker processes per GPU: while one reads, rescales, cleans up and writes (CPU), the
+    # other keeps the GPU busy with inference. On the CPU one worker uses every core.
+    workers_per_gpu: int = Field(2, ge=1, le=8, strict=True)
+    cpu_workers: int = Field(1, ge=1, le=64, strict=True)
     discovery: Literal["auto", "events", "polling"] = "auto"
     settle_seconds: float = Field(10.0, ge=0)
     rescan_interval_seconds: float = Field(30.0, gt=0)

@@ -64,9 +64,9 @@ class Service:
         self.config = config
         self.config_path = config_path
         self.host = socket.gethostname()
-        self.devices = _resolve_devices(config.devices)
+        self.devices = _resolve_devices(config)
         self.notifier = SystemdNotifier()
-        self.metrics = Metrics(devices=self.devices)
+        self.metrics = Metrics(devices=sorted(set(self.devices)))
         self.queue = WorkQueue(config.order)
         self.in_flight: dict[int, InFlight] = {}
         self._next_job_id = 1
@@ -126,7 +126,7 @@ class Service:
             self.watcher.start()
             log.info("tomolive serving: watching %s, outputs in %s, devices %s",
                      ", ".join(str(w.path) for w in self.config.watch), self.config.output_dir,
-                     ",".join(self.devices))
+                     ",".join(f"{d} w{i}" for i, d in enumerate(self.devices)))
             self.notifier.ready(self._status_text())
             while not self._done_stopping():
                 try:
@@ -389,7 +389,7 @@ class Service:
         self.metrics.set_device_memory(worker.device, memory_bytes)
         self.metrics.observe_tomogram(summary, resegmented=flight.item.resegment)
         self._finished_ok += 1
-        log.info("%s", _summary_line(summary, flight.item, worker.device))
+        log.info("%s", _summary_line(summary, flight.item, f"{worker.device} w{worker.index}"))
 
     def _job_failed(self, job_id: int, error: str) -> None:
         flight = self.in_flight.pop(job_id, None)
@@ -488,7 +488,7 @@ class Service:
         except ConfigError as error:
             log.error("configuration not reloaded: %s", error)
             return
-        fixed = ("devices", "metrics", "output_dir")
+        fixed = ("devices", "workers_per_gpu", "cpu_workers", "metrics", "output_dir")
         for name in fixed:
             if getattr(new, name) != getattr(self.config, name):
                 log.warning("configuration: %s changed; it takes effect after a restart", name)
@@ -511,16 +511,22 @@ class Service:
         return max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
 
 
-def _resolve_devices(setting: Any) -> list[str]:
-    """`auto`: every visible GPU, else the CPU; `cpu`; or a list of GPU ids."""
+def _resolve_devices(config: Config) -> list[str]:
+    """One entry per worker process: `auto` = every visible GPU (else the CPU), `cpu`, or a
+    list of GPU ids; each GPU gets `workers_per_gpu` workers, the CPU `cpu_workers`."""
+    setting = config.devices
     if setting == "cpu":
-        return ["cpu"]
-    if isinstance(setting, list):
-        return [f"cuda:{int(i)}" for i in setting]
-    import torch
+        gpus: list[str] = []
+    elif isinstance(setting, list):
+        gpus = [f"cuda:{int(i)}" for i in setting]
+    else:
+        import torch
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = [f"cuda:{i}" for i in range(count)]
+    if not gpus:
+        return ["cpu"] * config.cpu_workers
+    return [gpu for gpu in gpus for _ in range(config.workers_per_gpu)]
 
 
 def _remove_temporary_outputs(out_parent: Path, stem: str) -> None:

@@ -271,3 +271,19 @@ def test_retry_while_running_offers_a_quarantined_tomogram_again(daemon):
     assert "pipe.mrc" not in d.log
     assert d.process.poll() is None
     assert d.stop() == 0
+
+
+def test_several_workers_pull_from_one_queue(daemon):
+    """Two worker processes on one device (as `workers_per_gpu` gives each GPU, so that one
+    worker's CPU stages overlap the other's inference): every tomogram done once, by both."""
+    d = daemon(cpu_workers=2)
+    for i in range(6):
+        (d.incoming / f"w{i}.mrc").write_bytes(tomogram_bytes(20 + i, shape_zyx=(32, 96, 96)))
+    d.start()
+    for i in range(6):
+        d.wait_for_summary(f"w{i}")
+    d.wait_for(lambda: d.log.count(": ok in") == 6, 30, "six log lines")
+    for i in range(6):
+        assert d.log.count(f"w{i}.mrc: ok") == 1
+    assert " on cpu w0 (" in d.log and " on cpu w1 (" in d.log, d.log
+    assert d.stop() == 0

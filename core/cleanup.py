@@ -124,16 +124,41 @@ def component_sizes(comps: np.ndarray, n: int) -> np.ndarray:
 
 
 def label_compact(mask: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, int]:
-    """`ndimage.label(mask, structure)` into uint16 when the components fit (2 bytes per voxel
-    instead of int32's 4: 0.6 GB less for a 300x1024x1024 box); int32 otherwise.
+    """`ndimage.label(mask, structure)` into uint16 when the components surely fit (2 bytes per
+    voxel instead of int32's 4: 0.6 GB less for a 300x1024x1024 box); int32 otherwise.
 
-    Same label numbers either way. With more than 65535 components scipy first retries in int32
-    itself and then refuses the cast; that rare case costs one more labelling.
+    Same label numbers either way. `structure` must connect at least the 6 face neighbours.
+    uint16 is only tried under a proven bound: asked for uint16 and given more than 65535
+    components, scipy retries in int32 itself and compares, 7 bytes per voxel at once (seen:
+    the cleanup stage of a 300x1024x1024 tomogram peaked there).
     """
-    try:
+    if _component_bound(mask, _UINT16_LABELS) <= _UINT16_LABELS:
         return ndimage.label(mask, structure=structure, output=np.uint16)
-    except RuntimeError:  # "insufficient bit-depth": more than 65535 components
-        return ndimage.label(mask, structure=structure)
+    return ndimage.label(mask, structure=structure)
+
+
+_UINT16_LABELS = 65535
+
+
+def _component_bound(mask: np.ndarray, stop_above: int) -> int:
+    """An upper bound on the number of components of `mask` (any connectivity that includes the
+    faces): voxels with no mask voxel before them along z, y or x. The first voxel of every
+    component in raster order is one of them. Counted slab by slab; stops once above
+    `stop_above`."""
+    count = 0
+    step = max(1, (1 << 22) // max(1, mask[0].size)) if mask.ndim == 3 and len(mask) else 1
+    for z0 in range(0, mask.shape[0], step):
+        slab = mask[z0:z0 + step]
+        first = slab.copy()
+        if z0 > 0:
+            first[0] &= ~mask[z0 - 1]
+        first[1:] &= ~slab[:-1]
+        first[:, 1:] &= ~slab[:, :-1]
+        first[:, :, 1:] &= ~slab[:, :, :-1]
+        count += int(np.count_nonzero(first))
+        if count > stop_above:
+            break
+    return count
 
 
 def _remove_small(sub: np.ndarray, mask: np.ndarray, min_vox: float) -> None:

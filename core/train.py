@@ -7,9 +7,9 @@ Labels go to the model grid by nearest neighbour through the same GridMap.
 
 Labels: 0 background, i = the i-th class, 255 "not annotated" (int8 files store it as -1);
 255 voxels never reach the loss, the sampler or the validation score. The region box is split
-into a training part and a validation strip (the last `validation_fraction` of its longer
-in-plane axis), whose labels are never trained on; the validation Dice per class is computed
-periodically and the best weights are kept.
+into a training part and a validation strip (`validation_fraction` of y or x, placed so that
+as many classes as possible appear in both parts), whose labels are never trained on; the
+validation Dice per class is computed periodically and the best weights are kept.
 
 Patches are 2.5D (K slices in, labels of the centre slice), sampled class-balanced so rare
 classes (gold, ribosomes) are seen, and augmented with flips, 90-degree (optionally

@@ -2,7 +2,8 @@
 
 The output folder is the only shared state between daemons on several hosts:
 
-    OUT/.tomolive/leases/<key>.lease      running: who works on a tomogram, with a heartbeat counter
+    OUT/.tomolive/leases/<key>.lease      running: who works on a tomogram (written once)
+    OUT/.tomolive/leases/.<key>.<token>.beat  its heartbeat counter, advanced by the holder
     OUT/.tomolive/failures/<key>.json     failed: attempts, last error, hosts, input fingerprint
     OUT/<rel>/<STEM>/<STEM>_summary.json  done: names the model and the input's fingerprint
 
@@ -100,6 +101,24 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except ValueError:
         return {"_raw_sha256": hashlib.sha256(raw).hexdigest()}
     return data if isinstance(data, dict) else {"_raw_sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def _beat_path(lease_dir: Path, key: str, token: str) -> Path:
+    return lease_dir / f".{key}.{token}.beat"
+
+
+def _heartbeat(lease_dir: Path, key: str, record: dict[str, Any]) -> int | None:
+    """The holder's heartbeat: its beat file's counter, or the lease's initial 0 before the
+    first renewal. None for a lease without a token (torn or foreign)."""
+    token = record.get("token")
+    if not token:
+        return None
+    try:
+        return int(_beat_path(lease_dir, key, str(token)).read_text().strip())
+    except FileNotFoundError:
+        return int(record.get("heartbeat", 0))
+    except ValueError:  # a beat file being replaced is never torn; a foreign one might be
+        return None
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -236,7 +255,7 @@ class LeaseManager:
     def _is_stale(self, key: str, holder: dict[str, Any]) -> bool:
         if self._dead_on_this_host(holder):
             return True
-        state = (holder.get("token"), holder.get("heartbeat"), holder.get("_raw_sha256"))
+        state = (holder.get("token"), self.heartbeat_of(key, holder), holder.get("_raw_sha256"))
         now = self.clock()
         seen = self._seen.get(key)
         if seen is None or seen.state != state:
@@ -274,6 +293,8 @@ class LeaseManager:
                         return None
                     with contextlib.suppress(FileNotFoundError):
                         aside.unlink()
+                    with contextlib.suppress(FileNotFoundError):
+                        self.beat_path(key, str(stale.get("token"))).unlink()
                     # Counted by whoever broke it, even if a plain claimer (not in this
                     # section) takes the free name first: each stale lease counts once.
                     self.reclaims += 1
@@ -297,11 +318,23 @@ class LeaseManager:
             )
 
     def renew(self, lease: Lease) -> None:
-        """Advance the heartbeat (atomic rewrite); raise LeaseLost if it is no longer ours."""
+        """Advance the heartbeat; raise LeaseLost if the lease is no longer ours.
+
+        The counter lives in a beat file of its own (`.KEY.TOKEN.beat`), never in the lease
+        file: a renewal paused between its check and its write (a stalled host) must not
+        rewrite a lease that was broken meanwhile, which would resurrect it under our token.
+        """
         self.check(lease)
-        record = dict(lease.record, heartbeat=lease.heartbeat + 1)
-        _write_json_atomic(lease.path, record)
-        lease.record = record
+        beat = lease.heartbeat + 1
+        atomic_write_text(self.beat_path(lease.key, lease.token), f"{beat}\n")
+        lease.record = dict(lease.record, heartbeat=beat)
+
+    def beat_path(self, key: str, token: str) -> Path:
+        return _beat_path(self.lease_dir, key, token)
+
+    def heartbeat_of(self, key: str, holder: dict[str, Any]) -> int | None:
+        """The heartbeat counter of whoever holds `key` (as `holder`, its lease record)."""
+        return _heartbeat(self.lease_dir, key, holder)
 
     def release(self, lease: Lease) -> bool:
         """Delete the lease if it is still ours; False if someone else holds it now."""
@@ -311,6 +344,8 @@ class LeaseManager:
             return False
         with contextlib.suppress(FileNotFoundError):
             lease.path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.beat_path(lease.key, lease.token).unlink()
         return True
 
 
@@ -454,7 +489,7 @@ def status_snapshot(output_dir: str | os.PathLike[str], newest: int = 10) -> dic
             "host": record.get("host"),
             "pid": record.get("pid"),
             "started": record.get("started"),
-            "heartbeat": record.get("heartbeat"),
+            "heartbeat": _heartbeat(lease_dir, path.stem, record),
         })
     failed, quarantined = [], []
     for key, record in FailureRecords(output_dir).all().items():

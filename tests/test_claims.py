@@ -141,6 +141,28 @@ def test_stale_only_after_heartbeat_stands_still_for_lease_seconds(tmp_path):
     assert other.holder("k")["token"] == taken.token
 
 
+def test_a_renewal_paused_across_a_break_does_not_resurrect_the_lease(tmp_path, monkeypatch):
+    """A holder stalls between the check and the write of a renewal (SIGSTOP, a long GC,
+    a hung NFS call); meanwhile another daemon breaks the lease, does the work and releases.
+    The stalled renewal must not bring the lease file back under the old token."""
+    clock = FakeClock()
+    stalled = LeaseManager(tmp_path, lease_s=0.5, host="A")
+    other = LeaseManager(tmp_path, lease_s=0.5, host="B", clock=clock)
+    lease = stalled.try_claim("k", "s/TS_1")
+    assert other.try_claim("k") is None
+    clock.now_s = 1.0
+    taken = other.try_claim("k", "s/TS_1")
+    assert taken is not None
+    assert other.release(taken)
+    # The renewal's check passed before the break; only its write happens now.
+    monkeypatch.setattr(stalled, "check", lambda lease: None)
+    stalled.renew(lease)
+    monkeypatch.undo()
+    assert not stalled.lease_path("k").exists()
+    with pytest.raises(LeaseLost, match="vanished"):
+        stalled.check(lease)
+
+
 def test_a_live_renewing_holder_is_never_broken_in_real_time(tmp_path):
     holder = LeaseManager(tmp_path, lease_s=1.5, host="A")
     other = LeaseManager(tmp_path, lease_s=1.5, host="B")

@@ -103,3 +103,18 @@ def test_bad_inputs_are_rejected_with_a_message():
         clean_labels(np.zeros((4, 4), np.int8), [spec], VOXEL_A)
     with pytest.raises(ValueError, match="voxel_size_a must be positive, got 0"):
         clean_labels(_labels(), [spec], 0)
+
+
+@pytest.mark.parametrize("stride", [3, 2])  # 27,000 components (uint16) and 75,625 (int32)
+def test_label_compact_gives_scipys_labels_whatever_the_component_count(stride):
+    from scipy import ndimage
+    from tomolive.core.cleanup import label_compact
+
+    mask = np.zeros((50, 110, 110) if stride == 2 else (90, 90, 90), bool)
+    mask[::stride, ::stride, ::stride] = True  # isolated voxels: one component each
+    structure = ndimage.generate_binary_structure(3, 1)
+    expected, expected_n = ndimage.label(mask, structure=structure)
+    labels, n = label_compact(mask, structure)
+    assert n == expected_n == mask.sum()
+    assert labels.dtype == (np.uint16 if n <= 65535 else np.int32)
+    assert np.array_equal(labels, expected)

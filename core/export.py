@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .atomic import fsync_dir
 from .classes import ClassSpec
 from .filaments import Filament
 from .particles import ParticleTable
@@ -98,7 +99,7 @@ def write_outputs(
         if start_time is not None:
             timings_s["total"] = time.perf_counter() - start_time
         _write_summary(files["summary"], seg, timings_s, [p.name for p in files.values()])
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if before_publish is not None:
             before_publish()
         final = _publish(tmp, out_parent / seg.stem)
@@ -156,23 +157,10 @@ def _publish(tmp: Path, final: Path) -> Path:
         if old is not None:
             os.rename(old, final)  # put the previous result back
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
 
 
 # ---- STAR and CSV ------------------------------------------------------------------------------

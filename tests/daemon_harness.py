@@ -167,3 +167,13 @@ class Daemon:
 def partial_outputs(outputs: Path) -> list[Path]:
     """Hidden temporary folders a crash could leave (`.STEM.tmp-*`, `.STEM.old-*`)."""
     return [p for p in outputs.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def summary_counts(outputs: Path) -> dict[str, int]:
+    """How many summaries each stem has anywhere under the output folder (hidden folders too):
+    every tomogram done exactly once means every count is 1."""
+    counts: dict[str, int] = {}
+    for path in outputs.rglob("*_summary.json"):
+        stem = path.name[: -len("_summary.json")]
+        counts[stem] = counts.get(stem, 0) + 1
+    return counts

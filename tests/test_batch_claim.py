@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 from tomolive.daemon.claims import LeaseManager, lease_key
 
-from .daemon_harness import Daemon, partial_outputs, tomogram_bytes, write_tiny_model
+from .daemon_harness import (
+    Daemon,
+    partial_outputs,
+    summary_counts,
+    tomogram_bytes,
+    write_tiny_model,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -38,14 +44,6 @@ def _batch(out: Path, model: Path, paths: list[Path], log: Path,
 def _done_lines(text: str, stem: str) -> int:
     """Lines `STEM: done in ...` that the batch prints for each tomogram it published."""
     return len(re.findall(rf"^{re.escape(stem)}: done in ", text, re.MULTILINE))
-
-
-def _summaries(out: Path) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for path in out.rglob("*_summary.json"):
-        stem = path.name[: -len("_summary.json")]
-        counts[stem] = counts.get(stem, 0) + 1
-    return counts
 
 
 def _leases(out: Path) -> list[Path]:
@@ -98,7 +96,7 @@ def test_two_batch_jobs_over_the_same_files_do_each_once(inputs, tmp_path):
     split = [sum(_done_lines(text, s) for s in stems) for text in logs]
     print(f"\nbatch split {split}")
     assert split[0] > 0 and split[1] > 0, logs
-    assert _summaries(out) == dict.fromkeys(stems, 1)
+    assert summary_counts(out) == dict.fromkeys(stems, 1)
     assert _leases(out) == []
     assert partial_outputs(out) == []
     assert not (out / ".tomolive" / "failures").exists() or \
@@ -139,7 +137,7 @@ def test_batch_job_beside_a_running_daemon_no_tomogram_done_twice(inputs, tmp_pa
             summary = json.loads((d.outputs / rel / path.stem / f"{path.stem}_summary.json")
                                  .read_text())
             assert Path(summary["input"]["path"]).name == path.name
-        assert _summaries(d.outputs) == dict.fromkeys(stems, 1)
+        assert summary_counts(d.outputs) == dict.fromkeys(stems, 1)
         d.wait_for(lambda: _leases(d.outputs) == [], 30, "leases released")
         assert partial_outputs(d.outputs) == []
         assert d.stop() == 0

@@ -27,15 +27,8 @@ from tomolive.core.model import (
 from torch.utils.flop_counter import FlopCounterMode
 
 TINY = architecture_dict(in_slices=5, n_classes=3, base_width=4, levels=5)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: with other test processes on the 2 cores, OpenMP thread hand-offs cost
-    10x more than the arithmetic (measured), so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from .daemon_harness import Daemon, partial_outputs, tomogram_bytes, write_tiny_model
+from .daemon_harness import (
+    Daemon,
+    partial_outputs,
+    summary_counts,
+    tomogram_bytes,
+    write_tiny_model,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -85,15 +91,6 @@ def _lease_of(outputs: Path, pid: int, target: str | None = None) -> dict | None
 
 def _ok_lines(daemon: Daemon, stem: str) -> int:
     return len(re.findall(rf"^.*\b{re.escape(stem)}\.mrc: ok in ", daemon.log, re.MULTILINE))
-
-
-def _summaries(outputs: Path) -> dict[str, int]:
-    """How many summaries each stem has anywhere under the output folder (hidden folders too)."""
-    counts: dict[str, int] = {}
-    for path in outputs.rglob("*_summary.json"):
-        stem = path.name[: -len("_summary.json")]
-        counts[stem] = counts.get(stem, 0) + 1
-    return counts
 
 
 def _metric(daemon: Daemon, name: str) -> float:
@@ -168,7 +165,7 @@ def test_two_daemons_share_twenty_tomograms_each_done_once(shared, tmp_path):
     print(f"\n20 tomograms in {wall_s:.1f}s; split {split}")
     for stem in stems:
         assert _ok_lines(a, stem) + _ok_lines(b, stem) == 1, (stem, a.log, b.log)
-    assert _summaries(a.outputs) == dict.fromkeys(stems, 1)
+    assert summary_counts(a.outputs) == dict.fromkeys(stems, 1)
     assert split["a"] > 0 and split["b"] > 0, split
     assert partial_outputs(a.outputs) == []
     assert _leases(a.outputs) == {}
@@ -204,7 +201,7 @@ def test_sigkill_of_a_lease_holder_other_daemon_finishes_its_tomogram(shared, tm
     assert re.search(rf"lease {stem}-\w+ of .* \(pid {dead_pid}\) was stale: reclaimed", b.log), \
         b.log
     assert _metric(b, "tomolive_lease_reclaims_total") == 1
-    assert _summaries(b.outputs) == {"big1": 1, "big2": 1}
+    assert summary_counts(b.outputs) == {"big1": 1, "big2": 1}
     assert partial_outputs(b.outputs) == []
     assert b.stop() == 0
 
@@ -244,7 +241,7 @@ def test_sigstopped_holder_loses_lease_and_does_not_publish_after_sigcont(shared
     assert after == before, "the continued daemon published over the winner's result"
     assert json.loads(after[3]) == winner
     assert _ok_lines(a, "big") == 0 and _ok_lines(b, "big") == 1, (a.log, b.log)
-    assert _summaries(b.outputs) == {"big": 1}
+    assert summary_counts(b.outputs) == {"big": 1}
     assert partial_outputs(b.outputs) == []
     assert _leases(b.outputs) == {}
     # Losing the lease is not a failure of the tomogram: no failure record for it.
@@ -278,6 +275,6 @@ def test_holder_stopped_while_writing_its_temporary_folder_records_no_failure(sh
     assert "attempt 1/" not in a.log, a.log
     assert not list((b.outputs / ".tomolive" / "failures").glob("*.json")), a.log
     assert _ok_lines(a, "big") == 0 and _ok_lines(b, "big") == 1, (a.log, b.log)
-    assert _summaries(b.outputs) == {"big": 1}
+    assert summary_counts(b.outputs) == {"big": 1}
     assert partial_outputs(b.outputs) == []
     assert a.stop() == 0 and b.stop() == 0

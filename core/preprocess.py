@@ -14,7 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import ndimage
+
+from .slab_filters import filter_volume_, gaussian_kernel, mean_kernel
 
 # Why this default: the low-pass (sigma 8 Å, FWHM about 2 nm, well below the 4-5 nm bilayers,
 # 7 nm actin or 10 nm gold) removes the near-Nyquist noise whose level differs between
@@ -112,11 +115,12 @@ def apply_recipe(
 
     Works IN PLACE when `data_f32` is a writable C-contiguous float32 array (the caller's array
     is overwritten); otherwise on one float32 copy. `voxel_size_a` is one number or per axis
-    (z, y, x) (see `GridMap.model_voxel_size_a`). Deterministic; every step runs on the CPU
-    (scipy) whatever `device` is, so results are identical on every machine; `device` is kept
-    for a future GPU path.
+    (z, y, x) (see `GridMap.model_voxel_size_a`). Deterministic. On "cpu" the filters are
+    scipy's; on another torch device (a GPU) they run there, z-slab by z-slab
+    (core.slab_filters), equal to scipy's up to float32 rounding. The robust statistics and
+    the scaling stay on the CPU (a strided subsample and one in-place pass).
     """
-    del device
+    on_cpu = torch.device(device).type == "cpu"
     steps = validate_recipe(recipe)
     if data_f32.ndim != 3:
         raise ValueError(f"apply_recipe needs a 3-D [z, y, x] array, got shape {data_f32.shape}")
@@ -125,7 +129,7 @@ def apply_recipe(
         data = np.array(data_f32, dtype=np.float32, order="C")
     voxel_zyx = np.broadcast_to(np.asarray(voxel_size_a, dtype=np.float64), (3,))
     for i, step in enumerate(steps):
-        _APPLY[step["step"]](data, voxel_zyx, step)
+        _APPLY[step["step"]](data, voxel_zyx, step, None if on_cpu else device)
         if progress:
             progress((i + 1) / len(steps))
     if not _all_finite(data):
@@ -133,8 +137,11 @@ def apply_recipe(
     return data
 
 
-def _normalize_robust(data: np.ndarray, voxel_zyx: np.ndarray, p: dict[str, Any]) -> None:
-    """(x - median) / (1.4826 MAD), clipped to +-clip_sigma; stats from a strided subsample."""
+def _normalize_robust(data: np.ndarray, voxel_zyx: np.ndarray, p: dict[str, Any],
+                      device: str | None) -> None:
+    """(x - median) / (1.4826 MAD), clipped to +-clip_sigma; stats from a strided subsample.
+    On the CPU whatever the device: a subsample and one in-place pass are cheap."""
+    del device
     median, sigma = robust_stats(data, p["sample_voxels"])
     data -= np.float32(median)
     data *= np.float32(1.0 / sigma)
@@ -158,24 +165,35 @@ def robust_stats(data: np.ndarray, sample_voxels: int = 2**21) -> tuple[float, f
     return median, sigma
 
 
-def _lowpass_gaussian(data: np.ndarray, voxel_zyx: np.ndarray, p: dict[str, Any]) -> None:
+def _lowpass_gaussian(data: np.ndarray, voxel_zyx: np.ndarray, p: dict[str, Any],
+                      device: str | None) -> None:
     """Separable Gaussian, sigma in Å converted per axis; edges by reflection. In place: the
     ndimage 1-D filters work through a line buffer, so output=input is safe."""
-    for axis, voxel_a in enumerate(voxel_zyx):
-        sigma_vox = p["sigma_a"] / voxel_a
+    sigmas_vox = [p["sigma_a"] / voxel_a for voxel_a in voxel_zyx]
+    if device is not None:
+        kernels = [gaussian_kernel(s) if s > 0 else None for s in sigmas_vox]
+        filter_volume_(data, kernels, device)
+        return
+    for axis, sigma_vox in enumerate(sigmas_vox):
         if sigma_vox > 0:
             ndimage.gaussian_filter1d(data, sigma_vox, axis=axis, output=data, mode="reflect")
 
 
-def _z_window_mean(data: np.ndarray, voxel_zyx: np.ndarray, p: dict[str, Any]) -> None:
+def _z_window_mean(data: np.ndarray, voxel_zyx: np.ndarray, p: dict[str, Any],
+                   device: str | None) -> None:
     """Pom's z_sum as a mean: each slice becomes the mean of the 2r+1 slices around it; the
     ends are mirrored (d c b a | a b c d)."""
-    if p["radius"] > 0:
-        size = 2 * p["radius"] + 1
+    if p["radius"] == 0:
+        return
+    size = 2 * p["radius"] + 1
+    if device is not None:
+        filter_volume_(data, [mean_kernel(size), None, None], device)
+    else:
         ndimage.uniform_filter1d(data, size, axis=0, output=data, mode="reflect")
 
 
-_APPLY: dict[str, Callable[[np.ndarray, np.ndarray, dict[str, Any]], None]] = {
+# Each step: (volume, voxel size per axis in Å, parameters, torch device or None for scipy).
+_APPLY: dict[str, Callable[[np.ndarray, np.ndarray, dict[str, Any], str | None], None]] = {
     "normalize_robust": _normalize_robust,
     "lowpass_gaussian": _lowpass_gaussian,
     "z_window_mean": _z_window_mean,

@@ -80,7 +80,8 @@ def train_model(folder: Path, args: argparse.Namespace) -> tuple[Path, dict]:
                     class_specs_for(SYNTH_CLASS_NAMES), options, progress=progress)
     path = save_bundle(folder / "model.safetensors", trained.network, trained.meta)
     t = trained.meta.training
-    return path, {"steps": t["steps"], "elapsed_s": t["elapsed_s"], "best_step": t["best_step"],
+    return path, {"steps": t["steps"], "elapsed_s": t["elapsed_s"], "kept": t["kept"],
+                  "kept_step": t["kept_step"], "best_validation_step": t["best_validation_step"],
                   "validation_dice": t["validation_dice"],
                   "region": {"zyx": f"{z0}:{z0 + args.slices},:,:",
                              "rule": "the z-window of --slices slices maximising the geometric "
@@ -110,7 +111,18 @@ def score(bundle_path: Path, folder: Path, seed: int, voxel_a: float, dtype: str
         "particle_f1": {k: _round(v["f1"]) for k, v in scores["particles"].items()},
         "particles": {k: {"tp": v["tp"], "fp": v["fp"], "fn": v["fn"]}
                       for k, v in scores["particles"].items()},
+        "predicted_as": predicted_as(seg.labels, result.labels, names),
     }
+
+
+def predicted_as(pred: np.ndarray, truth: np.ndarray, names: list[str]) -> dict:
+    """Per true class: the share of its voxels given each label (where the errors go)."""
+    labels = ["background", *names]
+    n = len(labels)
+    counts = np.bincount(truth.reshape(-1).astype(np.int64) * n + pred.reshape(-1).astype(np.int64),
+                         minlength=n * n).reshape(n, n)
+    return {labels[t]: {labels[p]: round(float(counts[t, p] / max(counts[t].sum(), 1)), 3)
+                        for p in range(n) if counts[t, p]} for t in range(1, n)}
 
 
 def _option(text: str) -> tuple[str, object]:

@@ -146,7 +146,10 @@ def test_tiny_training_writes_a_complete_bundle_that_loads(tiny, tmp_path):
         == set(NAMES)
     assert training["validation_dice"], "the validation strip holds some class"
     assert all(0.0 <= v <= 1.0 for v in training["validation_dice"].values())
-    assert training["elapsed_s"] >= 0 and 1 <= training["best_step"] <= 4
+    assert training["elapsed_s"] >= 0 and 1 <= training["best_validation_step"] <= 4
+    # The final weights are kept, and their validation Dice is the one recorded.
+    assert (training["kept"], training["kept_step"]) == ("final", 4)
+    assert training["validation_dice"] == pytest.approx(seen[-1].validation_dice, abs=1e-4)
     # The loaded weights are the trained ones; progress was reported every step.
     assert _same(bundle.state_dict, {k: v.float() if v.is_floating_point() else v
                                      for k, v in _weights(trained).items()})
@@ -195,6 +198,27 @@ def test_labels_are_resampled_to_the_model_grid_by_nearest_neighbour(tiny):
     assert got.shape == (8, 32, 32)
     np.testing.assert_array_equal(got, expected)
     assert part.image.shape == (8 + 4, 32, 32)  # 2 context slices each side
+
+
+def test_keep_best_keeps_the_best_validated_weights(tiny):
+    folder, _, _ = tiny
+    source = T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc")
+    seen: list[T.TrainProgress] = []
+    best = T.train([source], T.class_specs_for(NAMES), tiny_options(steps=10, keep="best"),
+                   progress=seen.append)
+    final = T.train([source], T.class_specs_for(NAMES), tiny_options(steps=10))
+    scores = {p.step: p.validation_dice for p in seen}  # validated every step: 10 per run
+    means = {step: np.mean(list(d.values())) for step, d in scores.items()}
+    chosen = max(means, key=lambda step: (means[step], -step))  # the first of equal scores
+    training = best.meta.training
+    assert (training["kept"], training["kept_step"]) == ("best", chosen)
+    assert training["best_validation_step"] == chosen
+    assert training["validation_dice"] == pytest.approx(scores[chosen], abs=1e-4)
+    # Same seed, same steps: the runs differ only in the weights kept.
+    assert final.meta.training["best_validation_step"] == chosen
+    assert _same(_weights(best), _weights(final)) == (chosen == 10)
+    with pytest.raises(ValueError, match="keep must be 'final' or 'best'"):
+        tiny_options(keep="last").check()
 
 
 def test_fine_tuning_increments_version_and_names_parent(tiny, tmp_path):

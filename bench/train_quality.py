@@ -97,7 +97,7 @@ def score(bundle_path: Path, folder: Path, seed: int, voxel_a: float, dtype: str
     stem = f"test_s{seed}_{voxel_a:g}A_{dtype}"
     write_synth(result, folder / f"{stem}.mrc", dtype=dtype)
     bundle = load_bundle(bundle_path)
-    options = SegmentOptions(inference=InferenceOptions(device=args.device))
+    options = SegmentOptions(inference=InferenceOptions(device=args.device, tta_flips=args.tta))
     start = time.perf_counter()
     seg, _ = segment_file(folder / f"{stem}.mrc", folder / "out", bundle, options)
     seconds = time.perf_counter() - start
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--base-width", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tta", action="store_true",
+                   help="segment with flip test-time augmentation (tomolive segment --tta)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--keep", type=Path, help="keep the files in this folder")
     p.add_argument("--set", type=_option, action="append", default=[], metavar="FIELD=VALUE",
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                  score(bundle_path, folder, args.test_seeds[1], 13.2, "int16", args)]
     report = {"benchmark": "train_quality", "budget_minutes": args.minutes,
               "options": dict(args.set), "command": " ".join(sys.argv),
-              "device": args.device, "threads": torch.get_num_threads(),
+              "device": args.device, "threads": torch.get_num_threads(), "tta": args.tta,
               "training": training, "tests": tests, "targets": verdict(tests)}
     report["all_met"] = all(v["met"] for v in report["targets"].values())
     print(json.dumps(report, indent=2))

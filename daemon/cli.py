@@ -253,6 +253,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="model name (default: the output file's stem)")
     p.add_argument("--base-width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", choices=("final", "best"), default="final",
+                   help="weights saved: at the end of the run (default) or those with the best "
+                        "mean validation Dice")
     p.set_defaults(handler=_cmd_train)
 
 
@@ -279,7 +282,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     options = training.TrainOptions(
         steps=args.steps, max_minutes=args.max_minutes, device=args.device, seed=args.seed,
         model_voxel_size_a=args.model_pixel_size, name=args.name or args.out.stem,
-        **({"base_width": args.base_width} if args.base_width else {}),
+        keep=args.keep, **({"base_width": args.base_width} if args.base_width else {}),
     )
     init = load_bundle(args.init) if args.init else None
     with _TrainingProgress(args.steps) as progress:
@@ -287,7 +290,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                  progress=progress)
     save_bundle(args.out, trained.network, trained.meta)
     dice = trained.meta.training.get("validation_dice", {})
-    print(f"{args.out}: {trained.meta.name} v{trained.meta.version}, validation Dice "
+    kept = f"{trained.meta.training['kept']} weights, step {trained.meta.training['kept_step']}"
+    print(f"{args.out}: {trained.meta.name} v{trained.meta.version} ({kept}), validation Dice "
           + " ".join(f"{k}={v:.2f}" for k, v in dice.items()))
     return EXIT_OK
 

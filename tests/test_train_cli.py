@@ -24,19 +24,19 @@ def test_train_single_feature_models_then_distill_them(tmp_path):
     tomogram = tmp_path / "t.mrc"
     write_synth(result, tomogram)
     singles = []
-    for index, name in ((1, "membrane"), (5, "gold")):
+    for index, name, keep in ((1, "membrane", "final"), (5, "gold", "best")):
         labels = (result.labels == index).astype(np.int8)
         labels[:, :, 80:] = -1  # not annotated (255 in an unsigned file)
         write_mrc(tmp_path / f"{name}.mrc", labels, 10.0)
         out = tmp_path / f"{name}.safetensors"
         run = tomolive("train", "--tomogram", tomogram, "--labels", tmp_path / f"{name}.mrc",
                        "--classes", name, "--region", "8:32,0:96,0:96", "--steps", "3",
-                       "--base-width", "4", "--device", "cpu", "--out", out)
+                       "--base-width", "4", "--device", "cpu", "--keep", keep, "--out", out)
         assert run.returncode == 0, run.stderr
-        assert f"{out}: {name} v1" in run.stdout
+        assert f"{out}: {name} v1 ({keep} weights, step " in run.stdout
         bundle = load_bundle(out)
         assert [c.name for c in bundle.classes] == [name]
-        assert bundle.meta.training["steps"] == 3
+        assert bundle.meta.training["steps"] == 3 and bundle.meta.training["kept"] == keep
         singles.append(out)
 
     joint = tmp_path / "joint.safetensors"

@@ -238,6 +238,14 @@ def test_fine_tuning_increments_version_and_names_parent(tiny, tmp_path):
         f"{NAMES}, training asks for ['membrane']")
 
 
+def _region_error(folder, region: str) -> str:
+    """The message of the ValueError training on the tiny tomogram's `region` raises."""
+    source = T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc", T.parse_region(region))
+    with pytest.raises(ValueError) as info:
+        T.train([source], T.class_specs_for(NAMES), tiny_options())
+    return str(info.value)
+
+
 def test_bad_label_volumes_name_the_file(tiny, tmp_path):
     folder, _, labels = tiny
     bad = labels.copy()
@@ -255,18 +263,10 @@ def test_bad_label_volumes_name_the_file(tiny, tmp_path):
                 T.class_specs_for(NAMES), tiny_options())
     assert str(info.value).startswith(f"{tmp_path / 'small.mrc'}: label volume shape "
                                       f"(24, 32, 64) (z, y, x) does not match the tomogram")
-    with pytest.raises(ValueError) as info:
-        T.train([T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc",
-                                  T.parse_region("0:4,:,:"))],
-                T.class_specs_for(NAMES), tiny_options())
-    assert str(info.value) == (f"{folder / 'labels.mrc'}: no annotated voxels (all 255) in the "
-                               f"region")
-    with pytest.raises(ValueError) as info:
-        T.train([T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc",
-                                  T.parse_region("4:30,:,:"))],
-                T.class_specs_for(NAMES), tiny_options())
-    assert str(info.value) == (f"{folder / 'tomo.mrc'}: region 4:30,:,: is outside the "
-                               f"tomogram (axis z has 24 voxels)")
+    assert _region_error(folder, "0:4,:,:") == (
+        f"{folder / 'labels.mrc'}: no annotated voxels (all 255) in the region")
+    assert _region_error(folder, "4:30,:,:") == (
+        f"{folder / 'tomo.mrc'}: region 4:30,:,: is outside the tomogram (axis z has 24 voxels)")
     with pytest.raises(ValueError, match="training needs steps and/or max_minutes"):
         T.train([T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc")],
                 T.class_specs_for(NAMES), tiny_options(steps=None))

@@ -24,6 +24,12 @@ class ClassSpec:
     min_component_nm3: float = 0.0
     fill_holes_nm3: float = 0.0
     opening_radius_nm: float = 0.0
+    # Gaps along the beam axis (z) shorter than this between two voxels of the class in the
+    # same (y, x) column are filled. For a tube labelled with its lumen (a microtubule), a
+    # 2.5D network often finds the top and bottom walls but misses the slices between them,
+    # where the walls run parallel to the beam and look like two membranes; along z the tube
+    # is never thicker than its diameter, so such a gap is inside it.
+    close_z_nm: float = 0.0
     # Higher priority wins where classes compete (gold fiducials over whatever surrounds them).
     priority: int = 0
     # Particles and fiducials (core.particles).
@@ -70,7 +76,8 @@ KNOWN_CLASSES: dict[str, ClassSpec] = {
         ClassSpec("membrane", "membrane", "#f4c542", min_component_nm3=2000.0,
                   fill_holes_nm3=50.0, priority=1),
         ClassSpec("microtubule", "filament", "#3cb44b", min_component_nm3=3000.0,
-                  fill_holes_nm3=200.0, priority=2, min_length_nm=50.0, point_spacing_nm=8.0),
+                  fill_holes_nm3=200.0, close_z_nm=25.0, priority=2, min_length_nm=50.0,
+                  point_spacing_nm=8.0),
         ClassSpec("actin", "filament", "#e6194b", min_component_nm3=300.0, priority=2,
                   min_length_nm=40.0, point_spacing_nm=5.0),
         ClassSpec("ribosome", "particle", "#4363d8", min_component_nm3=800.0,

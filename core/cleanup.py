@@ -4,16 +4,20 @@ Each class is processed inside its own bounding box (`scipy.ndimage.find_objects
 volume itself), so a class that occupies a corner costs only that corner. Per class the steps are:
 
 1. optional binary opening with a ball of `opening_radius_nm` (voxels it removes become
-   background); done first because opening leaves debris that step 2 then removes;
-2. connected components (6-connectivity) smaller than `min_component_nm3` become background;
-3. holes (background enclosed by the class, 6-connectivity, not touching the box border) smaller
+   background); done first because opening leaves debris that step 3 then removes;
+2. optional closing along the beam axis: runs of other voxels shorter than `close_z_nm`
+   between two voxels of the class in one (y, x) column join the class (a tube's lumen and
+   side walls between its top and bottom walls);
+3. connected components (6-connectivity) smaller than `min_component_nm3` become background;
+4. holes (background enclosed by the class, 6-connectivity, not touching the box border) smaller
    than `fill_holes_nm3` are filled.
 
-Filling claims a voxel only if it is background or belongs to a class of strictly lower
-`priority`, so gold fiducials fill holes over membrane but membrane never eats gold. Classes are
-processed from the highest priority down, so lower-priority classes are cleaned around what the
-higher ones claimed. Memory: one bool mask and one component map (uint16 when the count fits,
-else int32) per class box; no float copies. The input array is modified in place and returned.
+Filling (steps 2 and 4) claims a voxel only if it is background or belongs to a class of
+strictly lower `priority`, so gold fiducials fill holes over membrane but membrane never eats
+gold. Classes are processed from the highest priority down, so lower-priority classes are
+cleaned around what the higher ones claimed. Memory: one bool mask and one component map (uint16
+when the count fits, else int32) per class box, and two int32 z-index maps per 4 M-voxel y-slab
+for step 2; no float copies. The input array is modified in place and returned.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ def clean_labels(labels: np.ndarray, classes: list[ClassSpec], voxel_size_a: flo
         spec = classes[i]
         if boxes[i] is None:
             continue
-        if spec.opening_radius_nm > 0 or spec.min_component_nm3 > 0 or spec.fill_holes_nm3 > 0:
+        if spec.opening_radius_nm > 0 or spec.min_component_nm3 > 0 or \
+                spec.fill_holes_nm3 > 0 or spec.close_z_nm > 0:
             _clean_class(labels, i + 1, spec, voxel_size_a, priority, boxes[i])
     return labels
 
@@ -95,12 +100,41 @@ def _clean_class(
         opened = ndimage.binary_opening(mask, structure=_ball(radius_vox))
         sub[mask & ~opened] = 0
         mask = opened
+    gap_vox = spec.close_z_nm * 10.0 / voxel_size_a
+    if gap_vox > 1:
+        _close_along_z(sub, mask, value, gap_vox, priority)
     min_vox = voxels_from_nm3(spec.min_component_nm3, voxel_size_a)
     if min_vox > 1:
         _remove_small(sub, mask, min_vox)
     fill_vox = voxels_from_nm3(spec.fill_holes_nm3, voxel_size_a)
     if fill_vox > 0:
         _fill_holes(sub, mask, value, fill_vox, priority)
+
+
+def _close_along_z(
+    sub: np.ndarray, mask: np.ndarray, value: int, gap_vox: float, priority: np.ndarray
+) -> None:
+    """Give `value` to runs of other voxels shorter than `gap_vox` along z (axis 0) that have
+    a voxel of the class both above and below in the same column, where priority allows.
+    Updates `mask` too. Works on y-slabs of about 4 M voxels: two int32 index maps per slab."""
+    nz = mask.shape[0]
+    if nz < 3 or not mask.any():
+        return
+    z = np.arange(nz, dtype=np.int32)[:, None, None]
+    step = max(1, (1 << 22) // max(1, nz * mask.shape[2]))
+    for y0 in range(0, mask.shape[1], step):
+        m, s = mask[:, y0:y0 + step], sub[:, y0:y0 + step]
+        # Nearest class voxel at or before z, and at or after z (nz when there is none).
+        before = np.where(m, z, -1)
+        np.maximum.accumulate(before, axis=0, out=before)
+        after = np.where(m, z, nz)[::-1]
+        after = np.minimum.accumulate(after, axis=0)[::-1]
+        gap = ~m & (before >= 0) & (after < nz) & ((after - before - 1) < gap_vox)
+        where = np.nonzero(gap)
+        wins = priority[s[where]] < priority[value]
+        claimed = tuple(w[wins] for w in where)
+        s[claimed] = value
+        m[claimed] = True
 
 
 def _ball(radius_vox: float) -> np.ndarray:

@@ -84,6 +84,53 @@ def test_opening_removes_thin_spike_and_debris_is_removed():
     assert out[11:17, 23:29, 23:29].min() == 1  # the body survives
 
 
+def _tube_walls(labels: np.ndarray, value: int) -> None:
+    """What a 2.5D network finds of a tube lying along x (25 voxels across, at 1 nm): its top
+    and bottom walls (5 slices each), not the slices between them, where the side walls run
+    parallel to the beam; those middle slices were called background and membrane (value 1)."""
+    labels[3:8, 10:35, 5:60] = value  # top wall
+    labels[23:28, 10:35, 5:60] = value  # bottom wall
+    labels[8:23, 10:12, 5:60] = 1  # side walls called membrane
+    labels[8:23, 33:35, 5:60] = 1
+
+
+def test_close_along_z_fills_a_tube_between_its_top_and_bottom_walls():
+    membrane = ClassSpec("membrane", "membrane", priority=1)
+    tube = ClassSpec("microtubule", "filament", close_z_nm=25.0, priority=2)
+    labels = _labels()
+    _tube_walls(labels, 2)
+    out = clean_labels(labels, [membrane, tube], VOXEL_A)
+    assert (out[3:28, 10:35, 5:60] == 2).all()  # lumen and side walls: the tube's
+    assert (out == 2).sum() == 25 * 25 * 55
+    assert (out == 1).sum() == 0
+
+
+def test_close_along_z_leaves_long_gaps_open_columns_and_higher_priority():
+    gold = ClassSpec("gold", "fiducial", diameter_nm=10.0, priority=10)
+    tube = ClassSpec("microtubule", "filament", close_z_nm=10.0, priority=2)
+    labels = _labels()
+    labels[2, 5, 5] = labels[12, 5, 5] = 2  # a 9-voxel gap: < 10 nm, filled
+    labels[2, 6, 6] = labels[13, 6, 6] = 2  # a 10-voxel gap: not < 10 nm, left
+    labels[20:25, 8, 8] = 2  # nothing below: the column above it is not filled
+    labels[2, 9, 9] = labels[8, 9, 9] = 2
+    labels[5, 9, 9] = 1  # a gold voxel in the gap stays gold
+    out = clean_labels(labels, [gold, tube], VOXEL_A)
+    assert (out[2:13, 5, 5] == 2).all()
+    assert (out[3:13, 6, 6] == 0).all()
+    assert (out[:20, 8, 8] == 0).all() and (out[25:, 8, 8] == 0).all()
+    assert out[5, 9, 9] == 1 and (out[[3, 4, 6, 7], 9, 9] == 2).all()
+
+
+def test_close_along_z_is_physical():
+    """A 9-voxel gap at 20 Å voxels is 18 nm: filled under a 25 nm rule, not a 15 nm one."""
+    for close_nm, filled in ((25.0, True), (15.0, False)):
+        labels = _labels()
+        labels[2, 5, 5] = labels[12, 5, 5] = 1
+        spec = ClassSpec("microtubule", "filament", close_z_nm=close_nm)
+        out = clean_labels(labels, [spec], 20.0)
+        assert bool((out[3:12, 5, 5] == 1).all()) is filled
+
+
 def test_rules_without_sizes_change_nothing():
     labels = _labels()
     labels[3, 3, 3] = 1

@@ -252,6 +252,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", type=Path, metavar="MODEL", help="fine-tune from this bundle")
     p.add_argument("--name", default=None, help="model name (default: the output file's stem)")
     p.add_argument("--base-width", type=int, default=None)
+    p.add_argument("--in-slices", type=int, default=None,
+                   help="z-slices the network sees around each slice it labels (odd; default "
+                        "from tomolive.core.train.TrainOptions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", choices=("final", "best"), default="final",
                    help="weights saved: at the end of the run (default) or those with the best "
@@ -283,6 +286,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps, max_minutes=args.max_minutes, device=args.device, seed=args.seed,
         model_voxel_size_a=args.model_pixel_size, name=args.name or args.out.stem,
         keep=args.keep, **({"base_width": args.base_width} if args.base_width else {}),
+        **({"in_slices": args.in_slices} if args.in_slices else {}),
     )
     init = load_bundle(args.init) if args.init else None
     with _TrainingProgress(args.steps) as progress:

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from tomolive.core import train as T
 from tomolive.core.model import BundleMeta, load_bundle, save_bundle
 from tomolive.core.preprocess import DEFAULT_RECIPE, validate_recipe
@@ -18,7 +19,8 @@ NAMES = ["membrane", "microtubule", "actin", "ribosome", "gold"]
 
 
 def tiny_options(**changes) -> T.TrainOptions:
-    base = T.TrainOptions(steps=4, base_width=4, batch_size=2, patch_px=32, levels=3, seed=3)
+    base = T.TrainOptions(steps=4, base_width=4, batch_size=2, patch_px=32, levels=3, seed=3,
+                          in_slices=5)
     return dataclasses.replace(base, **changes)
 
 
@@ -219,6 +221,35 @@ def test_keep_best_keeps_the_best_validated_weights(tiny):
     assert _same(_weights(best), _weights(final)) == (chosen == 10)
     with pytest.raises(ValueError, match="keep must be 'final' or 'best'"):
         tiny_options(keep="last").check()
+
+
+@pytest.mark.parametrize("angle_deg", [0.0, 17.0, 33.0, 90.0])
+def test_rotation_matches_scipy_and_keeps_labels_on_their_voxels(angle_deg):
+    """The augmentation's in-plane rotation equals scipy.ndimage.rotate (bilinear image, nearest
+    labels) on the centred box, and cells beyond the patch are unannotated, not background."""
+    q, size = 138, 96
+    yy, xx = np.mgrid[0:q, 0:q]
+    smooth = np.sin(yy / 7.0) + np.cos(xx / 5.0) + 0.01 * yy * xx / q
+    image = np.stack([smooth, -smooth, 2 * smooth]).astype(np.float32)
+    labels = ((yy // 20) % 2 * 2 + (xx // 25) % 3).astype(np.uint8)
+    rotated_image, rotated_labels = T._rotate(image, labels, angle_deg, size)
+    o = (q - size) // 2
+    want_image = ndimage.rotate(image, angle_deg, axes=(1, 2), reshape=False, order=1,
+                                mode="reflect")[:, o:o + size, o:o + size]
+    want_labels = ndimage.rotate(labels, angle_deg, reshape=False, order=0)[o:o + size,
+                                                                            o:o + size]
+    assert rotated_image.shape == (3, size, size) and rotated_image.dtype == np.float32
+    np.testing.assert_allclose(rotated_image, want_image, atol=1e-4)
+    np.testing.assert_array_equal(rotated_labels, want_labels)
+    # A patch as large as the output box: turned by 45 degrees, its corners are outside.
+    _, corners = T._rotate(image[:, :size, :size], labels[:size, :size], 45.0, size)
+    assert corners[0, 0] == T.IGNORE and corners[size // 2, size // 2] != T.IGNORE
+
+
+@pytest.mark.parametrize("in_slices", [0, 4, 65])
+def test_in_slices_must_be_odd_and_in_range(in_slices):
+    with pytest.raises(ValueError, match=f"in_slices must be odd and 1..63 .*not {in_slices}"):
+        tiny_options(in_slices=in_slices).check()
 
 
 def test_fine_tuning_increments_version_and_names_parent(tiny, tmp_path):

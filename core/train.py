@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from scipy import ndimage
 from torch import nn
 
 from .classes import ClassSpec, default_class
@@ -134,6 +135,9 @@ class TrainOptions:
     # region whose microtubules all ran diagonally, a 21-slice model scored microtubule Dice
     # 0.59/0.08 without it and 0.90/0.88 with it (issue-4 benchmark, seed-20 region).
     rotate_any_angle: bool = True
+    # Augmentation: half the patches blurred in-plane with a Gaussian of sigma up to this many
+    # pixels (0 = off). Tried once for the 13.2 Å test's membranes (git log of this file).
+    blur_max_px: float = 0.0
     # The options below are off by default: in the issue-4 benchmark (10 min, 1 thread, shared
     # CPU) they did not help (figures in the git log of this file).
     # Cross-entropy weight of class c: (background voxels / class-c voxels in the training
@@ -161,6 +165,8 @@ class TrainOptions:
             raise ValueError(f"ema_decay must be in [0, 1), not {self.ema_decay}")
         if self.keep not in ("final", "best"):
             raise ValueError(f"keep must be 'final' or 'best', not {self.keep!r}")
+        if not self.blur_max_px >= 0:
+            raise ValueError(f"blur_max_px must be >= 0, not {self.blur_max_px}")
         if not (1 <= self.in_slices <= 63 and self.in_slices % 2 == 1):
             raise ValueError(f"in_slices must be odd and 1..63 (a centre slice and as many on "
                              f"each side), not {self.in_slices}")
@@ -444,11 +450,12 @@ class _Sampler:
     """Class-balanced 2.5D patches from the training parts of all sources (seeded numpy)."""
 
     def __init__(self, parts: list[_Part], in_slices: int, patch_px: int,
-                 rng: np.random.Generator, augment: bool, rotate_any_angle: bool = False
-                 ) -> None:
+                 rng: np.random.Generator, augment: bool, rotate_any_angle: bool = False,
+                 blur_max_px: float = 0.0) -> None:
         self.parts, self.k, self.p, self.rng, self.augment = parts, in_slices, patch_px, rng, \
             augment
         self.rotate = augment and rotate_any_angle
+        self.blur_max_px = blur_max_px if augment else 0.0
         self.classes = sorted({c for part in parts for c in part.index if c != 0})
 
     def _centre(self) -> tuple[_Part, int]:
@@ -494,6 +501,12 @@ class _Sampler:
             image, labels = image[:, :, ::-1], labels[:, ::-1]
         if rng.random() < 0.5:  # the missing wedge is symmetric in z: a z flip is a valid view
             image = image[::-1]
+        if self.blur_max_px > 0 and rng.random() < 0.5:
+            # In-plane blur: a tomogram from a coarser pixel size or a weaker reconstruction,
+            # rescaled to the model's grid, lacks the finest detail of the training tomogram.
+            sigma = float(rng.uniform(0.0, self.blur_max_px))
+            image = ndimage.gaussian_filter(np.ascontiguousarray(image, dtype=np.float32),
+                                            (0.0, sigma, sigma), mode="reflect")
         scale = math.exp(rng.uniform(-0.25, 0.25))
         shift = rng.uniform(-0.25, 0.25)
         noise = rng.uniform(0.0, 0.3)
@@ -750,7 +763,7 @@ def train(
 
     train_parts = [part for p in prepared for part in p.train]
     sampler = _Sampler(train_parts, in_slices, options.patch_px, rng, options.augment,
-                       options.rotate_any_angle)
+                       options.rotate_any_angle, options.blur_max_px)
     val_parts = [p.validation for p in prepared if p.validation is not None]
     best = _run(network, sampler, val_parts, names, options, in_slices, device, progress)
 
@@ -900,6 +913,7 @@ def _meta(
         "augment": options.augment,
         "loss": "cross-entropy (ignore 255) + soft Dice",
         "rotate_any_angle": options.rotate_any_angle,
+        "blur_max_px": options.blur_max_px,
         "ema_decay": options.ema_decay,
         "class_weight_power": options.class_weight_power,
         "calibrate_bn": options.calibrate_bn,

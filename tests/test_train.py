@@ -246,6 +246,27 @@ def test_rotation_matches_scipy_and_keeps_labels_on_their_voxels(angle_deg):
     assert corners[0, 0] == T.IGNORE and corners[size // 2, size // 2] != T.IGNORE
 
 
+def test_blur_augmentation_smooths_patches_and_is_off_by_default():
+    rng = np.random.default_rng(0)
+    part = T._Part(rng.standard_normal((9, 64, 64)).astype(np.float32),
+                   rng.integers(0, 3, (5, 64, 64)).astype(np.uint8))
+    part.build_index()
+
+    def patches(**kwargs) -> np.ndarray:
+        sampler = T._Sampler([part], 5, 32, np.random.default_rng(7), True, **kwargs)
+        return sampler.batch(64)[0].numpy()
+
+    plain, off, blurred = patches(), patches(blur_max_px=0.0), patches(blur_max_px=1.5)
+    assert np.array_equal(plain, off)  # off: the same random stream as before the option
+
+    def roughness(x: np.ndarray) -> float:  # mean squared difference of x-neighbours
+        return float(np.mean(np.diff(x, axis=-1) ** 2))
+
+    assert roughness(blurred) < 0.8 * roughness(plain)
+    with pytest.raises(ValueError, match="blur_max_px must be >= 0"):
+        tiny_options(blur_max_px=-1.0).check()
+
+
 @pytest.mark.parametrize("in_slices", [0, 4, 65])
 def test_in_slices_must_be_odd_and_in_range(in_slices):
     with pytest.raises(ValueError, match=f"in_slices must be odd and 1..63 .*not {in_slices}"):

@@ -33,7 +33,7 @@ from tomolive.core.evaluate import evaluate, particle_radii_vox
 from tomolive.core.infer import InferenceOptions
 from tomolive.core.model import load_bundle, save_bundle
 from tomolive.core.pipeline import SegmentOptions, segment_file
-from tomolive.core.synth import synthesize, write_synth
+from tomolive.core.synth import SynthResult, synthesize, write_synth
 from tomolive.core.train import TrainingSource, TrainOptions, class_specs_for, parse_region, train
 
 TARGETS = {"dice": {"membrane": 0.75, "microtubule": 0.75, "gold": 0.75, "actin": 0.5,
@@ -70,30 +70,34 @@ def choose_window(labels: np.ndarray, n_classes: int, slices: int) -> tuple[int,
 
 
 def choose_tomogram(seeds: list[int], shape: tuple[int, int, int], slices: int
-                    ) -> tuple[int, list[dict]]:
-    """The candidate seed whose best window (choose_window) holds the most of every class:
-    the largest geometric mean of its per-class voxel counts. Decided on the candidates' own
-    labels only. Returns the seed and one record per candidate."""
-    records = []
+                    ) -> tuple[SynthResult, dict, list[dict]]:
+    """The candidate whose best window (choose_window) holds the most of every class: the
+    largest geometric mean of its per-class voxel counts (ties: the lower seed). Decided on the
+    candidates' own labels only. Returns its tomogram, its record and every candidate's."""
+    records: list[dict] = []
+    best: tuple[SynthResult, dict] | None = None
     for seed in seeds:
-        labels = synthesize(shape, 10.0, seed=seed).labels
-        z0, counts = choose_window(labels, len(SYNTH_CLASS_NAMES), slices)
+        result = synthesize(shape, 10.0, seed=seed)
+        z0, counts = choose_window(result.labels, len(SYNTH_CLASS_NAMES), slices)
         geometric_mean = float(np.exp(np.mean(np.log(np.maximum(counts, 1)))))
-        records.append({"seed": seed, "window_z0": z0, "geometric_mean_voxels":
-                        round(geometric_mean), "class_voxels": dict(zip(SYNTH_CLASS_NAMES,
-                                                                        counts, strict=True))})
-    best = max(records, key=lambda r: (r["geometric_mean_voxels"], -r["seed"]))
-    return best["seed"], records
+        record = {"seed": seed, "window_z0": z0, "geometric_mean_voxels": round(geometric_mean),
+                  "class_voxels": dict(zip(SYNTH_CLASS_NAMES, counts, strict=True))}
+        records.append(record)
+        if best is None or (record["geometric_mean_voxels"], -seed) > \
+                (best[1]["geometric_mean_voxels"], -best[1]["seed"]):
+            best = (result, record)  # only the leader's volumes are kept
+    assert best is not None, "at least one candidate seed"
+    return best[0], best[1], records
 
 
 def train_model(folder: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     overlap = sorted(set(args.train_seeds) & set(args.test_seeds))
     if overlap:
         raise SystemExit(f"train_quality: seeds {overlap} are both training candidates and tests")
-    train_seed, candidates = choose_tomogram(args.train_seeds, tuple(args.shape), args.slices)
-    result = synthesize(tuple(args.shape), 10.0, seed=train_seed)
+    result, chosen, candidates = choose_tomogram(args.train_seeds, tuple(args.shape),
+                                                 args.slices)
+    train_seed, z0 = chosen["seed"], chosen["window_z0"]
     write_synth(result, folder / "train.mrc", folder / "train_labels.mrc")
-    z0, counts = choose_window(result.labels, len(SYNTH_CLASS_NAMES), args.slices)
     region = parse_region(f"{z0}:{z0 + args.slices},:,:")
     options = TrainOptions(max_minutes=args.minutes, steps=args.steps, device=args.device,
                            seed=args.seed, base_width=args.base_width, synthetic=True,
@@ -125,7 +129,7 @@ def train_model(folder: Path, args: argparse.Namespace) -> tuple[Path, dict]:
                              "rule": "the z-window of --slices slices maximising the geometric "
                                      "mean over classes of its share of the class's voxels "
                                      "(every class painted, as the protocol's user would)",
-                             "class_voxels": dict(zip(SYNTH_CLASS_NAMES, counts, strict=True))}}
+                             "class_voxels": chosen["class_voxels"]}}
 
 
 def score(bundle_path: Path, folder: Path, seed: int, voxel_a: float, dtype: str,

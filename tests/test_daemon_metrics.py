@@ -171,7 +171,9 @@ def test_scrape_counters_histograms_promtool_and_healthz(make_daemon) -> None:
     assert healthz(url) == 200
 
     # A bigger tomogram, then SIGTERM mid-way: /healthz must say 503 during the grace period.
-    (d.incoming / "big.mrc").write_bytes(tomogram_bytes(9, shape_zyx=(48, 128, 128)))
+    # Big enough to stay in progress for seconds: a 48x128x128 one once finished in 0.2 s,
+    # between two polls, and the wait below timed out.
+    (d.incoming / "big.mrc").write_bytes(tomogram_bytes(9, shape_zyx=(96, 256, 256)))
     d.wait_for(lambda: value(scrape(url)[1], "tomolive_tomograms_in_progress") == 1, WAIT_S,
                "the big tomogram in progress")
     d.signal(signal.SIGTERM)

@@ -3,8 +3,9 @@
 Each single model (one class versus background; a model with several classes contributes all
 of them) is run over every tomogram exactly as inference runs it (its own voxel size and
 preprocessing recipe, `core.infer.predict`, then `core.cleanup.clean_labels` with its own
-class rules). Its labels and confidence are mapped back to the tomogram's grid by nearest
-neighbour. The per-model results are combined voxel by voxel into one label volume with the
+class rules). Its labels are mapped back to the tomogram's grid as the pipeline maps them
+(`resample.labels_to_input_refined`: boundaries placed by the confidence), its confidence by
+nearest neighbour. The per-model results are combined voxel by voxel into one label volume with the
 joint class order (the models' classes, in the order the models are given):
 
 Combination rule, where single models disagree:
@@ -35,7 +36,7 @@ from .cleanup import clean_labels
 from .infer import InferenceOptions, predict, prepare_network
 from .model import ModelBundle
 from .preprocess import apply_recipe
-from .resample import fourier_rescale, grid_for, labels_to_input
+from .resample import fourier_rescale, grid_for, labels_to_input, labels_to_input_refined
 from .train import IGNORE, ProgressFn, TrainedModel, TrainingSource, TrainOptions, train
 from .volume import Volume, read_mrc, thin_axis, to_canonical, write_mrc
 
@@ -79,7 +80,8 @@ def single_model_labels(
     prediction = predict(network, data, meta.in_slices, InferenceOptions(device=device_name))
     del data
     labels = clean_labels(prediction.labels, bundle.classes, meta.voxel_size_a)
-    return labels_to_input(labels, grid), labels_to_input(prediction.confidence, grid)
+    return (labels_to_input_refined(labels, prediction.confidence, grid),
+            labels_to_input(prediction.confidence, grid))
 
 
 def combine_labels(

@@ -25,7 +25,7 @@ from .infer import InferenceOptions, predict, prepare_network
 from .model import ModelBundle
 from .particles import ParticleTable, find_particles
 from .preprocess import apply_recipe
-from .resample import GridMap, fourier_rescale, grid_for, labels_to_input
+from .resample import GridMap, fourier_rescale, grid_for, labels_to_input_refined
 from .segmentation import Segmentation
 from .volume import (
     Volume,
@@ -146,7 +146,7 @@ def segment(
     _report(progress, "filaments", 1.0)
     with timer.stage("write"):  # mapping back is part of producing the outputs
         input_labels = np.ascontiguousarray(
-            from_canonical(labels_to_input(labels, grid), beam_axis))
+            from_canonical(labels_to_input_refined(labels, prediction.confidence, grid), beam_axis))
     return Segmentation(
         stem=stem or (volume.path.stem if volume.path else "tomogram"),
         labels=input_labels,

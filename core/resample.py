@@ -192,3 +192,84 @@ def labels_to_input(labels_model: np.ndarray, grid: GridMap) -> np.ndarray:
             plane = np.take(plane, ix, axis=1)
         out[j] = plane
     return out
+
+
+def _axis_corners(n_input: int, n_model: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per input index j along one axis, its model position j * n_model / n_input lies between
+    two model samples: [(lower indices, their weights), (upper indices, their weights)], the
+    weights linear (they sum to 1). One corner of weight 1 where the axis is not rescaled."""
+    if n_input == n_model:
+        return [(np.arange(n_model, dtype=np.intp), np.ones(n_model, dtype=np.float32))]
+    position = np.arange(n_input, dtype=np.float64) * (n_model / n_input)
+    lower = np.minimum(np.floor(position).astype(np.intp), n_model - 1)
+    upper = np.minimum(lower + 1, n_model - 1)
+    upper_weight = (position - lower).astype(np.float32)
+    return [(lower, 1.0 - upper_weight), (upper, upper_weight)]
+
+
+def labels_to_input_refined(labels_model: np.ndarray, confidence_u8: np.ndarray,
+                            grid: GridMap) -> np.ndarray:
+    """Labels (int8, model grid) to the input grid with sub-voxel boundaries.
+
+    Each input voxel takes one of the labels of the (up to 8) model voxels around it: where
+    they agree, that label; where they differ (a boundary), the label with the largest
+    linearly interpolated probability, each model voxel giving its label the probability
+    `confidence_u8 / 255` (the network's max softmax) and sharing the rest equally among the
+    other labels present around the input voxel (exact where two classes meet, the usual case).
+
+    Why: nearest-neighbour mapping to a coarser or finer input grid moves every boundary by up
+    to half a model voxel; for a 4.5 nm membrane on a 10 Å model grid, mapped to 13.2 Å, that
+    alone costs about 5% of its Dice. A label absent from a voxel's neighbours never appears,
+    so components removed by cleanup stay removed. Where the grids are equal this is a copy.
+    Memory: the output plus a few temporaries of one input slice.
+    """
+    if tuple(labels_model.shape) != grid.model_shape or \
+            tuple(confidence_u8.shape) != grid.model_shape:
+        raise ValueError(
+            f"labels {labels_model.shape} and confidence {confidence_u8.shape} must both match "
+            f"the model grid {grid.model_shape}"
+        )
+    if grid.input_shape == grid.model_shape:
+        return labels_model.copy()
+    corners_z, corners_y, corners_x = (_axis_corners(n, m) for n, m in
+                                       zip(grid.input_shape, grid.model_shape, strict=True))
+    out = np.empty(grid.input_shape, dtype=labels_model.dtype)
+    for j in range(grid.input_shape[0]):
+        labels, confidence, weights = [], [], []
+        for z_index, z_weight in corners_z:
+            k = int(z_index[j])
+            weight_z = float(z_weight[j])
+            for y_index, y_weight in corners_y:
+                rows_l, rows_c = labels_model[k][y_index], confidence_u8[k][y_index]
+                for x_index, x_weight in corners_x:
+                    labels.append(rows_l[:, x_index])
+                    confidence.append(rows_c[:, x_index])
+                    weights.append((weight_z * y_weight)[:, None] * x_weight[None, :])
+        out[j] = _refine_plane(labels, confidence, weights)
+    return out
+
+
+def _refine_plane(labels: list[np.ndarray], confidence: list[np.ndarray],
+                  weights: list[np.ndarray]) -> np.ndarray:
+    """One input slice from its corner planes (see labels_to_input_refined)."""
+    result = labels[0].copy()
+    if len(labels) == 1:
+        return result
+    lowest, highest = np.minimum.reduce(labels), np.maximum.reduce(labels)
+    boundary = np.flatnonzero(lowest != highest)
+    if boundary.size == 0:
+        return result
+    corner_labels = np.stack([a.reshape(-1)[boundary] for a in labels])
+    corner_p = np.stack([a.reshape(-1)[boundary] for a in confidence]).astype(np.float32)
+    corner_p *= np.float32(1.0 / 255.0)
+    corner_w = np.stack([a.reshape(-1)[boundary] for a in weights])
+    candidates = np.unique(corner_labels)
+    present = np.stack([(corner_labels == c).any(axis=0) for c in candidates])
+    others = np.maximum(present.sum(axis=0) - 1, 1).astype(np.float32)
+    share = (1.0 - corner_p) / others  # what a voxel gives each other label present
+    scores = np.stack([
+        np.where(present[i], (corner_w * np.where(corner_labels == c, corner_p, share)).sum(0),
+                 -1.0)
+        for i, c in enumerate(candidates)])
+    result.reshape(-1)[boundary] = candidates[scores.argmax(axis=0)]
+    return result

@@ -1,4 +1,5 @@
-"""core.resample: grid mapping, Fourier crop/pad accuracy, nearest-neighbour labels back."""
+"""core.resample: grid mapping, Fourier crop/pad accuracy, labels back to the input grid
+(nearest neighbour, and refined at boundaries by the confidence)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import tracemalloc
 import numpy as np
 import pytest
 import tomolive.core.resample as resample
-from tomolive.core.resample import GridMap, fourier_rescale, grid_for, labels_to_input
+from tomolive.core.resample import (
+    GridMap,
+    fourier_rescale,
+    grid_for,
+    labels_to_input,
+    labels_to_input_refined,
+)
 from tomolive.core.volume import read_mrc, write_mrc
 
 
@@ -177,3 +184,68 @@ def test_labels_box_maps_to_the_physical_box():
     assert set(np.unique(out)) == {0, 2}
     with pytest.raises(ValueError, match="does not match the model grid"):
         labels_to_input(labels[1:], g)
+
+
+def _ramp_prediction(grid: GridMap, boundary_x_model: float, ramp_vox: float):
+    """A two-class prediction on the model grid whose class-1 probability rises linearly along
+    x through 0.5 at `boundary_x_model`: (argmax labels, max-softmax confidence u8)."""
+    x = np.arange(grid.model_shape[2], dtype=np.float64)
+    p1 = np.clip(0.5 + (x - boundary_x_model) / ramp_vox, 0.0, 1.0)
+    p1 = np.broadcast_to(p1, grid.model_shape)
+    labels = (p1 > 0.5).astype(np.int8)
+    confidence = np.round(np.maximum(p1, 1 - p1) * 255).astype(np.uint8)
+    return labels, confidence
+
+
+# (input, model, boundary in model voxels): a coarser input (13.2 Å -> 10 Å) and a finer one;
+# each boundary lies between an input voxel and the model voxel nearest to it, and no input
+# voxel lies within the confidence's quantisation error of it.
+@pytest.mark.parametrize("input_shape, model_shape, boundary", [
+    ((6, 9, 30), (8, 12, 40), 13.2), ((6, 9, 40), (8, 12, 30), 13.8)])
+def test_refined_labels_put_the_boundary_where_the_probability_crosses(input_shape, model_shape,
+                                                                       boundary):
+    g = GridMap(input_shape, model_shape)
+    labels, confidence = _ramp_prediction(g, boundary, ramp_vox=6.0)
+    refined = labels_to_input_refined(labels, confidence, g)
+    x_model = np.arange(g.input_shape[2]) * (g.model_shape[2] / g.input_shape[2])
+    expected = np.broadcast_to((x_model > boundary).astype(np.int8), g.input_shape)
+    np.testing.assert_array_equal(refined, expected)
+    # nearest neighbour moves it by up to half a model voxel: here it gets some voxels wrong
+    assert (labels_to_input(labels, g) != expected).any()
+
+
+def test_refined_labels_only_take_labels_of_the_surrounding_model_voxels():
+    g = GridMap((13, 17, 19), (10, 23, 14))  # finer and coarser axes mixed
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, g.model_shape).astype(np.int8)
+    confidence = rng.integers(60, 256, g.model_shape).astype(np.uint8)
+    refined = labels_to_input_refined(labels, confidence, g)
+    assert refined.dtype == np.int8 and refined.shape == g.input_shape
+    around = []
+    for n, m in zip(g.input_shape, g.model_shape, strict=True):
+        pos = np.arange(n) * m / n
+        lower = np.minimum(np.floor(pos).astype(int), m - 1)
+        around.append((lower, np.minimum(lower + 1, m - 1)))
+    zi, yi, xi = np.meshgrid(*[np.arange(n) for n in g.input_shape], indexing="ij")
+    allowed = np.zeros(g.input_shape, bool)
+    for a in range(2):
+        for b in range(2):
+            for c in range(2):
+                allowed |= labels[around[0][a][zi], around[1][b][yi], around[2][c][xi]] == refined
+    assert allowed.all()
+    # where all model voxels around agree, that label (not a blend)
+    uniform = np.zeros(g.model_shape, np.int8)
+    uniform[:, :, 7:] = 3
+    out = labels_to_input_refined(uniform, confidence, g)
+    assert set(np.unique(out)) == {0, 3}
+
+
+def test_refined_labels_equal_grids_copy_and_shape_errors():
+    g = GridMap((5, 6, 7), (5, 6, 7))
+    labels = np.random.default_rng(1).integers(0, 3, g.model_shape).astype(np.int8)
+    confidence = np.full(g.model_shape, 200, np.uint8)
+    out = labels_to_input_refined(labels, confidence, g)
+    np.testing.assert_array_equal(out, labels)
+    assert out is not labels
+    with pytest.raises(ValueError, match="must both match the model grid"):
+        labels_to_input_refined(labels, confidence[1:], g)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +122,13 @@ def distill(
     options: TrainOptions,
     annotations: Sequence[str | Path | None] | None = None,
     progress: ProgressFn | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> TrainedModel:
     """Run every single model on every tomogram, combine (module docstring rule), train one
     joint model with `core.train.train`. `annotations[i]` is an optional label volume for
     tomogram i in the joint class order (255 = not annotated). The joint model's voxel size is
     options.model_voxel_size_a or the first single model's; its recipe options.recipe or the
-    default."""
+    default. `warn` gets train's warnings (classes the combined labels hold too few of)."""
     single_models = list(single_models)
     joint = joint_classes(single_models)
     paths = [Path(p) for p in tomogram_paths]
@@ -147,7 +148,7 @@ def distill(
             _write_combined(path, annotations[i], single_models, joint, options.device,
                             labels_path)
             sources.append(TrainingSource(path, labels_path))
-        trained = train(sources, joint, options, progress=progress)
+        trained = train(sources, joint, options, progress=progress, warn=warn)
     for record, annotation in zip(trained.meta.training["sources"], annotations, strict=True):
         record["labels"] = f"distilled ({'+ ' + str(annotation) if annotation else 'models'})"
     trained.meta.training["distilled_from"] = [

@@ -291,13 +291,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     init = load_bundle(args.init) if args.init else None
     with _TrainingProgress(args.steps) as progress:
         trained = training.train(sources, class_specs, options, init_bundle=init,
-                                 progress=progress)
+                                 progress=progress, warn=_warn_line)
     save_bundle(args.out, trained.network, trained.meta)
     dice = trained.meta.training.get("validation_dice", {})
     kept = f"{trained.meta.training['kept']} weights, step {trained.meta.training['kept_step']}"
     print(f"{args.out}: {trained.meta.name} v{trained.meta.version} ({kept}), validation Dice "
           + " ".join(f"{k}={v:.2f}" for k, v in dice.items()))
     return EXIT_OK
+
+
+def _warn_line(message: str) -> None:
+    """A warning from training, on its own line above the progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 class _TrainingProgress:
@@ -354,7 +361,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         name=args.name or args.out.stem,
         **({"base_width": args.base_width} if args.base_width else {}))
     with _TrainingProgress(args.steps) as progress:
-        trained = distill(singles, args.tomograms, options, progress=progress)
+        trained = distill(singles, args.tomograms, options, progress=progress,
+                          warn=_warn_line)
     save_bundle(args.out, trained.network, trained.meta)
     print(f"{args.out}: joint model of {', '.join(c.name for c in trained.meta.classes)}")
     return EXIT_OK

@@ -335,3 +335,28 @@ def test_validation_strip_is_chosen_so_classes_are_in_both_parts():
     np.testing.assert_array_equal(validation.labels, labels[:, 8:18])
     assert [p.labels.shape for p in train_parts] == [(4, 8, 20), (4, 22, 20)]
     assert all(2 in p.index for p in train_parts[:1]) and 2 in validation.index
+
+
+def test_classes_with_too_few_annotated_objects_are_warned_about(tiny, tmp_path):
+    folder, _, _ = tiny
+    labels = np.zeros(SHAPE, np.int8)
+    for x0 in (4, 20, 36, 52):  # four separate membrane patches, one microtubule, no actin
+        labels[10:14, 8:12, x0:x0 + 4] = 1
+    labels[10:14, 40:44, 30:34] = 2
+    write_mrc(tmp_path / "labels.mrc", labels, 10.0)
+    lines: list[str] = []
+    trained = T.train([T.TrainingSource(folder / "tomo.mrc", tmp_path / "labels.mrc")],
+                      T.class_specs_for(["membrane", "microtubule", "actin"]),
+                      tiny_options(steps=1, validation_fraction=0.0), warn=lines.append)
+    training = trained.meta.training
+    assert training["training_annotation"] == {
+        "membrane": {"voxels": 4 * 64, "objects": 4},
+        "microtubule": {"voxels": 64, "objects": 1},
+        "actin": {"voxels": 0, "objects": 0}}
+    assert lines == training["warnings"] == [
+        "class 'microtubule': only 1 annotated object(s) (64 voxels) in the training part of "
+        "the regions; annotate at least 3 before trusting the model on this class",
+        "class 'actin': not annotated in the training part of the regions; the model cannot "
+        "learn it"]
+    assert T.sparse_class_warnings(training["training_annotation"], min_objects=5)[0].startswith(
+        "class 'membrane': only 4 annotated object(s)")

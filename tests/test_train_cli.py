@@ -23,7 +23,7 @@ def test_train_single_feature_models_then_distill_them(tmp_path):
     result = synthesize((40, 96, 96), 10.0, seed=5)
     tomogram = tmp_path / "t.mrc"
     write_synth(result, tomogram)
-    singles = []
+    singles, warned = [], []
     for index, name, keep in ((1, "membrane", "final"), (5, "gold", "best")):
         labels = (result.labels == index).astype(np.int8)
         labels[:, :, 80:] = -1  # not annotated (255 in an unsigned file)
@@ -37,7 +37,12 @@ def test_train_single_feature_models_then_distill_them(tmp_path):
         bundle = load_bundle(out)
         assert [c.name for c in bundle.classes] == [name]
         assert bundle.meta.training["steps"] == 3 and bundle.meta.training["kept"] == keep
+        for line in bundle.meta.training["warnings"]:  # printed as they are recorded
+            assert f"warning: {line}" in run.stderr
+        warned += bundle.meta.training["warnings"]
         singles.append(out)
+    # the region holds two membranes (fewer in its training part): the user is told
+    assert any(line.startswith("class 'membrane': only ") for line in warned), warned
 
     joint = tmp_path / "joint.safetensors"
     run = tomolive("distill", "--models", *singles, "--tomograms", tomogram, "--steps", "2",

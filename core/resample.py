@@ -233,36 +233,38 @@ def labels_to_input_refined(labels_model: np.ndarray, confidence_u8: np.ndarray,
         return labels_model.copy()
     corners_z, corners_y, corners_x = (_axis_corners(n, m) for n, m in
                                        zip(grid.input_shape, grid.model_shape, strict=True))
+    # In-plane corners: flat indices into a model slice and their weights, the same for every
+    # input slice (the z corner only scales the weights).
+    model_width = grid.model_shape[2]
+    plane_corners = [((y_index[:, None] * model_width + x_index[None, :]).reshape(-1),
+                      (y_weight[:, None] * x_weight[None, :]).reshape(-1))
+                     for y_index, y_weight in corners_y for x_index, x_weight in corners_x]
     out = np.empty(grid.input_shape, dtype=labels_model.dtype)
     for j in range(grid.input_shape[0]):
-        labels, confidence, weights = [], [], []
-        for z_index, z_weight in corners_z:
-            k = int(z_index[j])
-            weight_z = float(z_weight[j])
-            for y_index, y_weight in corners_y:
-                rows_l, rows_c = labels_model[k][y_index], confidence_u8[k][y_index]
-                for x_index, x_weight in corners_x:
-                    labels.append(rows_l[:, x_index])
-                    confidence.append(rows_c[:, x_index])
-                    weights.append((weight_z * y_weight)[:, None] * x_weight[None, :])
-        out[j] = _refine_plane(labels, confidence, weights)
+        corners = [(labels_model[int(z_index[j])].reshape(-1),
+                    confidence_u8[int(z_index[j])].reshape(-1), float(z_weight[j]), flat, weight)
+                   for z_index, z_weight in corners_z for flat, weight in plane_corners]
+        out[j] = _refine_plane(corners).reshape(grid.input_shape[1:])
     return out
 
 
-def _refine_plane(labels: list[np.ndarray], confidence: list[np.ndarray],
-                  weights: list[np.ndarray]) -> np.ndarray:
-    """One input slice from its corner planes (see labels_to_input_refined)."""
-    result = labels[0].copy()
+def _refine_plane(corners: list[tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]]
+                  ) -> np.ndarray:
+    """One input slice (flat) from its corners: (model slice labels, confidence, z weight,
+    flat in-plane indices, in-plane weights) each (see labels_to_input_refined)."""
+    labels = [plane_labels[flat] for plane_labels, _, _, flat, _ in corners]
+    result = labels[0]
     if len(labels) == 1:
         return result
-    lowest, highest = np.minimum.reduce(labels), np.maximum.reduce(labels)
-    boundary = np.flatnonzero(lowest != highest)
+    boundary = np.flatnonzero(np.minimum.reduce(labels) != np.maximum.reduce(labels))
     if boundary.size == 0:
         return result
-    corner_labels = np.stack([a.reshape(-1)[boundary] for a in labels])
-    corner_p = np.stack([a.reshape(-1)[boundary] for a in confidence]).astype(np.float32)
+    corner_labels = np.stack([a[boundary] for a in labels])
+    corner_p = np.stack([plane_conf[flat[boundary]] for _, plane_conf, _, flat, _ in corners]
+                        ).astype(np.float32)
     corner_p *= np.float32(1.0 / 255.0)
-    corner_w = np.stack([a.reshape(-1)[boundary] for a in weights])
+    corner_w = np.stack([np.float32(z_weight) * weight[boundary]
+                         for _, _, z_weight, _, weight in corners])
     candidates = np.unique(corner_labels)
     present = np.stack([(corner_labels == c).any(axis=0) for c in candidates])
     others = np.maximum(present.sum(axis=0) - 1, 1).astype(np.float32)
@@ -271,5 +273,5 @@ def _refine_plane(labels: list[np.ndarray], confidence: list[np.ndarray],
         np.where(present[i], (corner_w * np.where(corner_labels == c, corner_p, share)).sum(0),
                  -1.0)
         for i, c in enumerate(candidates)])
-    result.reshape(-1)[boundary] = candidates[scores.argmax(axis=0)]
+    result[boundary] = candidates[scores.argmax(axis=0)]
     return result

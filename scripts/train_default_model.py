@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         options = TrainOptions(
             steps=args.steps, max_minutes=args.max_minutes, device=args.device, seed=0,
             base_width=16, model_voxel_size_a=10.0, validation_fraction=0.15, synthetic=True,
-            # The shipped model predates the 21-slice, any-angle defaults: these two keep the
+            # The shipped model predates the 31-slice, any-angle defaults: these two keep the
             # script reproducing it.
             in_slices=5, rotate_any_angle=False,
             name="tomolive-default",

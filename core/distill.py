@@ -5,8 +5,8 @@ of them) is run over every tomogram exactly as inference runs it (its own voxel 
 preprocessing recipe, `core.infer.predict`, then `core.cleanup.clean_labels` with its own
 class rules). Its labels are mapped back to the tomogram's grid as the pipeline maps them
 (`resample.labels_to_input_refined`: boundaries placed by the confidence), its confidence by
-nearest neighbour. The per-model results are combined voxel by voxel into one label volume with the
-joint class order (the models' classes, in the order the models are given):
+nearest neighbour. The per-model results are combined voxel by voxel into one label volume
+with the joint class order (the models' classes, in the order the models are given):
 
 Combination rule, where single models disagree:
   1. A voxel that no model labels as its class is background (0).

@@ -145,8 +145,8 @@ def segment(
         }
     _report(progress, "filaments", 1.0)
     with timer.stage("write"):  # mapping back is part of producing the outputs
-        input_labels = np.ascontiguousarray(
-            from_canonical(labels_to_input_refined(labels, prediction.confidence, grid), beam_axis))
+        input_grid_labels = labels_to_input_refined(labels, prediction.confidence, grid)
+        input_labels = np.ascontiguousarray(from_canonical(input_grid_labels, beam_axis))
     return Segmentation(
         stem=stem or (volume.path.stem if volume.path else "tomogram"),
         labels=input_labels,

@@ -60,7 +60,7 @@ _CLASS_BALANCED_SHARE = 0.7
 _DICE_EPS = 1.0
 # Fewer separate annotated objects (connected regions) of a class than this in the training part
 # of the regions draws a warning: in the issue-4 benchmark, a region holding one short
-# microtubule gave a model that called a third of the other tomograms' membranes microtubule.
+# microtubule gave a model that called a fifth of the other tomograms' membrane microtubule.
 MIN_EXAMPLES_PER_CLASS = 3
 
 

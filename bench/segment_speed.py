@@ -17,7 +17,7 @@ every 50 ms. The network is prepared (BatchNorm folding, channels_last) before t
 the daemon keeps it between tomograms; its preparation time is reported apart.
 
 Without --model the shipped default model is used when present; otherwise a random-weight
-bundle of the same architecture (base_width 16, 5 levels, 5 slices, 6 classes) -- the
+bundle of the same architecture (base_width 16, 5 levels, 31 slices, 6 classes) -- the
 inference speed is the same, but post-processing times depend on what is predicted, so the JSON
 says which model ran ("model_kind").
 """
@@ -48,6 +48,7 @@ from tomolive.core.infer import InferenceOptions, prepare_network, resolve_devic
 from tomolive.core.model import (
     BundleMeta,
     UNet25D,
+    architecture_dict,
     default_bundle_path,
     flops_per_voxel,
     load_bundle,
@@ -56,12 +57,14 @@ from tomolive.core.model import (
 from tomolive.core.pipeline import STAGES, SegmentOptions, segment_file
 from tomolive.core.preprocess import DEFAULT_RECIPE
 from tomolive.core.synth import synthesize
+from tomolive.core.train import TrainOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak import device_name, measure_peak  # noqa: E402
 
-DEFAULT_ARCH = {"name": "unet25d", "in_slices": 5, "base_width": 16, "levels": 5,
-                "n_classes": len(SYNTH_CLASS_NAMES) + 1}
+# The shipped model's architecture: the training defaults, five synthetic classes.
+DEFAULT_ARCH = architecture_dict(TrainOptions().in_slices, len(SYNTH_CLASS_NAMES) + 1,
+                                 TrainOptions().base_width, TrainOptions().levels)
 
 
 # --- inputs ------------------------------------------------------------------------------------

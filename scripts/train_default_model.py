@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         options = TrainOptions(
             steps=args.steps, max_minutes=args.max_minutes, device=args.device, seed=0,
             base_width=16, model_voxel_size_a=10.0, validation_fraction=0.15, synthetic=True,
-            # The shipped model predates the 31-slice, any-angle defaults: these two keep the
-            # script reproducing it.
-            in_slices=5, rotate_any_angle=False,
+            # Pinned (they are also today's defaults), so that a later change of the training
+            # defaults cannot change what this script reproduces.
+            in_slices=31, rotate_any_angle=True,
             name="tomolive-default",
             description=(
                 "Default demo model. Trained ONLY on synthetic data: tomolive.core.synth "

@@ -63,8 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak import device_name, measure_peak  # noqa: E402
 
 # The shipped model's architecture: the training defaults, five synthetic classes.
-DEFAULT_ARCH = architecture_dict(TrainOptions().in_slices, len(SYNTH_CLASS_NAMES) + 1,
-                                 TrainOptions().base_width, TrainOptions().levels)
+_TRAINING_DEFAULTS = TrainOptions()
+DEFAULT_ARCH = architecture_dict(_TRAINING_DEFAULTS.in_slices, len(SYNTH_CLASS_NAMES) + 1,
+                                 _TRAINING_DEFAULTS.base_width, _TRAINING_DEFAULTS.levels)
 
 
 # --- inputs ------------------------------------------------------------------------------------

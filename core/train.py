@@ -801,9 +801,9 @@ def train(
 
     train_parts = [part for p in prepared for part in p.train]
     annotation = annotation_counts(train_parts, names)
-    for message in sparse_class_warnings(annotation):
-        if warn is not None:
-            warn(message)
+    warnings = sparse_class_warnings(annotation)
+    for message in warnings if warn is not None else ():
+        warn(message)
     sampler = _Sampler(train_parts, in_slices, options.patch_px, rng, options.augment,
                        options.rotate_any_angle, options.blur_max_px)
     val_parts = [p.validation for p in prepared if p.validation is not None]
@@ -812,7 +812,7 @@ def train(
     network.load_state_dict(best["state"])
     network = network.to("cpu").eval()
     meta = _meta(options, init_bundle, arch, model_voxel_a, recipe, class_specs, prepared,
-                 best, str(device), annotation)
+                 best, str(device), annotation, warnings)
     return TrainedModel(network=network, meta=meta)
 
 
@@ -930,7 +930,7 @@ def _meta(
     options: TrainOptions, init: ModelBundle | None, arch: dict[str, Any], model_voxel_a: float,
     recipe: list[dict[str, Any]], class_specs: list[ClassSpec],
     prepared: list[_PreparedSource], best: dict[str, Any], device: str,
-    annotation: dict[str, dict[str, int]],
+    annotation: dict[str, dict[str, int]], warnings: list[str],
 ) -> BundleMeta:
     name = options.name or (init.meta.name if init is not None else "tomolive-model")
     training = {
@@ -947,7 +947,7 @@ def _meta(
                                       if c.name not in best["dice"]],
         "final_loss": None if best["final_loss"] is None else round(best["final_loss"], 4),
         "training_annotation": annotation,
-        "warnings": sparse_class_warnings(annotation),
+        "warnings": warnings,
         "seed": options.seed,
         "batch_size": options.batch_size,
         "patch_px": options.patch_px,

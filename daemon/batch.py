@@ -18,6 +18,7 @@ from typing import Any
 from ..core.fingerprint import input_fingerprint
 from ..core.pipeline import segment_file
 from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, is_done, lease_key
+from .holds import stage_hold, with_progress, with_publish_hook
 
 log = logging.getLogger("tomolive.batch")
 
@@ -93,9 +94,11 @@ def _segment_leased(path: Path, out_parent: Path, bundle: Any, network: Any, opt
             raise LeaseLost(f"{path}: lease lost, result not published")
         leases.renew(lease)
 
+    hold = stage_hold(path.stem)  # None unless a test switched holds on
     try:
         seg, folder = segment_file(path, out_parent, bundle, options, network=network,
-                                   before_publish=check_lease)
+                                   progress=with_progress(hold, None),
+                                   before_publish=with_publish_hook(hold, check_lease))
     except LeaseLost as error:
         print(f"tomolive: {error}", file=sys.stderr)
         return True  # someone else owns it now: not our failure

@@ -101,6 +101,7 @@ def load_model_or_default(path: Path | None):
 def _cmd_segment(args: argparse.Namespace) -> int:
     from ..core.infer import prepare_network
     from ..core.pipeline import segment_file
+    from .holds import stage_hold, with_progress, with_publish_hook
 
     bundle = load_model_or_default(args.model)
     options = _segment_options(args)
@@ -116,9 +117,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     failures = 0
     for path in args.tomograms:
         try:
+            hold = stage_hold(path.stem)  # None unless a test switched holds on
             with _StageProgress(path.name) as progress:
                 seg, out_dir = segment_file(path, args.out, bundle, options, network=network,
-                                            progress=progress)
+                                            progress=with_progress(hold, progress),
+                                            before_publish=with_publish_hook(hold, None))
         except (ValueError, OSError, RuntimeError) as error:
             failures += 1
             print(f"tomolive: error: {_one_line(error)}", file=sys.stderr)

@@ -115,6 +115,10 @@ class Metrics:
         self.resegmented = Counter(
             "tomolive_tomograms_resegmented_total",
             "Finished tomograms segmented again because the model changed.", registry=r)
+        self.rescans = Counter(
+            "tomolive_discovery_rescans_total",
+            "Full rescans of the watched folders (every rescan_interval_seconds, whatever the "
+            "discovery mode): a flat line means discovery has stopped.", registry=r)
         self.queue_length = Gauge(
             "tomolive_queue_length", "Tomograms waiting in the queue.", registry=r)
         self.in_progress = Gauge(
@@ -213,6 +217,10 @@ class Metrics:
             self._class_label(name)
 
     # --- the queue and discovery -------------------------------------------------------------
+
+    def rescans_done(self, n: int = 1) -> None:
+        """Count `n` full rescans of the watched folders."""
+        self.rescans.inc(n)
 
     def tomograms_discovered(self, n: int = 1) -> None:
         """Count `n` tomograms found complete and queued."""

@@ -237,8 +237,10 @@ class Service:
         # A file that settled but is not a valid tomogram (garbage, truncated, NaN) is queued
         # like any other: the worker's validation fails it with a clear message, and the
         # failure records count the attempts up to quarantine, across all daemons.
+        rescans_before = self.watcher.rescans
         for candidate in self.watcher.poll():
             self._enqueue(candidate)
+        self.metrics.rescans_done(self.watcher.rescans - rescans_before)
         now = time.monotonic()
         if now - self._last_parked_check_s >= self.config.rescan_interval_seconds:
             self._last_parked_check_s = now

@@ -219,14 +219,18 @@ class _JobRunner:
     def _segment(self, job: Job) -> dict[str, Any]:
         from ..core.infer import InferenceOptions
         from ..core.pipeline import SegmentOptions, segment_file
+        from .holds import stage_hold, with_progress, with_publish_hook
 
         bundle, network = self._load_model(job)
+        hold = stage_hold(Path(job.path).stem)  # None unless a test switched holds on
         options = SegmentOptions(
             inference=InferenceOptions(device=self.device, **job.inference),
             voxel_size_a=job.voxel_size_a,
         )
-        seg, out_dir = segment_file(job.path, job.out_parent, bundle, options, network=network,
-                                    before_publish=lambda: self._ask_to_publish(job))
+        seg, out_dir = segment_file(
+            job.path, job.out_parent, bundle, options, network=network,
+            progress=with_progress(hold, None),
+            before_publish=with_publish_hook(hold, lambda: self._ask_to_publish(job)))
         return _read_summary(out_dir, seg.stem)
 
     def _load_model(self, job: Job) -> tuple[Any, Any]:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tomolive.core.classes import SYNTH_CLASS_NAMES, default_class
 from tomolive.core.model import BundleMeta, UNet25D, save_bundle
 from tomolive.core.preprocess import DEFAULT_RECIPE
 from tomolive.core.volume import write_mrc
+from tomolive.daemon.holds import HOLD_DIR_ENV
 
 TOMOGRAM_SHAPE_ZYX = (16, 64, 64)
 
@@ -96,10 +98,15 @@ class Daemon:
         self.config_path = root / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = root / f"{name}.log"
+        # Stage holds (tomolive.daemon.holds): a test parks a tomogram at a known point with
+        # hold() instead of hoping that it is still running when it sends a signal.
+        self.hold_dir = root / f"{name}-holds"
+        self.hold_dir.mkdir(exist_ok=True)
         self.process: subprocess.Popen | None = None
 
     def start(self, env: dict[str, str] | None = None) -> Daemon:
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", HOLD_DIR_ENV: str(self.hold_dir),
+                    **(env or {})}
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tomolive", "run", "--config", str(self.config_path)],
@@ -128,8 +135,37 @@ class Daemon:
                              f"log line /{pattern}/")
 
     def metrics_url(self, timeout_s: float = 60.0) -> str:
-        match = self.wait_for_log(r"metrics on (http://\S+)/metrics", timeout_s)
-        return match.group(1)
+        pattern = r"metrics on (http://\S+)/metrics"
+        self.wait_for_log(pattern, timeout_s)
+        return re.findall(pattern, self.log)[-1]  # the latest start's address
+
+    def metric(self, name: str) -> float:
+        """The value of an unlabelled sample in a real scrape of the daemon's /metrics."""
+        with urllib.request.urlopen(f"{self.metrics_url()}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        assert match, f"{name} not in /metrics:\n{text[:2000]}"
+        return float(match.group(1))
+
+    def wait_for_rescans(self, count: int = 2, timeout_s: float = 60.0) -> None:
+        """Wait until the daemon has run `count` more full rescans of its watched folders:
+        what a test needs before it asserts that nothing more happens."""
+        name = "tomolive_discovery_rescans_total"
+        target = self.metric(name) + count
+        self.wait_for(lambda: self.metric(name) >= target, timeout_s, f"{count} more rescans")
+
+    def hold(self, stem: str, point: str) -> None:
+        """Park `stem` at `point` (a pipeline stage, or "publish") when a worker reaches it."""
+        (self.hold_dir / f"{stem}.hold").write_text(point)
+
+    def wait_held(self, stem: str, timeout_s: float = 120.0) -> str:
+        """Wait until a worker is parked on `stem`; returns the held marker's text."""
+        marker = self.hold_dir / f"{stem}.held"
+        return self.wait_for(lambda: marker.exists() and marker.read_text(), timeout_s,
+                             f"{stem} held")
+
+    def release(self, stem: str) -> None:
+        (self.hold_dir / f"{stem}.hold").unlink(missing_ok=True)
 
     def summary(self, stem: str, rel: str = ".") -> dict | None:
         path = self.outputs / rel / stem / f"{stem}_summary.json"

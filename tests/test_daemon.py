@@ -61,7 +61,7 @@ def test_backlog_slow_write_and_rename_each_processed_once(daemon, tmp_path):
     os.rename(staged, d.incoming / "renamed.mrc")
     for stem in ("slow", "renamed"):
         d.wait_for_summary(stem)
-    time.sleep(2.5)  # a few more rescans: nothing may be processed twice
+    d.wait_for_rescans(2)  # nothing may be processed twice
     log = d.log
     for stem in ("backlog", "slow", "renamed"):
         assert log.count(f"{stem}.mrc: ok") == 1, log
@@ -121,15 +121,15 @@ def test_bad_inputs_are_quarantined_and_work_goes_on(daemon):
 
 def test_sigterm_mid_tomogram_leaves_no_partial_output_and_restart_finishes(daemon):
     d = daemon(shutdown_grace_seconds=0.5)
-    (d.incoming / "big.mrc").write_bytes(tomogram_bytes(9, shape_zyx=(96, 128, 128)))
+    (d.incoming / "big.mrc").write_bytes(tomogram_bytes(9))
+    # Parked once inference is done: mid-tomogram on any machine, however fast. It is never
+    # released, so only the grace period can end it (else the wait below times out).
+    d.hold("big", "inference")
     d.start()
-    d.wait_for(lambda: list((d.outputs / ".tomolive" / "leases").glob("*.lease"))
-               if (d.outputs / ".tomolive" / "leases").is_dir() else None, 60, "a lease")
-    time.sleep(0.5)
-    started = time.monotonic()
+    d.wait_held("big")
+    assert list((d.outputs / ".tomolive" / "leases").glob("*.lease"))
     d.signal(signal.SIGTERM)
-    assert d.process.wait(timeout=30) == 0
-    assert time.monotonic() - started < 15
+    assert d.process.wait(timeout=60) == 0
     assert not (d.outputs / "big").exists()
     assert partial_outputs(d.outputs) == []
     assert list((d.outputs / ".tomolive" / "leases").glob("*.lease")) == []
@@ -188,7 +188,7 @@ def test_already_finished_tomograms_are_not_redone_after_restart(daemon):
     assert d.stop() == 0
     d.start()
     d.wait_for(lambda: d.log.count("tomolive serving") == 2, 60, "the second start")
-    time.sleep(3)  # several rescans
+    d.wait_for_rescans(2)
     assert d.log.count("once.mrc: ok") == 1
     assert d.stop() == 0
     shutil.rmtree(d.outputs / "once")
@@ -196,10 +196,10 @@ def test_already_finished_tomograms_are_not_redone_after_restart(daemon):
 
 def test_sighup_reloads_configuration_without_dropping_work(daemon, tmp_path):
     d = daemon()
-    (d.incoming / "before.mrc").write_bytes(tomogram_bytes(12, shape_zyx=(64, 96, 96)))
+    (d.incoming / "before.mrc").write_bytes(tomogram_bytes(12))
+    d.hold("before", "rescale")  # SIGHUP must find it mid-way, on any machine
     d.start()
-    d.wait_for(lambda: list((d.outputs / ".tomolive" / "leases").glob("*.lease"))
-               if (d.outputs / ".tomolive" / "leases").is_dir() else None, 60, "a lease")
+    d.wait_held("before")
     second = tmp_path / "second"
     second.mkdir()
     config = yaml.safe_load(d.config_path.read_text())
@@ -207,6 +207,7 @@ def test_sighup_reloads_configuration_without_dropping_work(daemon, tmp_path):
     d.config_path.write_text(yaml.safe_dump(config))
     d.signal(signal.SIGHUP)  # while `before` is being segmented
     d.wait_for_log(r"configuration reloaded")
+    d.release("before")
     (second / "after.mrc").write_bytes(tomogram_bytes(13))
     d.wait_for_summary("before")
     d.wait_for_summary("after")

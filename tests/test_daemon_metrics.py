@@ -170,12 +170,13 @@ def test_scrape_counters_histograms_promtool_and_healthz(make_daemon) -> None:
     promtool_check_metrics(text)
     assert healthz(url) == 200
 
-    # A bigger tomogram, then SIGTERM mid-way: /healthz must say 503 during the grace period.
-    # Big enough to stay in progress for seconds: a 48x128x128 one once finished in 0.2 s,
-    # between two polls, and the wait below timed out.
-    (d.incoming / "big.mrc").write_bytes(tomogram_bytes(9, shape_zyx=(96, 256, 256)))
-    d.wait_for(lambda: value(scrape(url)[1], "tomolive_tomograms_in_progress") == 1, WAIT_S,
-               "the big tomogram in progress")
+    # One more tomogram, parked mid-way (never released), then SIGTERM: /healthz must say
+    # 503 during the grace period, which then abandons it.
+    d.hold("last", "inference")
+    (d.incoming / "last.mrc").write_bytes(tomogram_bytes(9))
+    d.wait_held("last", WAIT_S)
+    d.wait_for(lambda: value(scrape(url)[1], "tomolive_tomograms_in_progress") == 1, 30,
+               "in progress on /metrics")
     d.signal(signal.SIGTERM)
     statuses: list[int | None] = []
     deadline = time.monotonic() + 60

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,6 @@ from .daemon_harness import (
 pytestmark = pytest.mark.timeout(300)
 
 LEASE_S = 3.0
-BIG_SHAPE_ZYX = (96, 256, 256)  # seconds of CPU work (the tiny model): time to stop or kill it
 
 
 # --- helpers: /proc, leases, logs, metrics ----------------------------------------------------
@@ -93,13 +91,6 @@ def _ok_lines(daemon: Daemon, stem: str) -> int:
     return len(re.findall(rf"^.*\b{re.escape(stem)}\.mrc: ok in ", daemon.log, re.MULTILINE))
 
 
-def _metric(daemon: Daemon, name: str) -> float:
-    text = urllib.request.urlopen(f"{daemon.metrics_url()}/metrics", timeout=10).read().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in /metrics:\n{text[:2000]}"
-    return float(match.group(1))
-
-
 def _drop(incoming: Path, staging: Path, name: str, blob: bytes) -> None:
     """Appear in the watched folder at once (rename), as a finished transfer does."""
     staging.mkdir(exist_ok=True)
@@ -160,7 +151,8 @@ def test_two_daemons_share_twenty_tomograms_each_done_once(shared, tmp_path):
         _drop(a.incoming, tmp_path / "staging", f"{stem}.mrc", blobs[stem])
     a.wait_for(lambda: all(a.summary(s) for s in stems), 150, "all 20 summaries")
     wall_s = time.monotonic() - started
-    time.sleep(2 * 1.0 + 0.5)  # two more rescans by each daemon: nothing may be redone
+    for d in (a, b):
+        d.wait_for_rescans(2)  # nothing may be redone
     split = {d.name: sum(_ok_lines(d, s) for s in stems) for d in (a, b)}
     print(f"\n20 tomograms in {wall_s:.1f}s; split {split}")
     for stem in stems:
@@ -169,19 +161,21 @@ def test_two_daemons_share_twenty_tomograms_each_done_once(shared, tmp_path):
     assert split["a"] > 0 and split["b"] > 0, split
     assert partial_outputs(a.outputs) == []
     assert _leases(a.outputs) == {}
-    assert _metric(a, "tomolive_lease_reclaims_total") == 0
-    assert _metric(b, "tomolive_lease_reclaims_total") == 0
+    assert a.metric("tomolive_lease_reclaims_total") == 0
+    assert b.metric("tomolive_lease_reclaims_total") == 0
     assert a.stop() == 0 and b.stop() == 0
 
 
 def test_sigkill_of_a_lease_holder_other_daemon_finishes_its_tomogram(shared, tmp_path):
     a, b = _start_both(shared)
-    # Two big ones at once: each daemon has one worker, so each takes one of them.
+    # Two at once: each daemon has one worker, so each takes one of them. Whichever a takes
+    # is parked mid-tomogram (only a has holds), so a is killed while it works on it.
     for i in (1, 2):
-        _drop(a.incoming, tmp_path / "staging", f"big{i}.mrc",
-              tomogram_bytes(200 + i, shape_zyx=BIG_SHAPE_ZYX))
+        a.hold(f"big{i}", "inference")
+        _drop(a.incoming, tmp_path / "staging", f"big{i}.mrc", tomogram_bytes(200 + i))
     held = a.wait_for(lambda: _lease_of(a.outputs, a.process.pid), 60, "a lease held by a")
     stem = held["target"]
+    a.wait_held(stem)
     workers = _descendants(a.process.pid)
     assert workers, "daemon a has no worker process"
     identities = {pid: _start_time(pid) for pid in workers}
@@ -200,7 +194,7 @@ def test_sigkill_of_a_lease_holder_other_daemon_finishes_its_tomogram(shared, tm
     assert _ok_lines(a, other) + _ok_lines(b, other) == 1
     assert re.search(rf"lease {stem}-\w+ of .* \(pid {dead_pid}\) was stale: reclaimed", b.log), \
         b.log
-    assert _metric(b, "tomolive_lease_reclaims_total") == 1
+    assert b.metric("tomolive_lease_reclaims_total") == 1
     assert summary_counts(b.outputs) == {"big1": 1, "big2": 1}
     assert partial_outputs(b.outputs) == []
     assert b.stop() == 0
@@ -209,16 +203,15 @@ def test_sigkill_of_a_lease_holder_other_daemon_finishes_its_tomogram(shared, tm
 def test_sigstopped_holder_loses_lease_and_does_not_publish_after_sigcont(shared, tmp_path):
     a = shared("a", batch_size=2).start()
     a.wait_for_log(r"tomolive serving", 90)
-    _drop(a.incoming, tmp_path / "staging", "big.mrc",
-          tomogram_bytes(300, shape_zyx=BIG_SHAPE_ZYX))
-    a.wait_for(lambda: _lease_of(a.outputs, a.process.pid, "big"), 60, "a's lease on big")
+    a.hold("big", "inference")  # mid-tomogram when frozen, on any machine
+    _drop(a.incoming, tmp_path / "staging", "big.mrc", tomogram_bytes(300))
+    a.wait_held("big")
     # Freeze the whole daemon: the main process (no more heartbeats) and its worker.
     frozen = [a.process.pid, *_descendants(a.process.pid)]
     for pid in frozen:
         _signal(pid, signal.SIGSTOP)
     stopped_at = time.monotonic()
-    stale_lease = _lease_of(a.outputs, a.process.pid, "big")
-    assert stale_lease is not None, "a published big before it was stopped: test too slow"
+    assert _lease_of(a.outputs, a.process.pid, "big") is not None
     b = shared("b", batch_size=8).start()
     b.wait_for_log(r"was stale: reclaimed", 90)
     # b waited for the heartbeat to stand still for the lease duration on its own clock.
@@ -230,12 +223,13 @@ def test_sigstopped_holder_loses_lease_and_does_not_publish_after_sigcont(shared
     summary_path = folder / "big_summary.json"
     before = (folder.stat().st_ino, summary_path.stat().st_ino, summary_path.stat().st_mtime_ns,
               summary_path.read_bytes())
+    a.release("big")  # when it continues, a's worker finishes big and asks to publish
     for pid in frozen:
         _signal(pid, signal.SIGCONT)
     a.wait_for_log(r"big\.mrc: lease lost to another daemon; the result will not be published",
                    60)
     a.wait_for_log(r"big\.mrc: (abandoned|.*after losing the lease; not counted)", 180)
-    time.sleep(2.0)  # a few more loop turns and rescans of a
+    a.wait_for_rescans(2)
     after = (folder.stat().st_ino, summary_path.stat().st_ino, summary_path.stat().st_mtime_ns,
              summary_path.read_bytes())
     assert after == before, "the continued daemon published over the winner's result"
@@ -246,32 +240,31 @@ def test_sigstopped_holder_loses_lease_and_does_not_publish_after_sigcont(shared
     assert _leases(b.outputs) == {}
     # Losing the lease is not a failure of the tomogram: no failure record for it.
     assert not list((b.outputs / ".tomolive" / "failures").glob("*.json"))
-    assert _metric(b, "tomolive_lease_reclaims_total") == 1
-    assert _metric(a, "tomolive_lease_reclaims_total") == 0
+    assert b.metric("tomolive_lease_reclaims_total") == 1
+    assert a.metric("tomolive_lease_reclaims_total") == 0
     assert a.stop() == 0 and b.stop() == 0
 
 
 def test_holder_stopped_while_writing_its_temporary_folder_records_no_failure(shared, tmp_path):
-    """Frozen while writing `.big.tmp-*`: the reclaiming daemon removes that folder; when the
-    frozen one continues, its worker's write errors must not count as a failure of the
+    """Frozen with `.big.tmp-*` written: the reclaiming daemon removes that folder; when the
+    frozen one continues, being refused at publishing must not count as a failure of the
     tomogram (someone else finished it)."""
     a = shared("a", batch_size=2).start()
     a.wait_for_log(r"tomolive serving", 90)
-    _drop(a.incoming, tmp_path / "staging", "big.mrc",
-          tomogram_bytes(400, shape_zyx=BIG_SHAPE_ZYX))
-    a.wait_for(lambda: list(a.outputs.glob(".big.tmp-*")), 120, "a's temporary folder")
+    a.hold("big", "publish")  # its temporary folder is complete, the rename not yet done
+    _drop(a.incoming, tmp_path / "staging", "big.mrc", tomogram_bytes(400))
+    a.wait_held("big")
+    assert list(a.outputs.glob(".big.tmp-*")), "no temporary folder while parked at publish"
     frozen = [a.process.pid, *_descendants(a.process.pid)]
     for pid in frozen:
         _signal(pid, signal.SIGSTOP)
-    if a.summary("big") is not None:
-        pytest.skip("a published before it was frozen (write stage too short to catch)")
     b = shared("b", batch_size=8).start()
     b.wait_for_summary("big", timeout_s=180)
+    a.release("big")
     for pid in frozen:
         _signal(pid, signal.SIGCONT)
-    # Its worker either fails writing into the removed folder or is refused at publishing.
     a.wait_for_log(r"after losing the lease; not counted|big\.mrc: abandoned|attempt \d", 60)
-    time.sleep(2.0)  # a few more loop turns and rescans of a
+    a.wait_for_rescans(2)
     assert "attempt 1/" not in a.log, a.log
     assert not list((b.outputs / ".tomolive" / "failures").glob("*.json")), a.log
     assert _ok_lines(a, "big") == 0 and _ok_lines(b, "big") == 1, (a.log, b.log)

@@ -144,16 +144,24 @@ def test_memory_stays_near_the_output(monkeypatch, tmp_path):
     del data
     g = grid_for(vol.data.shape, 10.0, 13.2)
     monkeypatch.setattr(resample, "_SLAB_VOXELS", 128 * 128 * 4)
+    peaks_during_work: list[int] = []
     tracemalloc.start()
     try:
-        out = fourier_rescale(vol.data, g)
-        _, peak = tracemalloc.get_traced_memory()
+        out = fourier_rescale(vol.data, g, progress=lambda _: peaks_during_work.append(
+            tracemalloc.get_traced_memory()[1]))
+        current_after, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     input_f32 = 64 * 128 * 128 * 4
     buffer = 64 * 97 * 97 * 4  # max(nz, mz) * my * mx float32
     assert out.shape == (48, 97, 97)
-    assert peak < buffer + 1.5 * 2**20 < input_f32, peak
+    # The peak is read at the last progress report, just before the buffer shrinks to the
+    # output in place (ndarray.resize, a realloc that does not move). tracemalloc's own peak
+    # would count that realloc twice on NumPy >= 2.5, which registers the new block before
+    # it forgets the old one (measured: same address, RSS falls, max RSS unchanged), so the
+    # whole-run peak there is an artefact of the bookkeeping, not memory the process used.
+    assert max(peaks_during_work) < buffer + 1.5 * 2**20 < input_f32, peaks_during_work
+    assert current_after < out.nbytes + 0.5 * 2**20, current_after  # shrunk, not copied
 
 
 def test_labels_to_input_nearest():

@@ -8,12 +8,11 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from tomolive.daemon.claims import LeaseManager, lease_key
+from tomolive.daemon.holds import HOLD_DIR_ENV
 
 from .daemon_harness import (
     Daemon,
@@ -30,7 +29,7 @@ SHAPE_ZYX = (32, 64, 64)
 
 
 def _batch(out: Path, model: Path, paths: list[Path], log: Path,
-           *extra: str) -> subprocess.Popen:
+           *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """One `tomolive segment --claim` process; stdout and stderr into `log`."""
     with log.open("wb") as handle:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
@@ -38,7 +37,7 @@ def _batch(out: Path, model: Path, paths: list[Path], log: Path,
              "--model", str(model), "--device", "cpu", "--lease-seconds", str(LEASE_S),
              *extra, *map(str, paths)],
             stdout=handle, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def _done_lines(text: str, stem: str) -> int:
@@ -66,27 +65,24 @@ def inputs(tmp_path) -> tuple[Path, list[Path]]:
 def test_two_batch_jobs_over_the_same_files_do_each_once(inputs, tmp_path):
     model, paths = inputs
     out = tmp_path / "shared"
-    # Both jobs start with a bigger tomogram (opposite ends of the list), and the test holds
-    # every lease (renewing it, as a live daemon would) until both jobs have loaded their model:
-    # each then claims its own big one first, so both must do some of the work.
-    for big in (paths[0], paths[-1]):
-        big.write_bytes(tomogram_bytes(499 + len(big.stem), shape_zyx=(96, 256, 256)))
-    holder = LeaseManager(out, LEASE_S)
-    held = [holder.try_claim(lease_key(p.stem), p.stem) for p in paths]
-    stop = threading.Event()
-    beat = threading.Thread(target=lambda: [holder.renew(lease) for _ in iter(
-        lambda: not stop.wait(0.5), False) for lease in held], daemon=True)
-    beat.start()
-    jobs = [_batch(out, model, paths, tmp_path / "one.log"),
-            _batch(out, model, paths[::-1], tmp_path / "two.log")]
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and not all(
-            "model tiny" in (tmp_path / f"{n}.log").read_text() for n in ("one", "two")):
+    # The jobs walk the list from opposite ends. Each job's first tomogram is parked after
+    # its rescale (a stage hold) until both are parked: each job then provably claimed its
+    # own first one, so both do some of the work, however fast either machine is.
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    firsts = (paths[0].stem, paths[-1].stem)
+    for stem in firsts:
+        (holds / f"{stem}.hold").write_text("rescale")
+    env = {HOLD_DIR_ENV: str(holds)}
+    jobs = [_batch(out, model, paths, tmp_path / "one.log", env=env),
+            _batch(out, model, paths[::-1], tmp_path / "two.log", env=env)]
+    deadline = time.monotonic() + 120
+    while not all((holds / f"{stem}.held").exists() for stem in firsts):
+        assert time.monotonic() < deadline and all(job.poll() is None for job in jobs), [
+            (tmp_path / f"{n}.log").read_text() for n in ("one", "two")]
         time.sleep(0.05)
-    stop.set()
-    beat.join()
-    for lease in held:
-        assert holder.release(lease)
+    for stem in firsts:
+        (holds / f"{stem}.hold").unlink()
     codes = [job.wait(timeout=200) for job in jobs]
     logs = [(tmp_path / f"{n}.log").read_text() for n in ("one", "two")]
     assert codes == [0, 0], logs

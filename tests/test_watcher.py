@@ -95,7 +95,8 @@ def test_file_renamed_into_the_folder_and_a_folder_moved_in_are_found(tmp_path, 
     (outside / "session2" / "TS_03.mrc").write_bytes(mrc_bytes)
     with _watcher(root) as watcher:
         assert watcher.poll() == []
-        time.sleep(0.2)  # let the observer settle its watches
+        # No wait needed: watchdog adds the inotify watches in schedule() itself (the
+        # emitter's on_thread_start runs in the caller), so the renames below are seen.
         os.rename(outside / "TS_02.mrc", root / "session1" / "TS_02.mrc")
         os.rename(outside / "session2", root / "session2")
         found = _poll_until(watcher, 2)

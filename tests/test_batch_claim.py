@@ -22,7 +22,7 @@ from .daemon_harness import (
     write_tiny_model,
 )
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 LEASE_S = 4.0
 SHAPE_ZYX = (32, 64, 64)

@@ -20,7 +20,7 @@ from tomolive.core.model import load_bundle
 
 from .daemon_harness import Daemon, partial_outputs, tomogram_bytes, write_slowly, write_tiny_model
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 @pytest.fixture

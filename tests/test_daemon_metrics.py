@@ -24,7 +24,7 @@ from tomolive.daemon.metrics import STAGES
 from .daemon_harness import Daemon, tomogram_bytes, write_tiny_model
 from .prometheus_harness import running_prometheus, scalar
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 WAIT_S = 120.0  # the first tomogram includes starting a worker and importing torch
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

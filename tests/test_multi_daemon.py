@@ -26,7 +26,7 @@ from .daemon_harness import (
     write_tiny_model,
 )
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 LEASE_S = 3.0
 

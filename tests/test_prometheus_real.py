@@ -19,7 +19,7 @@ from .prometheus_harness import REPO, Prometheus, running_prometheus, scalar
 
 DASHBOARD = REPO / "monitoring" / "grafana-dashboard.json"
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 def fake_summary(scale: float = 1.0) -> dict:

@@ -20,7 +20,7 @@ from tomolive.core.resample import fourier_rescale, grid_for
 from tomolive.core.synth import synthesize, write_synth
 from tomolive.core.volume import read_mrc, write_mrc
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 SHAPE_ZYX = (64, 256, 256)
 VOXEL_A = 10.0

@@ -11,7 +11,7 @@ from tomolive.core.model import load_bundle
 from tomolive.core.synth import synthesize, write_synth
 from tomolive.core.volume import write_mrc
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 def tomolive(*args) -> subprocess.CompletedProcess:

@@ -30,6 +30,10 @@ class ClassSpec:
     # where the walls run parallel to the beam and look like two membranes; along z the tube
     # is never thicker than its diameter, so such a gap is inside it.
     close_z_nm: float = 0.0
+    # Pieces of the class closer than this are sized together by the minimum-component rule:
+    # a thin class predicted in fragments (gaps where a microtubule's walls run along the beam,
+    # or where actin leaves the slice) is then kept whole instead of erased piece by piece.
+    join_gap_nm: float = 0.0
     # Higher priority wins where classes compete (gold fiducials over whatever surrounds them).
     priority: int = 0
     # Particles and fiducials (core.particles).
@@ -74,12 +78,12 @@ KNOWN_CLASSES: dict[str, ClassSpec] = {
     spec.name: spec
     for spec in (
         ClassSpec("membrane", "membrane", "#f4c542", min_component_nm3=2000.0,
-                  fill_holes_nm3=50.0, priority=1),
+                  fill_holes_nm3=50.0, join_gap_nm=5.0, priority=1),
         ClassSpec("microtubule", "filament", "#3cb44b", min_component_nm3=3000.0,
-                  fill_holes_nm3=200.0, close_z_nm=25.0, priority=2, min_length_nm=50.0,
-                  point_spacing_nm=8.0),
-        ClassSpec("actin", "filament", "#e6194b", min_component_nm3=300.0, priority=2,
-                  min_length_nm=40.0, point_spacing_nm=5.0),
+                  fill_holes_nm3=200.0, close_z_nm=25.0, join_gap_nm=12.0, priority=2,
+                  min_length_nm=50.0, point_spacing_nm=8.0),
+        ClassSpec("actin", "filament", "#e6194b", min_component_nm3=300.0, join_gap_nm=8.0,
+                  priority=2, min_length_nm=40.0, point_spacing_nm=5.0),
         ClassSpec("ribosome", "particle", "#4363d8", min_component_nm3=800.0,
                   fill_holes_nm3=200.0, priority=3, diameter_nm=25.0),
         ClassSpec("gold", "fiducial", "#ffe119", min_component_nm3=100.0, fill_holes_nm3=50.0,

@@ -9,6 +9,9 @@ volume itself), so a class that occupies a corner costs only that corner. Per cl
    between two voxels of the class in one (y, x) column join the class (a tube's lumen and
    side walls between its top and bottom walls);
 3. connected components (6-connectivity) smaller than `min_component_nm3` become background;
+   with `join_gap_nm`, pieces closer than that are sized together first (a thin class that
+   the network found in fragments, a microtubule broken where its walls run along the beam,
+   is one object of the total size, not many small ones to erase);
 4. holes (background enclosed by the class, 6-connectivity, not touching the box border) smaller
    than `fill_holes_nm3` are filled.
 
@@ -37,10 +40,14 @@ def voxels_from_nm3(volume_nm3: float, voxel_size_a: float) -> float:
     return volume_nm3 / (voxel_size_a / 10.0) ** 3
 
 
-def clean_labels(labels: np.ndarray, classes: list[ClassSpec], voxel_size_a: float) -> np.ndarray:
+def clean_labels(labels: np.ndarray, classes: list[ClassSpec], voxel_size_a: float,
+                 removed_fraction: dict[str, float] | None = None) -> np.ndarray:
     """Apply every class's cleanup rules to `labels` (int8 [z, y, x], value i + 1 = classes[i]).
 
-    Works in place and returns `labels`.
+    Works in place and returns `labels`. If `removed_fraction` is given, it receives, per class
+    (0 for one the network did not find), the fraction of the class's voxels that its own opening and size rules removed
+    (0 to 1; voxels a fill added are not subtracted): a high one says that cleanup, not the
+    network, erased the class.
     """
     if labels.ndim != 3:
         raise ValueError(f"labels must be 3-D [z, y, x], got shape {labels.shape}")
@@ -60,11 +67,12 @@ def clean_labels(labels: np.ndarray, classes: list[ClassSpec], voxel_size_a: flo
     order = sorted(range(len(classes)), key=lambda i: -classes[i].priority)
     for i in order:
         spec = classes[i]
-        if boxes[i] is None:
-            continue
-        if spec.opening_radius_nm > 0 or spec.min_component_nm3 > 0 or \
-                spec.fill_holes_nm3 > 0 or spec.close_z_nm > 0:
-            _clean_class(labels, i + 1, spec, voxel_size_a, priority, boxes[i])
+        removed = 0.0
+        if boxes[i] is not None and (spec.opening_radius_nm > 0 or spec.min_component_nm3 > 0
+                                     or spec.fill_holes_nm3 > 0 or spec.close_z_nm > 0):
+            removed = _clean_class(labels, i + 1, spec, voxel_size_a, priority, boxes[i])
+        if removed_fraction is not None:
+            removed_fraction[spec.name] = removed
     return labels
 
 
@@ -89,26 +97,34 @@ def _clean_class(
     voxel_size_a: float,
     priority: np.ndarray,
     box: tuple[slice, ...],
-) -> None:
+) -> float:
+    """Clean one class inside its box; returns the fraction of its voxels removed."""
     radius_vox = spec.opening_radius_nm * 10.0 / voxel_size_a
     # Pad by the opening radius so that the opening sees background around the class, and by
     # one more so that enclosed holes are told apart from the outside at the box border.
     box = _grow(box, int(math.ceil(radius_vox)) + 1, labels.shape)
     sub = labels[box]  # a view: edits land in `labels`
     mask = sub == value
+    found = int(np.count_nonzero(mask))
+    removed = 0
     if radius_vox >= 0.5:
         opened = ndimage.binary_opening(mask, structure=_ball(radius_vox))
-        sub[mask & ~opened] = 0
+        lost = mask & ~opened
+        removed += int(np.count_nonzero(lost))
+        sub[lost] = 0
         mask = opened
     gap_vox = spec.close_z_nm * 10.0 / voxel_size_a
     if gap_vox > 1:
         _close_along_z(sub, mask, value, gap_vox, priority)
     min_vox = voxels_from_nm3(spec.min_component_nm3, voxel_size_a)
     if min_vox > 1:
-        _remove_small(sub, mask, min_vox)
+        before = int(np.count_nonzero(mask))
+        _remove_small(sub, mask, min_vox, spec.join_gap_nm * 10.0 / voxel_size_a)
+        removed += before - int(np.count_nonzero(mask))
     fill_vox = voxels_from_nm3(spec.fill_holes_nm3, voxel_size_a)
     if fill_vox > 0:
         _fill_holes(sub, mask, value, fill_vox, priority)
+    return removed / found if found else 0.0
 
 
 def _close_along_z(
@@ -195,9 +211,21 @@ def _component_bound(mask: np.ndarray, stop_above: int) -> int:
     return count
 
 
-def _remove_small(sub: np.ndarray, mask: np.ndarray, min_vox: float) -> None:
-    """Set components of `mask` smaller than `min_vox` to background (updates `mask` too)."""
-    comps, n = label_compact(mask, _FACE)
+def _remove_small(sub: np.ndarray, mask: np.ndarray, min_vox: float,
+                  join_gap_vox: float = 0.0) -> None:
+    """Set components of `mask` smaller than `min_vox` to background (updates `mask` too).
+
+    With `join_gap_vox` >= 1, pieces less than that apart count as one component: components
+    are labelled on the mask dilated by half the gap, and each is sized by the class voxels
+    it holds (the dilation only decides what belongs together; it adds no voxels).
+    """
+    if join_gap_vox >= 1:
+        joined = ndimage.binary_dilation(mask, structure=_ball(max(1.0, join_gap_vox / 2)))
+        comps, n = label_compact(joined, _FACE)
+        del joined
+        comps[~mask] = 0  # count only the class's own voxels
+    else:
+        comps, n = label_compact(mask, _FACE)
     if n == 0:
         return
     sizes = component_sizes(comps, n)

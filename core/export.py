@@ -388,6 +388,8 @@ def _write_summary(
         "class_fractions": seg.class_fractions,
         "counts": counts,
         "confidence": seg.confidence,
+        "cleanup_removed_fraction": seg.cleanup_removed_fraction,
+        "warnings": seg.warnings,
         "files": files,
     }
     _write_text(path, json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")

@@ -128,8 +128,9 @@ def segment(
         )
     del model_data  # the largest float array of the run: free it before post-processing
     classes = bundle.classes
+    removed_fraction: dict[str, float] = {}
     with timer.stage("cleanup"):
-        labels = clean_labels(prediction.labels, classes, model_voxel_a)
+        labels = clean_labels(prediction.labels, classes, model_voxel_a, removed_fraction)
     _report(progress, "cleanup", 1.0)
     with timer.stage("particles"):
         particles = {
@@ -159,6 +160,8 @@ def segment(
                    for name, found in filaments.items()},
         class_fractions=_class_fractions(labels, classes),
         confidence=_specimen_confidence(prediction.confidence),
+        cleanup_removed_fraction=removed_fraction,
+        warnings=_cleanup_warnings(removed_fraction),
         timings_s=timings_s,
         model=_model_record(bundle),
         input={
@@ -215,6 +218,18 @@ def _device_name(options: SegmentOptions) -> str:
 def _report(progress: Progress | None, stage: str, fraction: float) -> None:
     if progress is not None:
         progress(stage, fraction)
+
+
+# Cleanup removing more than this share of what the network called a class is worth a line in
+# the summary: the class was found but erased by size rules that do not fit this data.
+_CLEANUP_WARNING_FRACTION = 0.5
+
+
+def _cleanup_warnings(removed_fraction: dict[str, float]) -> list[str]:
+    return [f"cleanup removed {fraction:.0%} of the {name} voxels the network found "
+            "(components below the class's minimum size): check its cleanup settings"
+            for name, fraction in removed_fraction.items()
+            if fraction > _CLEANUP_WARNING_FRACTION]
 
 
 def _model_record(bundle: ModelBundle) -> dict[str, Any]:

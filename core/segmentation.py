@@ -24,6 +24,9 @@ class Segmentation:
     filaments: dict[str, list[Filament]] = field(default_factory=dict)  # input-grid voxels
     class_fractions: dict[str, float] = field(default_factory=dict)
     confidence: float = float("nan")  # mean max class probability inside the specimen, 0..1
+    # Per class: the fraction of the network's voxels that cleanup's own rules removed.
+    cleanup_removed_fraction: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # one line each, for the summary
     timings_s: dict[str, float] = field(default_factory=dict)  # per stage
     model: dict[str, Any] = field(default_factory=dict)  # name, version, sha256
     input: dict[str, Any] = field(default_factory=dict)  # path, fingerprint, shape, mode, ...

@@ -165,3 +165,46 @@ def test_label_compact_gives_scipys_labels_whatever_the_component_count(stride):
     assert n == expected_n == mask.sum()
     assert labels.dtype == (np.uint16 if n <= 65535 else np.int32)
     assert np.array_equal(labels, expected)
+
+
+def _broken_tube(labels: np.ndarray, gap_vox: int) -> int:
+    """Five 4x4x6 pieces along x, `gap_vox` apart: a filament the network found in fragments.
+    Returns the voxel count."""
+    x = 2
+    for _ in range(5):
+        labels[10:14, 30:34, x:x + 6] = 1
+        x += 6 + gap_vox
+    return 5 * 4 * 4 * 6
+
+
+def test_fragments_closer_than_the_join_gap_are_sized_together_and_kept():
+    """Each 96-voxel piece is below the 300 nm^3 minimum, their sum (480) is not: joined across
+    3 nm gaps they survive; without joining, or with gaps wider than the join, they go."""
+    spec = ClassSpec("microtubule", "filament", min_component_nm3=300.0, join_gap_nm=4.0)
+    labels = _labels()
+    total = _broken_tube(labels, gap_vox=3)
+    removed: dict[str, float] = {}
+    out = clean_labels(labels, [spec], VOXEL_A, removed)
+    assert (out == 1).sum() == total  # nothing removed, nothing added
+    assert removed == {"microtubule": 0.0}
+    unjoined = _labels()
+    _broken_tube(unjoined, gap_vox=3)
+    removed = {}
+    clean_labels(unjoined, [ClassSpec("microtubule", "filament", min_component_nm3=300.0)],
+                 VOXEL_A, removed)
+    assert (unjoined == 1).sum() == 0 and removed == {"microtubule": 1.0}
+    far = _labels()
+    _broken_tube(far, gap_vox=6)  # wider than the 4 nm join
+    clean_labels(far, [spec], VOXEL_A)
+    assert (far == 1).sum() == 0
+
+
+def test_removed_fraction_counts_what_the_size_rule_erased():
+    labels = _labels()
+    labels[5:15, 5:15, 5:15] = 1  # 1000 voxels, kept
+    labels[20:23, 40:43, 40:43] = 1  # 27 voxels, removed
+    labels[25:27, 50:52, 50:52] = 2  # 8 voxels of a class without rules
+    removed: dict[str, float] = {}
+    clean_labels(labels, [ClassSpec("membrane", "membrane", min_component_nm3=100.0),
+                          ClassSpec("other")], VOXEL_A, removed)
+    assert removed == pytest.approx({"membrane": 27 / 1027, "other": 0.0})

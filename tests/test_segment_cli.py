@@ -52,7 +52,7 @@ def matched_fraction(a_xyz_a: np.ndarray, b_xyz_a: np.ndarray, within_a: float) 
 def segmented(tmp_path_factory):
     """Segment three files of one physical scene: 10 Å float32, 13.2 Å int16, Y-thin copy."""
     root = tmp_path_factory.mktemp("segment")
-    result = synthesize(SHAPE_ZYX, VOXEL_A, seed=11)
+    result = synthesize(SHAPE_ZYX, VOXEL_A, seed=11, simulator="cartoon")
     original = root / "TS_A.mrc"
     write_mrc(original, result.tomogram, VOXEL_A, ORIGIN_XYZ_A)
     write_synth(result, root / "unused.mrc", labels_path=root / "TS_A_truth.mrc",
@@ -102,6 +102,10 @@ def test_every_contract_file_is_written_and_valid(segmented):
     assert summary["model"]["sha256"] == bundle.sha256
     assert set(summary["timings_s"]) >= {"read", "rescale", "preprocess", "inference",
                                          "cleanup", "particles", "filaments", "write"}
+    removed = summary["cleanup_removed_fraction"]
+    assert set(removed) == {spec.name for spec in bundle.classes}
+    assert all(0.0 <= fraction <= 1.0 for fraction in removed.values())
+    assert summary["warnings"] == [line for line in summary["warnings"] if "cleanup" in line]
     assert "TS_A: done in" in run.stdout
 
 

@@ -45,9 +45,9 @@ def clean_labels(labels: np.ndarray, classes: list[ClassSpec], voxel_size_a: flo
     """Apply every class's cleanup rules to `labels` (int8 [z, y, x], value i + 1 = classes[i]).
 
     Works in place and returns `labels`. If `removed_fraction` is given, it receives, per class
-    (0 for one the network did not find), the fraction of the class's voxels that its own opening and size rules removed
-    (0 to 1; voxels a fill added are not subtracted): a high one says that cleanup, not the
-    network, erased the class.
+    (0 for one the network did not find), the fraction of the class's voxels that its own
+    opening and size rules removed (0 to 1; voxels a fill added are not subtracted): a high one
+    says that cleanup, not the network, erased the class.
     """
     if labels.ndim != 3:
         raise ValueError(f"labels must be 3-D [z, y, x], got shape {labels.shape}")

@@ -41,7 +41,8 @@ DEFAULT_CASES = ["13:13.2:int16", "21:13.2:int16", "22:13.2:int16", "23:13.2:int
 def score_case(bundle, network, case: str, folder: Path) -> dict:
     seed_text, voxel_text, dtype = case.split(":")
     seed, voxel_a = int(seed_text), float(voxel_text)
-    result = synthesize(physical_shape((64, 256, 256), voxel_a, 10.0), voxel_a, seed=seed)
+    result = synthesize(physical_shape((64, 256, 256), voxel_a, 10.0), voxel_a, seed=seed,
+                        simulator="cartoon")  # comparable with the figures in its git log
     path = folder / f"s{seed}.mrc"
     write_synth(result, path, dtype=dtype)  # through a file, as the pipeline reads it
     volume = read_mrc(path)

@@ -89,7 +89,8 @@ def write_tomogram(path: Path, shape_zyx: tuple[int, int, int], voxel_size_a: fl
     nz, ny, nx = shape_zyx
     tile_shape = (nz, min(ny, tile_yx), min(nx, tile_yx))
     start = time.perf_counter()
-    tile = synthesize(tile_shape, voxel_size_a, seed=seed).tomogram.astype(np.float32, copy=False)
+    tile = synthesize(tile_shape, voxel_size_a, seed=seed, simulator="cartoon")
+    tile = tile.tomogram.astype(np.float32, copy=False)
     with mrcfile.new_mmap(path, shape=shape_zyx, mrc_mode=2, overwrite=True) as mrc:
         for y0 in range(0, ny, tile_shape[1]):
             for x0 in range(0, nx, tile_shape[2]):

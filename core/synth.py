@@ -1,5 +1,10 @@
 """Synthetic cryo-electron tomograms with ground truth (labels and particle centres).
 
+`synthesize` is the one entry point. Its default, simulator="microscope", builds a crowded
+cellular specimen (`core.specimen`) and images it as a microscope does (`core.microscope`:
+tilt series, CTF, dose, shot noise, weighted back-projection). simulator="cartoon" is the
+earlier, much simpler scene described below, kept for the tests that rely on it.
+
 The scene is built in physical units (nm) from a seed, independently of the voxel size, so the
 same seed at 10 Å and at 13.2 Å gives the same objects at the same physical places (only the
 sampling and the noise differ). It is then rendered on the voxel grid and imaged.
@@ -79,7 +84,8 @@ class SynthResult:
     particles: list[tuple[str, float, float, float]]  # (class, x, y, z) voxel indices
     voxel_size_a: float
     class_names: tuple[str, ...] = SYNTH_CLASS_NAMES
-    info: dict[str, Any] = field(default_factory=dict)  # object counts, noise, SNR
+    info: dict[str, Any] = field(default_factory=dict)  # object counts, noise, SNR, parameters
+    filaments: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (class, (n, 3) x y z)
 
 
 # --- scene (physical, voxel-size independent) ----------------------------------------------
@@ -656,20 +662,43 @@ def synthesize(
     seed: int = 0,
     progress: Progress | None = None,
     *,
-    tilt_range_deg: float = 60.0,
+    tilt_range_deg: float | None = None,
     noise_sigma: float = DEFAULT_NOISE_SIGMA,
+    simulator: str = "microscope",
+    tilt_step_deg: float | None = None,
+    defocus_um: float | None = None,
+    dose_e_per_a2: float | None = None,
+    thickness_nm: float | None = None,
 ) -> SynthResult:
     """A synthetic tomogram with labels and particle centres, deterministic for `seed`.
 
-    The scene depends only on the seed and the physical box ((shape - 1) * voxel size), so the
-    same seed and box at another voxel size gives the same physical objects. `noise_sigma` is the
-    per-voxel noise std at 10 Å (protein density = 1); `tilt_range_deg` the +- tilt range.
+    simulator "microscope" (default): a crowded cellular specimen imaged as a microscope does
+    it (`core.microscope.simulate_tomogram`): every physical parameter is drawn from its
+    documented range; `tilt_range_deg`, `tilt_step_deg`, `defocus_um`, `dose_e_per_a2` and
+    `thickness_nm` override single draws (`noise_sigma` is not used: noise is shot noise).
+    simulator "cartoon": the earlier scene of clean shells, tubes and blobs with a Fourier
+    wedge and band-pass (this module); `noise_sigma` is its per-voxel noise std at 10 Å
+    (protein density = 1) and `tilt_range_deg` (default 60) its +- tilt range.
+    Either way the scene depends only on the seed and the physical box ((shape - 1) * voxel
+    size).
     """
     shape = tuple(int(s) for s in shape_zyx)
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"synthesize: shape_zyx must be 3 sizes >= 8, got {shape_zyx}")
     if not voxel_size_a > 0:
         raise ValueError(f"synthesize: voxel_size_a must be > 0, got {voxel_size_a}")
+    if simulator == "microscope":
+        from .microscope import simulate_tomogram
+
+        return simulate_tomogram(shape, voxel_size_a, seed, progress,
+                                 tilt_range_deg=tilt_range_deg, tilt_step_deg=tilt_step_deg,
+                                 defocus_um=defocus_um, dose_e_per_a2=dose_e_per_a2,
+                                 thickness_nm=thickness_nm)
+    if simulator != "cartoon":
+        raise ValueError(f"synthesize: simulator must be 'microscope' or 'cartoon', "
+                         f"got {simulator!r}")
+    if tilt_range_deg is None:
+        tilt_range_deg = 60.0
     vs_nm = voxel_size_a / 10.0
     scene_seed, noise_seed = np.random.SeedSequence(seed).spawn(2)
     scene = _build_scene((np.array(shape) - 1) * vs_nm, np.random.Generator(
@@ -691,7 +720,8 @@ def synthesize(
         for obj in scene.objects
         if isinstance(obj, _Blob) and obj.label in (RIBOSOME, GOLD)
     ]
-    info = {"counts": dict(scene.counts), "snr": snr, "noise_sigma_voxel": sigma_voxel,
+    info = {"simulator": "cartoon", "counts": dict(scene.counts), "snr": snr,
+            "noise_sigma_voxel": sigma_voxel,
             "tilt_range_deg": tilt_range_deg, "slab_nm": list(scene.slab), "seed": seed}
     return SynthResult(tomogram, labels, particles, float(voxel_size_a), SYNTH_CLASS_NAMES, info)
 

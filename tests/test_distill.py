@@ -61,7 +61,7 @@ def single_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("distill")
     tomograms = []
     for seed in (1, 2):
-        result = synthesize((24, 64, 64), 10.0, seed=seed)
+        result = synthesize((24, 64, 64), 10.0, seed=seed, simulator="cartoon")
         write_synth(result, folder / f"t{seed}.mrc")
         tomograms.append(folder / f"t{seed}.mrc")
         if seed == 1:

@@ -160,7 +160,7 @@ def test_read_particle_csv_missing_and_binary(tmp_path):
 def test_evaluate_files_end_to_end(tmp_path):
     from tomolive.core.synth import synthesize, write_synth
 
-    r = synthesize((49, 97, 97), 10.0, seed=2)
+    r = synthesize((49, 97, 97), 10.0, seed=2, simulator="cartoon")
     truth, table = tmp_path / "truth.mrc", tmp_path / "truth.csv"
     write_synth(r, tmp_path / "t.mrc", labels_path=truth, particles_csv=table)
     # A prediction that misses every membrane voxel and one particle.

@@ -17,12 +17,12 @@ SHAPE_13A = (51, 101, 101)
 
 @pytest.fixture(scope="module")
 def default_volume():
-    return synthesize((64, 256, 256), 10.0, seed=0)
+    return synthesize((64, 256, 256), 10.0, seed=0, simulator="cartoon")
 
 
 @pytest.fixture(scope="module")
 def small_10a():
-    return synthesize(SHAPE_10A, 10.0, seed=3)
+    return synthesize(SHAPE_10A, 10.0, seed=3, simulator="cartoon")
 
 
 def test_types_shapes_and_normalisation(default_volume):
@@ -81,11 +81,12 @@ def test_gold_is_densest_and_dark(default_volume):
 
 def test_deterministic_for_a_seed():
     calls = []
-    a = synthesize((40, 96, 96), 10.0, seed=5, progress=lambda *args: calls.append(args))
-    b = synthesize((40, 96, 96), 10.0, seed=5)
+    a = synthesize((40, 96, 96), 10.0, seed=5, simulator="cartoon",
+                   progress=lambda *args: calls.append(args))
+    b = synthesize((40, 96, 96), 10.0, seed=5, simulator="cartoon")
     assert [c for c in calls if c[1] == 1.0] == [("scene", 1.0), ("render", 1.0), ("image", 1.0)]
     assert all(0.0 <= f <= 1.0 for _, f in calls)
-    c = synthesize((40, 96, 96), 10.0, seed=6)
+    c = synthesize((40, 96, 96), 10.0, seed=6, simulator="cartoon")
     assert np.array_equal(a.tomogram, b.tomogram)
     assert np.array_equal(a.labels, b.labels)
     assert a.particles == b.particles
@@ -94,7 +95,7 @@ def test_deterministic_for_a_seed():
 
 
 def test_same_physical_scene_at_another_voxel_size(small_10a):
-    coarse = synthesize(SHAPE_13A, 13.2, seed=3)
+    coarse = synthesize(SHAPE_13A, 13.2, seed=3, simulator="cartoon")
     fine = small_10a
     assert len(fine.particles) == len(coarse.particles) > 0
     for (n1, *p1), (n2, *p2) in zip(fine.particles, coarse.particles, strict=True):

@@ -29,7 +29,7 @@ def tiny(tmp_path_factory):
     """A tiny synthetic tomogram (float32, 10 Å) and its labels, with z 0-3, 20-23 and a block
     of z 8-15 left unannotated (255, stored as -1 in the int8 file)."""
     folder = tmp_path_factory.mktemp("train")
-    result = synthesize(SHAPE, 10.0, seed=1)
+    result = synthesize(SHAPE, 10.0, seed=1, simulator="cartoon")
     labels = result.labels.astype(np.int8).copy()
     labels[:4] = -1
     labels[20:] = -1

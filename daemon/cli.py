@@ -184,6 +184,19 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "int16", "float16"), default="float32",
                    help="storage type of the tomogram (int16 is scaled to use its range)")
+    p.add_argument("--simulator", choices=("microscope", "cartoon"), default="microscope",
+                   help="microscope: image formation as a TEM does it (default); cartoon: the "
+                        "earlier filtered scene")
+    p.add_argument("--tilt-range", type=float, metavar="DEG", dest="tilt_range_deg",
+                   help="+- tilt range (default: drawn from 50-65)")
+    p.add_argument("--tilt-step", type=float, metavar="DEG", dest="tilt_step_deg",
+                   help="tilt increment (default: drawn from 1-4; microscope only)")
+    p.add_argument("--defocus-um", type=float, metavar="UM", dest="defocus_um",
+                   help="defocus in um, negative = underfocus (default: drawn from -1.5 to -6)")
+    p.add_argument("--dose", type=float, metavar="E_PER_A2", dest="dose_e_per_a2",
+                   help="total dose of the series in e/A^2 (default: drawn from 60-150)")
+    p.add_argument("--thickness-nm", type=float, metavar="NM", dest="thickness_nm",
+                   help="specimen (lamella) thickness (default: drawn from 80-300)")
     p.set_defaults(handler=_cmd_synth)
 
 
@@ -191,7 +204,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from ..core.synth import synthesize, write_synth
 
     start = time.perf_counter()
-    result = synthesize(tuple(args.shape), args.pixel_size_a, args.seed)
+    result = synthesize(tuple(args.shape), args.pixel_size_a, args.seed,
+                        simulator=args.simulator, tilt_range_deg=args.tilt_range_deg,
+                        tilt_step_deg=args.tilt_step_deg, defocus_um=args.defocus_um,
+                        dose_e_per_a2=args.dose_e_per_a2, thickness_nm=args.thickness_nm)
     write_synth(result, args.out, labels_path=args.labels, particles_csv=args.particles,
                 dtype=args.dtype)
     print(f"{args.out}: synthetic tomogram {tuple(args.shape)} at {args.pixel_size_a:g} Å, "
@@ -252,7 +268,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="the model's voxel size (default: the first tomogram's)")
     p.add_argument("--class-config", type=Path, metavar="YAML",
                    help="per-class overrides (kind, diameter_nm, min_length_nm, ...)")
-    p.add_argument("--init", type=Path, metavar="MODEL", help="fine-tune from this bundle")
+    p.add_argument("--init", metavar="default|MODEL",
+                   help="fine-tune from a bundle: `default` is the shipped default model "
+                        "(the recommended start for a few annotated slices)")
     p.add_argument("--name", default=None, help="model name (default: the output file's stem)")
     p.add_argument("--base-width", type=int, default=None)
     p.add_argument("--in-slices", type=int, default=None,
@@ -267,7 +285,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ..core import train as training
-    from ..core.model import load_bundle, save_bundle
+    from ..core.model import save_bundle
 
     if args.steps is None and args.max_minutes is None:
         raise CommandError("give --steps N and/or --max-minutes M")
@@ -291,7 +309,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         keep=args.keep, **({"base_width": args.base_width} if args.base_width else {}),
         **({"in_slices": args.in_slices} if args.in_slices else {}),
     )
-    init = load_bundle(args.init) if args.init else None
+    init = None
+    if args.init:
+        init = load_model_or_default(None if args.init == "default" else Path(args.init))
     with _TrainingProgress(args.steps) as progress:
         trained = training.train(sources, class_specs, options, init_bundle=init,
                                  progress=progress, warn=_warn_line)

@@ -20,7 +20,7 @@ def tomolive(*args) -> subprocess.CompletedProcess:
 
 
 def test_train_single_feature_models_then_distill_them(tmp_path):
-    result = synthesize((40, 96, 96), 10.0, seed=5)
+    result = synthesize((40, 96, 96), 10.0, seed=5, simulator="cartoon")
     tomogram = tmp_path / "t.mrc"
     write_synth(result, tomogram)
     singles, warned = [], []
@@ -59,3 +59,22 @@ def test_train_rejects_a_missing_stop_condition_in_one_line(tmp_path):
                    "--classes", "membrane", "--out", tmp_path / "m.safetensors")
     assert run.returncode == 1
     assert run.stderr.strip() == "tomolive: error: give --steps N and/or --max-minutes M"
+
+
+def test_train_init_default_fine_tunes_the_shipped_model(tmp_path):
+    from tomolive.core.classes import SYNTH_CLASS_NAMES
+    from tomolive.core.model import default_bundle_path
+
+    result = synthesize((40, 96, 96), 10.0, seed=6)
+    tomogram, labels = tmp_path / "t.mrc", tmp_path / "t_labels.mrc"
+    write_synth(result, tomogram, labels)
+    out = tmp_path / "tuned.safetensors"
+    run = tomolive("train", "--tomogram", tomogram, "--labels", labels,
+                   "--classes", ",".join(SYNTH_CLASS_NAMES), "--region", "8:32,0:96,0:96",
+                   "--steps", "2", "--device", "cpu", "--init", "default", "--out", out)
+    assert run.returncode == 0, run.stderr
+    parent = load_bundle(default_bundle_path())
+    tuned = load_bundle(out)
+    assert tuned.meta.parent == parent.meta.ref
+    assert tuned.meta.version == parent.meta.version + 1
+    assert tuned.meta.architecture == parent.meta.architecture

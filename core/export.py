@@ -3,7 +3,9 @@
 Everything is written into `out_parent/.STEM.tmp-XXXX` (summary last), then that folder is
 renamed to `out_parent/STEM`: readers see the whole folder or none of it. An existing
 `out_parent/STEM` is renamed aside first and deleted after the new one is in place. Any failure
-removes the temporary folder and leaves an existing result untouched.
+removes the temporary folder and leaves an existing result untouched. Folders are created
+0777 and files 0666, both less the process umask (0755/0644 under the default 022), so that
+other users (and a daemon running as another user) can read the results.
 
 Coordinates: tables hold float (z, y, x) voxel positions on the input grid; files use x, y, z.
 STAR files are RELION 5 style (`data_particles`, `rlnTomoName`, `rlnCoordinateX/Y/Z` in pixels
@@ -20,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -89,7 +90,7 @@ def write_outputs(
     out_parent = Path(out_parent)
     out_parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{seg.stem}.tmp-", dir=out_parent))
+    tmp = _make_temporary_folder(out_parent, seg.stem)
     try:
         files = {key: tmp / name for key, name in _file_names(seg.stem, seg.classes).items()}
         _write_files(files, seg, tomogram)
@@ -107,6 +108,22 @@ def write_outputs(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _make_temporary_folder(out_parent: Path, stem: str) -> Path:
+    """A new empty `out_parent/.STEM.tmp-XXXXXXXX` (the pattern daemon.service cleans up).
+
+    Not tempfile.mkdtemp: it always makes 0700, so published results were unreadable to
+    everyone else whatever the umask. os.mkdir with 0o777 lets the umask decide.
+    """
+    for _ in range(100):
+        tmp = out_parent / f".{stem}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            os.mkdir(tmp, 0o777)
+        except FileExistsError:  # another writer drew the same name: draw again
+            continue
+        return tmp
+    raise FileExistsError(f"{out_parent}: no free temporary folder name for {stem}")
 
 
 def _check(seg: Segmentation, tomogram: np.ndarray | None) -> None:

@@ -4,7 +4,8 @@ A bundle holds the weights (float32, exactly as trained) and a JSON document und
 safetensors metadata key "tomolive" (`BundleMeta`). Loading never unpickles: the file is parsed
 with the safetensors format only, and every field and tensor is checked against the architecture
 before anything is built, so a half-copied or mismatched file from a drop folder is rejected with
-one line that starts with its path.
+one line that starts with its path. Bundles saved by this version also record `weights_sha256`,
+a checksum of the tensors verified at load (older bundles without it still load).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .classes import ClassSpec
+from .volume import DEFAULT_VOXEL_SIZE_BOUNDS_A, check_voxel_size
 
 FORMAT_VERSION = 1
 METADATA_KEY = "tomolive"
@@ -211,6 +213,8 @@ class BundleMeta:
     training: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     format_version: int = FORMAT_VERSION
+    # sha256 of the weights (`weights_sha256`), set by save_bundle; None in older bundles.
+    weights_sha256: str | None = None
 
     def __post_init__(self) -> None:
         # Accept class specs as JSON objects too (what comes out of a YAML or JSON file).
@@ -271,10 +275,15 @@ class BundleMeta:
             raise ValueError(f"training must be an object, not {self.training!r}")
         if not isinstance(self.description, str):
             raise ValueError(f"description must be a string, not {self.description!r}")
+        digest = self.weights_sha256
+        if digest is not None and not _is_sha256(digest):
+            raise ValueError(f"weights_sha256 must be 64 hex digits or null, not {digest!r}")
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["classes"] = [c.to_json() for c in self.classes]
+        if out["weights_sha256"] is None:
+            del out["weights_sha256"]  # a document without a checksum stays as it was
         return out
 
     @classmethod
@@ -307,6 +316,11 @@ class BundleMeta:
             except (TypeError, AttributeError) as exc:  # wrongly typed fields
                 raise ValueError(f"classes[{i}] is malformed ({exc})") from None
         return cls(**{**data, "classes": classes})
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and \
+        all(c in "0123456789abcdef" for c in value)
 
 
 def _validate_recipe_if_available(recipe: list[dict[str, Any]]) -> None:
@@ -390,6 +404,19 @@ def _arch_str(arch: dict[str, Any]) -> str:
     return ", ".join(f"{k}={arch[k]}" for k in _ARCH_INT_KEYS)
 
 
+def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor in name order: its name, dtype, shape and raw bytes.
+
+    Names, dtypes and shapes are included so that swapped or reshaped tensors change it too.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_bundle(path: str | Path, network: nn.Module, meta: BundleMeta) -> Path:
     """Write `network` (unfused) and `meta` as one `.safetensors` file, atomically.
 
@@ -402,7 +429,9 @@ def save_bundle(path: str | Path, network: nn.Module, meta: BundleMeta) -> Path:
     meta.validate()
     raw = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
     tensors = _check_tensors(raw, meta.architecture)
-    payload = st_save(tensors, metadata={METADATA_KEY: json.dumps(meta.to_json())})
+    # The checksum of exactly the tensors written; a parent's checksum in `meta` is replaced.
+    document = {**meta.to_json(), "weights_sha256": weights_sha256(tensors)}
+    payload = st_save(tensors, metadata={METADATA_KEY: json.dumps(document)})
     with atomic_path(path) as tmp:
         tmp.write_bytes(payload)
         os.chmod(tmp, 0o644)  # readable by the service user, whoever trained the model
@@ -443,11 +472,15 @@ def _read_metadata(blob: bytes) -> dict[str, str]:
     return metadata
 
 
-def load_bundle(path: str | Path) -> ModelBundle:
+def load_bundle(
+    path: str | Path, voxel_size_bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A
+) -> ModelBundle:
     """Read and validate a bundle; raises BundleError (one line, starting with the path).
 
-    Only the safetensors format is parsed (never pickle). Metadata, classes and every tensor's
-    name, shape and finiteness are checked against the architecture before a network is built.
+    Only the safetensors format is parsed (never pickle). The voxel size must lie within
+    `voxel_size_bounds_a` (Å); the weights must match `weights_sha256` when the bundle has one;
+    metadata, classes and every tensor's name, shape and finiteness are checked against the
+    architecture before a network is built.
     """
     path = Path(path)
     try:
@@ -455,14 +488,16 @@ def load_bundle(path: str | Path) -> ModelBundle:
     except OSError as exc:
         raise BundleError(f"{path}: cannot read model bundle ({exc.strerror or exc})") from None
     try:
-        bundle = _parse_bundle(blob, path)
+        bundle = _parse_bundle(blob, path, voxel_size_bounds_a)
     except ValueError as exc:
         message = " ".join(str(exc).split())  # one line
         raise BundleError(f"{path}: {message}") from None
     return bundle
 
 
-def _parse_bundle(blob: bytes, path: Path) -> ModelBundle:
+def _parse_bundle(
+    blob: bytes, path: Path, voxel_size_bounds_a: tuple[float, float]
+) -> ModelBundle:
     metadata = _read_metadata(blob)
     if METADATA_KEY not in metadata:
         raise ValueError(f"no {METADATA_KEY!r} metadata (not a tomolive model bundle)")
@@ -472,8 +507,16 @@ def _parse_bundle(blob: bytes, path: Path) -> ModelBundle:
         raise ValueError(f"{METADATA_KEY!r} metadata is not valid JSON ({exc.msg})") from None
     meta = BundleMeta.from_json(document)
     try:
+        check_voxel_size(meta.voxel_size_a, voxel_size_bounds_a)
+    except ValueError as exc:
+        raise ValueError(f"voxel_size_a {exc}") from None
+    try:
         raw = st_load(blob)
     except Exception as exc:  # safetensors raises its own error type for malformed files
         raise ValueError(f"malformed safetensors data ({exc})") from None
+    # Before the tensor checks: corrupted bytes are reported as corruption, not as NaN weights.
+    if meta.weights_sha256 is not None and weights_sha256(raw) != meta.weights_sha256:
+        raise ValueError("weights do not match their weights_sha256 checksum (the tensor data "
+                         "was altered or corrupted after saving)")
     state_dict = _check_tensors(raw, meta.architecture)
     return ModelBundle(meta, state_dict, path, hashlib.sha256(blob).hexdigest())

@@ -28,6 +28,8 @@ from .preprocess import apply_recipe
 from .resample import GridMap, fourier_rescale, grid_for, labels_to_input_refined
 from .segmentation import Segmentation
 from .volume import (
+    DEFAULT_MAX_MODEL_VOXELS,
+    DEFAULT_VOXEL_SIZE_BOUNDS_A,
     Volume,
     from_canonical,
     read_mrc,
@@ -54,6 +56,10 @@ class SegmentOptions:
 
     inference: InferenceOptions = field(default_factory=InferenceOptions)
     voxel_size_a: float | None = None  # overrides a header that lies
+    # Plausibility: a voxel size outside these bounds (Å), or a model grid of more voxels, is
+    # refused with a one-line error before anything is allocated.
+    voxel_size_bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A
+    max_model_voxels: int = DEFAULT_MAX_MODEL_VOXELS
 
     def to_json(self) -> dict[str, Any]:
         inference = self.inference
@@ -63,6 +69,8 @@ class SegmentOptions:
             "tile_size_px": inference.tile_size_px,
             "tta_flips": inference.tta_flips,
             "voxel_size_override_a": self.voxel_size_a,
+            "voxel_size_bounds_a": list(self.voxel_size_bounds_a),
+            "max_model_voxels": self.max_model_voxels,
         }
 
 
@@ -107,7 +115,11 @@ def segment(
     canonical = to_canonical(volume.data, beam_axis)
 
     with timer.stage("rescale"):
-        grid = grid_for(canonical.shape, volume.voxel_size_a, model_voxel_a)
+        try:
+            grid = grid_for(canonical.shape, volume.voxel_size_a, model_voxel_a,
+                            options.max_model_voxels)
+        except ValueError as error:
+            raise ValueError(f"{volume.path or 'tomogram'}: {error}") from None
         model_data = fourier_rescale(canonical, grid, device=_device_name(options))
     _report(progress, "rescale", 1.0)
     # The input is not needed again until the preview reads three slices: its touched pages
@@ -198,7 +210,8 @@ def segment_file(
     start = time.perf_counter()
     fingerprint = input_fingerprint(path)
     with _StageTimer(timings_s).stage("read"):
-        volume = read_mrc(path, voxel_size_a=options.voxel_size_a)
+        volume = read_mrc(path, voxel_size_a=options.voxel_size_a,
+                          voxel_size_bounds_a=options.voxel_size_bounds_a)
     _report(progress, "read", 1.0)
     seg = segment(volume, bundle, options, network=network, progress=progress,
                   stem=path.stem, timings_s=timings_s)

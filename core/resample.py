@@ -8,11 +8,14 @@ per axis. `GridMap` is that exact mapping; everything that goes back to the inpu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .volume import DEFAULT_MAX_MODEL_VOXELS
 
 # Working slab: about this many input voxels at a time (float32 16 MiB; the mirrored FFT
 # temporaries are a few times that), so host and device memory stay bounded.
@@ -53,16 +56,36 @@ class GridMap:
 
 
 def grid_for(
-    input_shape: tuple[int, ...], input_voxel_a: float, model_voxel_a: float
+    input_shape: tuple[int, ...],
+    input_voxel_a: float,
+    model_voxel_a: float,
+    max_model_voxels: int = DEFAULT_MAX_MODEL_VOXELS,
 ) -> GridMap:
-    """The model grid for an input: each axis max(1, round(n * input_voxel / model_voxel))."""
+    """The model grid for an input: each axis max(1, round(n * input_voxel / model_voxel)).
+
+    Raises ValueError (one line) when that grid has more than `max_model_voxels` voxels: the
+    check needs only the shapes, so it comes before anything is allocated.
+    """
     if not (np.isfinite(input_voxel_a) and input_voxel_a > 0):
         raise ValueError(f"input voxel size {input_voxel_a} Å must be positive")
     if not (np.isfinite(model_voxel_a) and model_voxel_a > 0):
         raise ValueError(f"model voxel size {model_voxel_a} Å must be positive")
     ratio = input_voxel_a / model_voxel_a
     model = tuple(max(1, int(np.floor(n * ratio + 0.5))) for n in input_shape)
+    _check_grid_size(model, input_voxel_a, model_voxel_a, max_model_voxels)
     return GridMap(tuple(input_shape), model)  # type: ignore[arg-type]
+
+
+def _check_grid_size(model_shape: tuple[int, ...], input_voxel_a: float, model_voxel_a: float,
+                     max_model_voxels: int) -> None:
+    n_voxels = math.prod(model_shape)  # Python ints: no overflow however absurd the header
+    if n_voxels > max_model_voxels:
+        dims = " x ".join(str(n) for n in model_shape)
+        raise ValueError(
+            f"model grid {dims} (z, y, x) for {input_voxel_a:g} Å -> {model_voxel_a:g} Å is "
+            f"{n_voxels:.3g} voxels ({n_voxels * 4 / 2**30:.3g} GiB as float32), above the "
+            f"limit of {max_model_voxels:.3g} voxels: check the voxel size"
+        )
 
 
 def _resample_axis(t: torch.Tensor, dim: int, n_out: int, mirror: bool) -> torch.Tensor:

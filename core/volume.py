@@ -29,6 +29,14 @@ _DTYPE_MODE = {"int8": 0, "int16": 1, "float32": 2, "uint16": 6, "float16": 12}
 _FLOAT_MODES = (2, 12)
 _IMOD_STAMP = 1146047817  # IMOD's header stamp; without its "signed" flag, mode 0 is uint8
 _SLAB_BYTES = 64 * 2**20  # bounded working memory when scanning or writing slab by slab
+# Plausible voxel sizes (Å): below, a header in nm or m (0.013 Å gave a 1x1x1 model grid and a
+# confident empty result); above, upsampling to the model grid tries to allocate terabytes.
+DEFAULT_VOXEL_SIZE_BOUNDS_A = (1.5, 50.0)
+# The largest model grid a tomogram may need (core.resample.grid_for). The pipeline holds a
+# float32 copy of it plus a few bytes per voxel of labels and probabilities: 2**32 voxels is
+# 16 GiB as float32, far above a real tomogram at a model's voxel size, far below what a lying
+# header asks for (1000 Å tried to allocate 1.91 TiB).
+DEFAULT_MAX_MODEL_VOXELS = 2**32
 
 
 class VolumeError(ValueError):
@@ -153,13 +161,54 @@ def _first_nonfinite_slice(data: np.ndarray) -> int | None:
     return None
 
 
+def check_voxel_size(
+    voxel_size_a: float, bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A
+) -> None:
+    """Raise ValueError (one line, no path) unless `voxel_size_a` lies within `bounds_a`."""
+    low_a, high_a = bounds_a
+    if not (np.isfinite(voxel_size_a) and low_a <= voxel_size_a <= high_a):
+        raise ValueError(
+            f"{voxel_size_a:g} Å is outside the plausible range {low_a:g}..{high_a:g} Å"
+        )
+
+
+def resolve_voxel_size(
+    path: Path, hdr: MrcHeader, override_a: float | None, bounds_a: tuple[float, float]
+) -> float:
+    """The voxel size to use: the override if given, else the header's; checked against
+    `bounds_a` before anything is mapped or allocated."""
+    if override_a is not None:
+        if not (np.isfinite(override_a) and override_a > 0):
+            raise VolumeError(f"{path}: voxel size override {override_a} Å must be positive")
+        what = "voxel size override"
+        voxel = float(override_a)
+    else:
+        voxel = hdr.voxel_size_a
+        if not np.isfinite(voxel) or voxel <= 0 or abs(voxel - 1.0) < 1e-3:
+            raise VolumeError(
+                f"{path}: voxel size {voxel:g} Å in the header looks unset; "
+                f"pass a voxel size override"
+            )
+        what = "header voxel size"
+    try:
+        check_voxel_size(voxel, bounds_a)
+    except ValueError as error:
+        hint = "" if override_a is not None else "; pass a voxel size override if it lies"
+        raise VolumeError(f"{path}: {what} {error}{hint}") from None
+    return voxel
+
+
 def read_mrc(
-    path: str | os.PathLike, voxel_size_a: float | None = None, check_finite: bool = True
+    path: str | os.PathLike,
+    voxel_size_a: float | None = None,
+    check_finite: bool = True,
+    voxel_size_bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A,
 ) -> Volume:
     """Memory-map an MRC/REC tomogram (modes 0, 1, 2, 6, 12) after validating it.
 
-    `voxel_size_a` overrides the header (needed when the header says 0 or 1 Å). The NaN/Inf
-    scan reads the whole file slab by slab (bounded memory); pass check_finite=False to skip.
+    `voxel_size_a` overrides the header (needed when the header says 0 or 1 Å). The voxel size
+    used (header or override) must lie within `voxel_size_bounds_a` (Å). The NaN/Inf scan reads
+    the whole file slab by slab (bounded memory); pass check_finite=False to skip.
     """
     path = Path(path)
     hdr = read_header(path)
@@ -183,17 +232,7 @@ def read_mrc(
             f"{path}: file is {size} bytes but its header implies "
             f"{hdr.expected_size_bytes} bytes ({why})"
         )
-    if voxel_size_a is not None:
-        if not (np.isfinite(voxel_size_a) and voxel_size_a > 0):
-            raise VolumeError(f"{path}: voxel size override {voxel_size_a} Å must be positive")
-        voxel = float(voxel_size_a)
-    else:
-        voxel = hdr.voxel_size_a
-        if not np.isfinite(voxel) or voxel <= 0 or abs(voxel - 1.0) < 1e-3:
-            raise VolumeError(
-                f"{path}: voxel size {voxel:g} Å in the header looks unset; "
-                f"pass a voxel size override"
-            )
+    voxel = resolve_voxel_size(path, hdr, voxel_size_a, voxel_size_bounds_a)
     data = np.memmap(path, dtype=hdr.dtype, mode="r", offset=hdr.data_offset_bytes,
                      shape=hdr.shape_zyx)
     if check_finite and hdr.mode in _FLOAT_MODES:

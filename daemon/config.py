@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..core.volume import DEFAULT_MAX_MODEL_VOXELS, DEFAULT_VOXEL_SIZE_BOUNDS_A
+
 DEFAULT_PATTERNS = ["*.mrc", "*.rec"]
 DEFAULT_METRICS_PORT = 9847
 
@@ -75,6 +77,10 @@ class Config(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    # Plausible voxel sizes (Å) of tomograms (header or override) and of model bundles.
+    voxel_size_bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A
+    # Largest model grid a tomogram may need (voxels; float32 is 4 bytes each).
+    max_model_voxels: int = Field(DEFAULT_MAX_MODEL_VOXELS, ge=1, strict=True)
 
     @field_validator("devices", mode="before")
     @classmethod
@@ -93,6 +99,29 @@ class Config(_Strict):
         if not value or "/" in value or "\\" in value or value in (".", ".."):
             raise ValueError("must be 'newest' or a file name inside models_dir")
         return value
+
+    @field_validator("voxel_size_bounds_a")
+    @classmethod
+    def _check_voxel_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low_a, high_a = value
+        if not 0 < low_a < high_a:
+            raise ValueError(
+                f"must be [low, high] with 0 < low < high, not [{low_a:g}, {high_a:g}]"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_overrides_within_bounds(self) -> Config:
+        # An override outside the bounds would fail every tomogram of its folder: say so now.
+        low_a, high_a = self.voxel_size_bounds_a
+        for index, folder in enumerate(self.watch):
+            vs = folder.voxel_size_a
+            if vs is not None and not low_a <= vs <= high_a:
+                raise ValueError(
+                    f"watch.{index}.voxel_size_a {vs:g} Å is outside voxel_size_bounds_a "
+                    f"[{low_a:g}, {high_a:g}]"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_heartbeat(self) -> Config:

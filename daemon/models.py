@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..core.volume import DEFAULT_VOXEL_SIZE_BOUNDS_A
+
 log = logging.getLogger("tomolive.models")
 
 BUNDLE_SUFFIX = ".safetensors"
@@ -60,13 +62,15 @@ class ModelRegistry:
 
     def __init__(self, models_dir: Path, cache_dir: Path, policy: str = "newest",
                  settle_s: float = 2.0, default_bundle: Path | None = None,
-                 on_rejected: Any = None) -> None:
+                 on_rejected: Any = None,
+                 voxel_size_bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A) -> None:
         self.models_dir = Path(models_dir)
         self.cache_dir = Path(cache_dir)
         self.policy = policy
         self.settle_s = settle_s
         self.default_bundle = default_bundle
         self.on_rejected = on_rejected  # callback(path, reason) for metrics
+        self.voxel_size_bounds_a = tuple(voxel_size_bounds_a)  # a bundle outside is rejected
         self.current: ServingModel | None = None
         self._seen: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime, since)
         self._valid: dict[Path, ServingModel] = {}
@@ -131,7 +135,7 @@ class ModelRegistry:
         cached = None
         try:
             cached = self._copy_to_cache(path)
-            bundle = load_bundle(cached)
+            bundle = load_bundle(cached, self.voxel_size_bounds_a)
             smoke_test(bundle)
         except Exception as error:  # any failure means: not this file, keep serving
             reason = " ".join(str(error).split()) or type(error).__name__

@@ -79,6 +79,9 @@ class Service:
         self._finished_ok = 0
         self._warned_no_model = False
         self._parked: dict[Path, QueueItem] = {}  # quarantined or unreadable, looked at again
+        # Why each parked unreadable item was last warned about: a result another user left
+        # unreadable (0700) would otherwise log the same warning at every rescan, forever.
+        self._unreadable_warned: dict[Path, str] = {}
         self._last_parked_check_s = time.monotonic()
         self._started_s = time.monotonic()
         self._state_dir = Path(tempfile.mkdtemp(prefix="tomolive-"))
@@ -97,7 +100,8 @@ class Service:
         self.registry = ModelRegistry(
             config.models_dir, self._state_dir / "models", policy=config.model,
             settle_s=min(config.settle_seconds, 5.0), default_bundle=default_bundle_path(),
-            on_rejected=lambda path, reason: self._on_bundle_rejected())
+            on_rejected=lambda path, reason: self._on_bundle_rejected(),
+            voxel_size_bounds_a=config.voxel_size_bounds_a)
         self.watcher = FileWatcher(config)
 
     def _on_bundle_rejected(self) -> None:
@@ -259,8 +263,13 @@ class Service:
         try:
             status, _ = self._status_of(item)
         except OSError as error:
-            log.warning("%s: cannot check it now (%s); will look again", item.path, error)
+            if self._unreadable_warned.get(item.path) != str(error):
+                self._unreadable_warned[item.path] = str(error)
+                log.warning("%s: cannot check it now (%s); will look again at every rescan "
+                            "(logged once)", item.path, error)
             status = "unreadable"
+        else:
+            self._unreadable_warned.pop(item.path, None)
         if status in ("quarantined", "unreadable"):
             self._parked[item.path] = item
             return
@@ -332,7 +341,9 @@ class Service:
         job = Job(job_id=self._next_job_id, path=str(item.path),
                   out_parent=str(item.out_parent), model_path=str(model.cached_path),
                   model_sha256=model.sha256, voxel_size_a=item.voxel_size_a,
-                  inference=self._inference_options())
+                  inference=self._inference_options(),
+                  voxel_size_bounds_a=tuple(self.config.voxel_size_bounds_a),
+                  max_model_voxels=self.config.max_model_voxels)
         self._next_job_id += 1
         self.in_flight[job.job_id] = InFlight(item, lease, fingerprint, model)
         self.queue.remove(item.path)
@@ -501,6 +512,7 @@ class Service:
         self.leases.lease_s = new.lease_seconds
         self.registry.models_dir = new.models_dir
         self.registry.policy = new.model
+        self.registry.voxel_size_bounds_a = tuple(new.voxel_size_bounds_a)  # bundles seen later
         self.watcher.stop()
         self.watcher = FileWatcher(new)
         self.watcher.start()

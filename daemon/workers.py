@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.volume import DEFAULT_MAX_MODEL_VOXELS, DEFAULT_VOXEL_SIZE_BOUNDS_A
+
 log = logging.getLogger("tomolive.workers")
 
 # How long a worker waits for the main process to answer "may I publish?" before giving up.
@@ -39,6 +41,9 @@ class Job:
     model_sha256: str
     voxel_size_a: float | None = None
     inference: dict[str, Any] = field(default_factory=dict)
+    # Plausibility bounds from the configuration.
+    voxel_size_bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A
+    max_model_voxels: int = DEFAULT_MAX_MODEL_VOXELS
 
 
 @dataclass
@@ -226,6 +231,8 @@ class _JobRunner:
         options = SegmentOptions(
             inference=InferenceOptions(device=self.device, **job.inference),
             voxel_size_a=job.voxel_size_a,
+            voxel_size_bounds_a=tuple(job.voxel_size_bounds_a),
+            max_model_voxels=job.max_model_voxels,
         )
         seg, out_dir = segment_file(
             job.path, job.out_parent, bundle, options, network=network,
@@ -239,7 +246,7 @@ class _JobRunner:
 
         if self._model is None or self._model[0] != job.model_sha256:
             self._model = None  # free the old network before loading the new one
-            bundle = load_bundle(job.model_path)
+            bundle = load_bundle(job.model_path, tuple(job.voxel_size_bounds_a))
             if bundle.sha256 != job.model_sha256:
                 raise RuntimeError(f"{job.model_path}: model file changed after validation")
             self._model = (bundle.sha256, bundle, prepare_network(bundle, self.device))

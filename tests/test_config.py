@@ -92,6 +92,12 @@ def test_unknown_keys_and_wrong_types_name_the_key_path(tmp_path):
         ("inference: {batch_size: 0}\n",
          "inference.batch_size: Input should be greater than or equal to 1"),
         ("- a\n- b\n", "must be a mapping of settings, not list"),
+        ("voxel_size_bounds_a: [50, 1.5]\n",
+         "voxel_size_bounds_a: must be [low, high] with 0 < low < high, not [50, 1.5]"),
+        ("voxel_size_bounds_a: [2]\n", "voxel_size_bounds_a.1: Field required"),
+        ("watch:\n  - {path: a, voxel_size_a: 0.1}\n",
+         "watch.0.voxel_size_a 0.1 Å is outside voxel_size_bounds_a [1.5, 50]"),
+        ("max_model_voxels: 0\n", "max_model_voxels: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_values_are_rejected_with_a_clear_message(tmp_path, text, expected):
@@ -152,3 +158,16 @@ def test_devices_give_one_worker_entry_per_process(tmp_path):
     assert _resolve_devices(gpus) == ["cuda:0", "cuda:0", "cuda:2", "cuda:2"]
     cpu = load_config(_write(tmp_path, "devices: cpu\ncpu_workers: 3\n"), tmp_path)
     assert _resolve_devices(cpu) == ["cpu"] * 3
+
+
+def test_plausibility_bounds_defaults_and_override(tmp_path):
+    from tomolive.core.volume import DEFAULT_MAX_MODEL_VOXELS, DEFAULT_VOXEL_SIZE_BOUNDS_A
+
+    defaults = load_config(None, tmp_path)
+    assert defaults.voxel_size_bounds_a == DEFAULT_VOXEL_SIZE_BOUNDS_A == (1.5, 50.0)
+    assert defaults.max_model_voxels == DEFAULT_MAX_MODEL_VOXELS
+    path = _write(tmp_path, "voxel_size_bounds_a: [0.5, 80]\nmax_model_voxels: 1000000\n"
+                            "watch:\n  - {path: a, voxel_size_a: 0.8}\n")
+    config = load_config(path)
+    assert config.voxel_size_bounds_a == (0.5, 80.0) and config.max_model_voxels == 10**6
+    assert config.watch[0].voxel_size_a == 0.8  # within the widened bounds

@@ -1,9 +1,14 @@
 """core.export: the output folder contract, file contents, atomic publish and failure handling."""
 
 import csv
+import fnmatch
 import json
+import logging
 import math
+import os
+import stat
 import time
+import types
 
 import mrcfile
 import numpy as np
@@ -214,3 +219,53 @@ def test_bad_inputs_are_rejected_with_a_message(tmp_path):
     with pytest.raises(ValueError, match="TS_01: labels must be int8"):
         write_outputs(tmp_path, seg)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("umask", "folder_mode", "file_mode"),
+                         [(0o022, 0o755, 0o644), (0o002, 0o775, 0o664)])
+def test_published_folder_and_files_honour_the_umask(tmp_path, umask, folder_mode, file_mode):
+    seen_during_write = []
+    old = os.umask(umask)
+    try:
+        folder = write_outputs(tmp_path, _segmentation(), _tomogram(),
+                               before_publish=lambda: seen_during_write.extend(
+                                   p.name for p in tmp_path.iterdir()))
+    finally:
+        os.umask(old)
+    # Still built under the hidden name daemon.service cleans up, then renamed into place.
+    assert len(seen_during_write) == 1
+    assert fnmatch.fnmatch(seen_during_write[0], ".TS_01.tmp-*")
+    assert stat.S_IMODE(folder.stat().st_mode) == folder_mode
+    files = list(folder.iterdir())
+    assert len(files) == 8
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == file_mode, path.name
+
+
+def test_an_unreadable_result_is_warned_about_once(tmp_path, caplog):
+    """The daemon's "is it done?" check on a summary another user left unreadable: one warning,
+    not one per rescan; a different error, or the same one after a readable spell, warns again."""
+    from tomolive.daemon.scheduler import QueueItem
+    from tomolive.daemon.service import Service
+
+    errors = [PermissionError(13, "Permission denied")] * 3 + [None] + \
+        [PermissionError(13, "Permission denied")]
+
+    def status_of(item):
+        error = errors.pop(0)
+        if error is not None:
+            raise error
+        return "done", "fingerprint"
+
+    fake = types.SimpleNamespace(_status_of=status_of, _parked={}, _unreadable_warned={})
+    item = QueueItem(path=tmp_path / "TS_01.mrc", out_parent=tmp_path / "out", key="k",
+                     rel_output="TS_01", mtime_ns=0)
+    with caplog.at_level(logging.WARNING, logger="tomolive.service"):
+        for _ in range(3):  # three rescans while the summary stays unreadable
+            Service._queue_or_park(fake, item)
+        assert item.path in fake._parked
+        assert len(caplog.records) == 1 and "Permission denied" in caplog.records[0].message
+        Service._queue_or_park(fake, item)  # readable again: done
+        assert item.path not in fake._parked
+        Service._queue_or_park(fake, item)
+    assert len(caplog.records) == 2

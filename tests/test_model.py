@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import struct
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from tomolive.core.model import (
     fuse_for_inference,
     load_bundle,
     save_bundle,
+    weights_sha256,
 )
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -155,7 +157,8 @@ def test_meta_created_defaults_to_utc_now() -> None:
 def test_save_load_round_trip(bundle_file: Path) -> None:
     bundle = load_bundle(bundle_file)
     assert isinstance(bundle, ModelBundle)
-    assert bundle.meta == _meta()
+    # The loaded metadata is what was saved plus the checksum save_bundle recorded.
+    assert bundle.meta == _meta(weights_sha256=weights_sha256(_network().state_dict()))
     assert [c.name for c in bundle.classes] == ["membrane", "ribosome"]
     assert bundle.path == bundle_file
     original = _network().state_dict()
@@ -343,3 +346,66 @@ def test_reject_nonfinite_weights(tmp_path: Path) -> None:
 def test_reject_bad_preprocess_recipe(tmp_path: Path) -> None:
     doc = {**_meta().to_json(), "preprocess": [{"step": "sharpen"}]}
     _reject(_write_raw(tmp_path / "recipe.safetensors", doc), "unknown step 'sharpen'")
+
+
+# ------------------------------------------------------------------------------ weights checksum
+
+
+def _data_region_start(path: Path) -> int:
+    """Offset of the first tensor byte: after the 8-byte length and the JSON header."""
+    (header_len,) = struct.unpack("<Q", path.read_bytes()[:8])
+    return 8 + header_len
+
+
+def test_save_records_a_weights_checksum(bundle_file: Path) -> None:
+    (header_len,) = struct.unpack("<Q", bundle_file.read_bytes()[:8])
+    header = json.loads(bundle_file.read_bytes()[8 : 8 + header_len])
+    document = json.loads(header["__metadata__"]["tomolive"])
+    assert document["weights_sha256"] == weights_sha256(_network().state_dict())
+    assert load_bundle(bundle_file).meta.weights_sha256 == document["weights_sha256"]
+
+
+def test_altered_weights_with_an_intact_header_fail_to_load(bundle_file: Path) -> None:
+    start = _data_region_start(bundle_file)
+    header_before = bundle_file.read_bytes()[:start]
+    blob = bytearray(bundle_file.read_bytes())
+    middle = start + (len(blob) - start) // 2
+    for i in range(middle, middle + 64):  # flip bits inside the tensor data region only
+        blob[i] ^= 0x01  # low mantissa bits: the weights stay finite, only the checksum sees it
+    bundle_file.write_bytes(bytes(blob))
+    assert bundle_file.read_bytes()[:start] == header_before
+    _reject(bundle_file, "weights do not match their weights_sha256 checksum")
+
+
+def test_bundles_without_a_checksum_still_load(tmp_path: Path) -> None:
+    document = _meta().to_json()
+    assert "weights_sha256" not in document  # older bundles' documents look exactly like this
+    bundle = load_bundle(_write_raw(tmp_path / "old.safetensors", document))
+    assert bundle.meta.weights_sha256 is None
+    shipped = load_bundle(default_bundle_path())  # saved before checksums existed
+    assert shipped.meta.weights_sha256 is None
+
+
+def test_save_replaces_a_parents_checksum(tmp_path: Path) -> None:
+    # A fine-tuned model starts from its parent's metadata, checksum included.
+    parent = _meta(weights_sha256="0" * 64)
+    path = save_bundle(tmp_path / "child.safetensors", _network(seed=3), parent)
+    assert load_bundle(path).meta.weights_sha256 == weights_sha256(_network(seed=3).state_dict())
+    assert parent.weights_sha256 == "0" * 64  # the caller's metadata is not modified
+
+
+def test_malformed_checksum_is_rejected(tmp_path: Path) -> None:
+    document = {**_meta().to_json(), "weights_sha256": "abc"}
+    _reject(_write_raw(tmp_path / "bad.safetensors", document),
+            "weights_sha256 must be 64 hex digits or null, not 'abc'")
+
+
+# ------------------------------------------------------------------------------ voxel-size bounds
+
+
+@pytest.mark.parametrize("voxel_a", [0.1, 1000.0])
+def test_bundle_voxel_size_outside_the_bounds_is_rejected(tmp_path: Path, voxel_a: float) -> None:
+    path = save_bundle(tmp_path / "absurd.safetensors", _network(), _meta(voxel_size_a=voxel_a))
+    _reject(path, f"voxel_size_a {voxel_a:g} Å is outside the plausible range 1.5..50 Å")
+    # The bounds are the caller's (daemon configuration): wider ones accept it.
+    assert load_bundle(path, voxel_size_bounds_a=(0.05, 2000.0)).meta.voxel_size_a == voxel_a

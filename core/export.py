@@ -362,16 +362,16 @@ def _legend(image: Image.Image, classes: list[ClassSpec]) -> Image.Image:
 
 # ---- summary -----------------------------------------------------------------------------------
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON values: numpy scalars and arrays converted, NaN/Inf as null."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, np.generic):
-        return _jsonable(value.item())
+        return jsonable(value.item())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Path):
@@ -409,7 +409,7 @@ def _write_summary(
         "warnings": seg.warnings,
         "files": files,
     }
-    _write_text(path, json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
+    _write_text(path, json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
 
 
 def _write_text(path: Path, text: str) -> None:

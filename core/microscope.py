@@ -545,6 +545,7 @@ def simulate_tomogram(
     `oversample` > 1 simulates the specimen and tilt series on a finer grid and bins the
     images (Fourier crop) before reconstruction, as is done with real movies.
     """
+    from .export import jsonable
     from .specimen import SpecimenParams, build_specimen, render_specimen
     from .synth import SynthResult
 
@@ -597,7 +598,7 @@ def simulate_tomogram(
             "counts": {k: v for k, v in spec.info["counts"].items()},
             "timings": timings}
     return SynthResult(tomogram, np.ascontiguousarray(labels), particles, float(voxel_size_a),
-                       info=_jsonable(info), filaments=filaments)
+                       info=jsonable(info), filaments=filaments)
 
 
 def _standardise(volume: np.ndarray) -> None:
@@ -611,17 +612,3 @@ def _standardise(volume: np.ndarray) -> None:
     std = math.sqrt(max(total_sq / volume.size - mean * mean, 1e-30))
     volume -= np.float32(mean)
     volume *= np.float32(1.0 / std)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return float(obj)
-    if isinstance(obj, (np.integer, bool, np.bool_)):
-        return obj.item() if hasattr(obj, "item") else obj
-    return obj

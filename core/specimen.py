@@ -32,6 +32,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from .classes import SYNTH_CLASS_NAMES
+from .synth import fibonacci_sphere
 
 Progress = Callable[[str, float], None]
 
@@ -236,14 +237,6 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
         [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
         [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
         [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
-
-
-def _fibonacci_sphere(n: int) -> np.ndarray:
-    i = np.arange(n) + 0.5
-    z = 1.0 - 2.0 * i / n
-    r = np.sqrt(1.0 - z * z)
-    phi = i * math.pi * (3.0 - math.sqrt(5.0))
-    return np.stack([z, r * np.sin(phi), r * np.cos(phi)], axis=1)
 
 
 def _ring(n: int, radius: float, lobe_r: float, z: float, phase: float = 0.0) -> np.ndarray:
@@ -986,7 +979,7 @@ def _distractor_shape(rng: np.random.Generator, kinds: tuple[str, ...]
         lobes = np.array([[0, 0, -0.8 * r, r], [0, 0, 0.8 * r, r * u(0.7, 1.0)]])
     elif kind == "tetramer":
         r = u(2.5, 3.5)
-        lobes = np.concatenate([_fibonacci_sphere(4) * r * 0.9, np.full((4, 1), r)], axis=1)
+        lobes = np.concatenate([fibonacci_sphere(4) * r * 0.9, np.full((4, 1), r)], axis=1)
     elif kind == "chaperonin":  # GroEL/TRiC-like: two heptameric rings, ~15 x 15 nm, hollow
         r = u(2.4, 2.8)
         lobes = np.concatenate([_ring(7, 5.2, r, -3.5), _ring(7, 5.2, r, 3.5, math.pi / 7)])
@@ -1007,7 +1000,7 @@ def _distractor_shape(rng: np.random.Generator, kinds: tuple[str, ...]
     elif kind == "cage":  # ferritin / encapsulin-like hollow shell, 12-24 nm
         radius = u(5.0, 10.0)
         n = int(4 * math.pi * radius**2 / 12.0)
-        lobes = np.concatenate([_fibonacci_sphere(n) * radius, np.full((n, 1), 2.0)], axis=1)
+        lobes = np.concatenate([fibonacci_sphere(n) * radius, np.full((n, 1), 2.0)], axis=1)
     elif kind == "three-arm":  # antibody / clathrin-triskelion-like, ~15 nm
         arms = [[0, 0, 0, 2.2]]
         for a in (0.0, 2.1, 4.2):

@@ -229,7 +229,7 @@ class _Scene:
         self.counts[kind] = self.counts.get(kind, 0) + placed
 
 
-def _fibonacci_sphere(n: int) -> np.ndarray:
+def fibonacci_sphere(n: int) -> np.ndarray:
     """n roughly evenly spaced unit vectors (z, y, x)."""
     i = np.arange(n) + 0.5
     z = 1.0 - 2.0 * i / n
@@ -249,7 +249,7 @@ def _make_vesicle(scene: _Scene) -> tuple[_Shell, np.ndarray, np.ndarray] | None
     if centre is None:
         return None
     n = max(12, int(4 * math.pi * outer**2 / 9.0))  # a point every ~3 nm
-    pts = centre + _fibonacci_sphere(n) * radius
+    pts = centre + fibonacci_sphere(n) * radius
     return _Shell(centre, radius), pts, np.full(n, BILAYER_HALF_NM + 0.5)
 
 

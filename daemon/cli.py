@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tomolive {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in (_add_demo, _add_run, _add_segment, _add_train, _add_distill, _add_synth,
-                     _add_evaluate, _add_models, _add_status, _add_retry):
+                     _add_evaluate, _add_models, _add_status, _add_retry, _add_batch):
         register(sub)
     return parser
 
@@ -492,6 +492,68 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     cleared = records.retry(None if args.all else args.stem)
     print(f"cleared {cleared} failure record(s)")
     return EXIT_OK if cleared or args.all else EXIT_FAILED
+
+
+# --- batch (Slurm) ----------------------------------------------------------------------------
+
+def _add_batch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("batch", help="drain a backlog with a Slurm job array beside the daemons")
+    actions = p.add_subparsers(dest="batch_command", metavar="ACTION", required=True)
+    s = actions.add_parser("submit", help="write an array job script and submit it (sbatch)")
+    s.add_argument("tomograms", nargs="+", metavar="TOMO", type=Path)
+    s.add_argument("--out", required=True, type=Path, metavar="OUTPUT",
+                   help="the output folder shared with the daemons")
+    s.add_argument("--relative-to", required=True, type=Path, metavar="ROOT",
+                   help="the daemons' watched root: outputs and leases follow the files' "
+                        "folders below it")
+    s.add_argument("--gpus-per-task", type=int, default=1, metavar="N",
+                   help="GPUs per array task (--gres=gpu:N; 0 for CPU nodes; default 1)")
+    s.add_argument("--partition", metavar="P")
+    s.add_argument("--array-size", type=int, metavar="K",
+                   help="array tasks (default 8, at most one per file)")
+    s.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="passed to sbatch as one argument, e.g. --sbatch-arg=--time=12:00:00 "
+                        "(repeat; overrides the script's #SBATCH lines)")
+    s.add_argument("--model", type=Path, metavar="FILE",
+                   help="model bundle; default: the shipped default model")
+    s.add_argument("--lease-seconds", type=float, default=120.0, metavar="S",
+                   help="must equal the daemons' lease_seconds (default 120)")
+    s.set_defaults(handler=_cmd_batch_submit)
+    t = actions.add_parser("status", help="done, running, failed, waiting for a job's files")
+    t.add_argument("job_id", metavar="JOBID")
+    t.add_argument("--out", type=Path, metavar="OUTPUT",
+                   help="where to look for the job folder (default: ask Slurm)")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(handler=_cmd_batch_status)
+
+
+def _cmd_batch_submit(args: argparse.Namespace) -> int:
+    from .slurm import SlurmError, SubmitRequest, submit
+
+    request = SubmitRequest(
+        tomograms=args.tomograms, out_dir=args.out, relative_to=args.relative_to,
+        gpus_per_task=args.gpus_per_task, partition=args.partition,
+        array_size=args.array_size, sbatch_args=args.sbatch_arg, model=args.model,
+        lease_seconds=args.lease_seconds)
+    try:
+        job_id, job = submit(request)
+    except SlurmError as error:
+        raise CommandError(str(error)) from None
+    print(f"submitted {len(args.tomograms)} tomograms as a {job.tasks}-task array: job "
+          f"{job_id}, folder {job.job_dir}", file=sys.stderr)
+    print(job_id)  # alone on stdout: JOB=$(tomolive batch submit ...)
+    return EXIT_OK
+
+
+def _cmd_batch_status(args: argparse.Namespace) -> int:
+    from .slurm import SlurmError, format_job_status, job_status
+
+    try:
+        report = job_status(args.job_id, args.out)
+    except SlurmError as error:
+        raise CommandError(str(error)) from None
+    print(json.dumps(report, indent=2) if args.json else format_job_status(report))
+    return EXIT_OK
 
 
 def _load_config(path: Path | None):

@@ -70,6 +70,19 @@ def write_slowly(target: Path, blob: bytes, chunks: int = 6, pause_s: float = 0.
             time.sleep(pause_s)
 
 
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str,
+               diagnose: Callable[[], str] = lambda: "") -> Any:
+    """Poll `predicate` until it returns something true (returned) or `timeout_s` passes
+    (AssertionError naming `what`, with `diagnose()` appended). Waits on a state, not a time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}\n{diagnose()}")
+
+
 class Daemon:
     """One `tomolive run` subprocess with its own config in `root`."""
 
@@ -119,16 +132,13 @@ class Daemon:
 
     def wait_for(self, predicate: Callable[[], Any], timeout_s: float = 60.0,
                  what: str = "condition") -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
+        def ready() -> Any:
             if self.process is not None and self.process.poll() is not None:
                 raise AssertionError(f"daemon {self.name} exited ({self.process.returncode}) "
                                      f"while waiting for {what}:\n{self.log[-3000:]}")
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}:\n{self.log[-3000:]}")
+            return predicate()
+
+        return wait_until(ready, timeout_s, what, lambda: self.log[-3000:])
 
     def wait_for_log(self, pattern: str, timeout_s: float = 60.0) -> re.Match:
         return self.wait_for(lambda: re.search(pattern, self.log, re.MULTILINE), timeout_s,

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from .daemon_harness import (
     partial_outputs,
     summary_counts,
     tomogram_bytes,
+    wait_until,
     write_tiny_model,
 )
 
@@ -210,17 +211,6 @@ def _real_memory_mb(margin_mb: int = 1024) -> int:
     return max(256, total_kb // 1024 - margin_mb)
 
 
-def _wait(predicate: Callable[[], Any], timeout_s: float, what: str,
-          diagnose: Callable[[], str] = lambda: "") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}\n{diagnose()}")
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -249,7 +239,7 @@ class OneNodeCluster:
         self._write_conf()
         for name in ("slurmctld", "slurmd"):
             self._spawn(name, [name, "-D", "-f", str(self.conf)])
-        _wait(lambda: self.node_state() == "idle" or any(map(self._exited, self.processes)),
+        wait_until(lambda: self.node_state() == "idle" or any(map(self._exited, self.processes)),
               90, "the node to be idle in sinfo", self.logs)
         exited = [name for name in self.processes if self._exited(name)]
         assert not exited, f"{', '.join(exited)} exited\n{self.logs()}"
@@ -272,7 +262,7 @@ class OneNodeCluster:
                                f"--key-file={key}", f"--pid-file={folder / 'munged.pid'}",
                                f"--log-file={folder / 'munged.log'}",
                                f"--seed-file={folder / 'munged.seed'}"])
-        _wait(lambda: self.munge_socket.exists() or self._exited("munged"), 30,
+        wait_until(lambda: self.munge_socket.exists() or self._exited("munged"), 30,
               "the munge socket", self.logs)
         assert not self._exited("munged"), f"munged exited\n{self.logs()}"
 
@@ -350,7 +340,7 @@ class OneNodeCluster:
                 jobs = self.queued()
                 if jobs:
                     self.slurm("scancel", *jobs, check=False)
-                    _wait(lambda: not self.queued(), 60, "cancelled jobs to leave", self.logs)
+                    wait_until(lambda: not self.queued(), 60, "cancelled jobs to leave", self.logs)
         finally:
             for name in ("slurmd", "slurmctld", "munged"):
                 process = self.processes.get(name)
@@ -458,19 +448,20 @@ def test_array_beside_a_daemon_with_a_cancelled_task_does_each_tomogram_once(
                     f"\n--- daemon\n{d.log[-2000:]}\n{cluster.logs()}")
 
         marker = task_holds / f"{victim}.held"
-        pid = _wait(lambda: _held_pid(marker), 240, f"a task to park on {victim}", diagnose)
-        task = _wait(lambda: _task_of_pid(job_dir, pid), 30, f"the task of pid {pid}", diagnose)
+        pid = wait_until(lambda: _held_pid(marker), 240, f"a task to park on {victim}", diagnose)
+        task = wait_until(lambda: _task_of_pid(job_dir, pid), 30, f"the task of pid {pid}",
+                          diagnose)
         for stem in stems:
             d.release(stem)  # the daemon goes on beside the tasks
         cluster.slurm("scancel", f"{job_id}_{task}")
-        _wait(lambda: not _pid_alive(pid), 60, f"cancelled task {task} (pid {pid}) to die",
+        wait_until(lambda: not _pid_alive(pid), 60, f"cancelled task {task} (pid {pid}) to die",
               diagnose)
         # Nothing to release: the parked process is gone. The request goes so that whoever
         # takes the tomogram over (a task or the daemon, once the lease is seen dead) runs on.
         (task_holds / f"{victim}.hold").unlink()
 
-        _wait(lambda: all(d.summary(s) for s in stems), 300, "every summary", diagnose)
-        _wait(lambda: job_id not in cluster.queued(), 120, "the array to finish",
+        wait_until(lambda: all(d.summary(s) for s in stems), 300, "every summary", diagnose)
+        wait_until(lambda: job_id not in cluster.queued(), 120, "the array to finish",
               diagnose)
         logs = task_logs()
         killed_log = (job_dir / f"task-{task}.log").read_text()

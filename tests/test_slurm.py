@@ -387,11 +387,12 @@ def _held_pid(marker: Path) -> int | None:
     return int(fields[1]) if len(fields) == 2 else None
 
 
-def _task_of_pid(job_dir: Path, pid: int) -> int | None:
+def _task_of_pid(job_dir: Path, pid: int) -> str | None:
+    """The array task id (as text: task "0" must count as found) whose log names `pid`."""
     for log in job_dir.glob("task-*.log"):
         match = re.search(rf"task (\d+) of \d+ on \S+ \(pid {pid}\)", log.read_text())
         if match:
-            return int(match.group(1))
+            return match.group(1)
     return None
 
 
@@ -424,7 +425,8 @@ def test_array_beside_a_daemon_with_a_cancelled_task_does_each_tomogram_once(
         d.start()
         daemon_stem = d.wait_for(lambda: next((p.stem for p in d.hold_dir.glob("*.held")),
                                               None), 120, "the daemon to park")
-        # Task 1 of 4 starts on the second file of the list: park it in inference there.
+        # Task 1 of 4 starts on the second file of the list, task 0 comes to it after its own
+        # share: whichever claims it first parks in inference there.
         victim = next(s for s in stems if s != daemon_stem)
         order = [s for s in stems if s not in (victim, daemon_stem)]
         order = [order[0], victim, *order[1:], daemon_stem]

@@ -65,6 +65,13 @@ class SpecimenParams:
     ice_mip_v: float = 4.0  # ice mean inner potential 3.5-4.5 V (water 4.48 V, Yesibolati 2020)
     protein_g_cm3: float = 1.35  # protein mass density (Fischer et al. 2004)
     ribosome_g_cm3: float = 1.55  # ~60 % rRNA (RNA ~1.7-2.0 g/cm^3) raises the mean
+    # Not every macromolecule is plain protein: nucleoprotein complexes (spliceosomes, vault
+    # RNPs, chromatin pieces, other RNA-rich particles) range from protein's 1.35 up to RNA's
+    # ~1.7 g/cm^3 (buoyant densities, Fischer et al. 2004; Voss & Gerstein 2005). A share of
+    # the distractor shapes is that dense, so that "dark and compact" alone is not gold (gold,
+    # 15-30 V, stays 4-10 times further from ice than the densest of these).
+    dense_distractor_fraction: float = 0.25
+    dense_distractor_g_cm3: tuple[float, float] = (1.45, 1.70)
     # Head groups / water, 1.4-1.8: electron density 1.35-1.4 (Nagle & Tristram-Nagle 2000),
     # and P and O scatter more per electron than water's O and H.
     head_rel: float = 1.5
@@ -105,6 +112,7 @@ class SpecimenParams:
             ice_mip_v=float(rng.uniform(3.5, 4.5)),
             protein_g_cm3=float(rng.uniform(1.32, 1.40)),
             ribosome_g_cm3=float(rng.uniform(1.45, 1.65)),
+            dense_distractor_fraction=float(rng.uniform(0.1, 0.4)),
             head_rel=float(rng.uniform(1.40, 1.80)),
             tail_rel=float(rng.uniform(0.85, 0.95)),
             head_separation_nm=float(rng.uniform(3.8, 4.2)),
@@ -423,14 +431,25 @@ class _Builder:
         self.templates = [_distractor_shape(rng, (kind,)) for kind in DISTRACTOR_KINDS
                           for _ in range(24)]
         self.template_extent = np.array([_extent(lb) for _, lb in self.templates])
+        self.template_v = np.array([self._distractor_potential_v() for _ in self.templates])
+
+    def _distractor_potential_v(self) -> float:
+        """Plain protein, or (a `dense_distractor_fraction` of them) a nucleoprotein's density."""
+        p = self.p
+        if self.rng.random() < p.dense_distractor_fraction:
+            return p.potential_v(float(self.rng.uniform(*p.dense_distractor_g_cm3)))
+        return self.protein_v
 
     def template(self, kinds: tuple[str, ...], min_extent_nm: float = 0.0,
-                 max_extent_nm: float = math.inf) -> tuple[str, np.ndarray]:
+                 max_extent_nm: float = math.inf) -> tuple[str, np.ndarray, float]:
+        """A random template of one of `kinds`: (kind, lobes, potential in V)."""
         ok = [i for i, (k, _) in enumerate(self.templates) if k in kinds
               and min_extent_nm <= self.template_extent[i] <= max_extent_nm]
         if not ok:
-            return "globule", np.array([[0.0, 0.0, 0.0, min(4.0, max_extent_nm / 2 - 0.2)]])
-        return self.templates[ok[int(self.rng.integers(len(ok)))]]
+            lobes = np.array([[0.0, 0.0, 0.0, min(4.0, max_extent_nm / 2 - 0.2)]])
+            return "globule", lobes, self.protein_v
+        i = ok[int(self.rng.integers(len(ok)))]
+        return (*self.templates[i], float(self.template_v[i]))
 
     # placement primitives
 
@@ -776,7 +795,7 @@ class _Builder:
         tries = 0
         while self.crowd_nm3 < big_want and tries < 40 + int(big_want / 1000.0):
             tries += 1
-            kind, lobes = self.template(LARGE_KINDS, min_extent_nm=16.0)
+            kind, lobes, potential_v = self.template(LARGE_KINDS, min_extent_nm=16.0)
             q = self.random_point(pad_nm=2.0)
             if not self.occ.free_at(q):
                 continue
@@ -784,7 +803,7 @@ class _Builder:
                                    axis=1)
             if self.inside(lobes, 0.5):
                 factor = rng.uniform(0.95, 1.05) * rng.uniform(0.97, 1.03, len(lobes))
-                self.add_blob(Blob(lobes, self.protein_v * factor, 0, kind), soft=True)
+                self.add_blob(Blob(lobes, potential_v * factor, 0, kind), soft=True)
         if progress is not None:
             progress("specimen", 0.5)
         for cell_nm, kinds in ((20.0, MEDIUM_KINDS), (10.0, SMALL_KINDS), (20.0, MEDIUM_KINDS),
@@ -813,17 +832,18 @@ class _Builder:
                 q = q + rng.uniform(-0.5, 0.5, 3) * max(0.0, cell_nm - 1.0 - ext)
                 lobes = np.concatenate([q + lobes[:, :3] @ _random_rotation(rng).T,
                                         lobes[:, 3:]], axis=1)
-                objs.append((kind, lobes))
-            ok = self._batch_free(objs)
+                objs.append((kind, lobes, float(self.template_v[t])))
+            ok = self._batch_free([(kind, lobes) for kind, lobes, _ in objs])
             kept = [o for o, good in zip(objs, ok, strict=True) if good]
             if not kept:
                 continue
-            vols = self._batch_mark(kept)
+            vols = self._batch_mark([(kind, lobes) for kind, lobes, _ in kept])
             cum = self.crowd_nm3 + np.cumsum(vols)
             n_take = int(np.searchsorted(cum, want_nm3)) + 1  # stop once the target is met
-            for (kind, lobes), vol in zip(kept[:n_take], vols[:n_take], strict=False):
+            for (kind, lobes, potential_v), vol in zip(kept[:n_take], vols[:n_take],
+                                                       strict=False):
                 factor = rng.uniform(0.95, 1.05) * rng.uniform(0.97, 1.03, len(lobes))
-                self.model.blobs.append(Blob(lobes, self.protein_v * factor, 0, kind))
+                self.model.blobs.append(Blob(lobes, potential_v * factor, 0, kind))
                 self.count(kind)
                 self.crowd_nm3 += float(vol)
 

@@ -145,6 +145,12 @@ class TrainOptions:
     # Augmentation: half the patches blurred in-plane with a Gaussian of sigma up to this many
     # pixels (0 = off). Tried once for the 13.2 Å test's membranes (git log of this file).
     blur_max_px: float = 0.0
+    # Augmentation: half the patches get a random in-plane amplitude spectrum, a radial gain
+    # exp(u * k / Nyquist) with u drawn from +-spectrum_jitter, times a soft low-pass at 0.25-0.5
+    # cycles/px (0 = off). Tomograms from other microscopes, CTF envelopes, reconstruction
+    # filters (WBP ramps and roll-offs, SIRT-like) and B-factors differ most in exactly this;
+    # the patch's mean and spread are kept, so only the spectrum's shape changes.
+    spectrum_jitter: float = 0.0
     # The options below are off by default: in the issue-4 benchmark (10 min, 1 thread, shared
     # CPU) they did not help (figures in the git log of this file).
     # Cross-entropy weight of class c: (background voxels / class-c voxels in the training
@@ -174,6 +180,8 @@ class TrainOptions:
             raise ValueError(f"keep must be 'final' or 'best', not {self.keep!r}")
         if not self.blur_max_px >= 0:
             raise ValueError(f"blur_max_px must be >= 0, not {self.blur_max_px}")
+        if not self.spectrum_jitter >= 0:
+            raise ValueError(f"spectrum_jitter must be >= 0, not {self.spectrum_jitter}")
         if not (1 <= self.in_slices <= 63 and self.in_slices % 2 == 1):
             raise ValueError(f"in_slices must be odd and 1..63 (a centre slice and as many on "
                              f"each side), not {self.in_slices}")
@@ -458,11 +466,12 @@ class _Sampler:
 
     def __init__(self, parts: list[_Part], in_slices: int, patch_px: int,
                  rng: np.random.Generator, augment: bool, rotate_any_angle: bool = False,
-                 blur_max_px: float = 0.0) -> None:
+                 blur_max_px: float = 0.0, spectrum_jitter: float = 0.0) -> None:
         self.parts, self.k, self.p, self.rng, self.augment = parts, in_slices, patch_px, rng, \
             augment
         self.rotate = augment and rotate_any_angle
         self.blur_max_px = blur_max_px if augment else 0.0
+        self.spectrum_jitter = spectrum_jitter if augment else 0.0
         self.classes = sorted({c for part in parts for c in part.index if c != 0})
 
     def _centre(self) -> tuple[_Part, int]:
@@ -514,6 +523,8 @@ class _Sampler:
             sigma = float(rng.uniform(0.0, self.blur_max_px))
             image = ndimage.gaussian_filter(np.ascontiguousarray(image, dtype=np.float32),
                                             (0.0, sigma, sigma), mode="reflect")
+        if self.spectrum_jitter > 0 and rng.random() < 0.5:
+            image = random_spectrum(image, rng, self.spectrum_jitter)
         scale = math.exp(rng.uniform(-0.25, 0.25))
         shift = rng.uniform(-0.25, 0.25)
         noise = rng.uniform(0.0, 0.3)
@@ -529,6 +540,23 @@ class _Sampler:
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = zip(*(self.patch() for _ in range(size)), strict=True)
         return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels)).long()
+
+
+def random_spectrum(image: np.ndarray, rng: np.random.Generator, jitter: float) -> np.ndarray:
+    """`image` (z, y, x) with every slice's in-plane amplitude spectrum reshaped by one random
+    smooth radial gain (see TrainOptions.spectrum_jitter); float32, same mean and std."""
+    image = np.asarray(image, dtype=np.float32)
+    _, h, w = image.shape
+    k = np.hypot(*np.meshgrid(np.fft.fftfreq(h), np.fft.rfftfreq(w), indexing="ij"))
+    cutoff = rng.uniform(0.25, 0.5)
+    gain = np.exp(rng.uniform(-jitter, jitter) * k / 0.5)
+    gain /= 1.0 + (k / cutoff) ** 8  # soft low-pass: a Butterworth of order 4
+    gain[0, 0] = 1.0
+    mean, std = float(image.mean()), float(image.std())
+    out = np.fft.irfft2(np.fft.rfft2(image) * gain.astype(np.float32), s=(h, w))
+    out_std = float(out.std())
+    out = (out - out.mean()) * (std / out_std if out_std > 0 else 1.0) + mean
+    return out.astype(np.float32)
 
 
 def _rotate(image: np.ndarray, labels: np.ndarray, angle_deg: float, size: int
@@ -805,7 +833,8 @@ def train(
     for message in warnings if warn is not None else ():
         warn(message)
     sampler = _Sampler(train_parts, in_slices, options.patch_px, rng, options.augment,
-                       options.rotate_any_angle, options.blur_max_px)
+                       options.rotate_any_angle, options.blur_max_px,
+                       options.spectrum_jitter)
     val_parts = [p.validation for p in prepared if p.validation is not None]
     best = _run(network, sampler, val_parts, names, options, in_slices, device, progress)
 
@@ -959,6 +988,7 @@ def _meta(
         "loss": "cross-entropy (ignore 255) + soft Dice",
         "rotate_any_angle": options.rotate_any_angle,
         "blur_max_px": options.blur_max_px,
+        "spectrum_jitter": options.spectrum_jitter,
         "ema_decay": options.ema_decay,
         "class_weight_power": options.class_weight_power,
         "calibrate_bn": options.calibrate_bn,

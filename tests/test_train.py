@@ -360,3 +360,27 @@ def test_classes_with_too_few_annotated_objects_are_warned_about(tiny, tmp_path)
         "learn it"]
     assert T.sparse_class_warnings(training["training_annotation"], min_objects=5)[0].startswith(
         "class 'membrane': only 4 annotated object(s)")
+
+
+def test_spectrum_augmentation_reshapes_the_spectrum_and_keeps_the_level():
+    rng = np.random.default_rng(3)
+    white = rng.standard_normal((5, 64, 64)).astype(np.float32) * 2.0 + 1.0
+    k = np.hypot(*np.meshgrid(np.fft.fftfreq(64), np.fft.fftfreq(64), indexing="ij"))
+
+    def corner_share(image):  # power beyond Nyquist along an axis: only the corners
+        power = np.abs(np.fft.fft2(image - image.mean())) ** 2
+        return power[:, k > 0.55].sum() / power.sum()
+
+    shares = []
+    for seed in range(4):
+        out = T.random_spectrum(white, np.random.default_rng(seed), jitter=1.0)
+        assert out.dtype == np.float32 and out.shape == white.shape
+        assert out.mean() == pytest.approx(white.mean(), abs=1e-3)
+        assert out.std() == pytest.approx(white.std(), rel=1e-3)
+        shares.append(corner_share(out))
+    # The low-pass at 0.25-0.5 cycles/px takes most of the corners' power; white noise has
+    # ~11% there. Different draws give different spectra.
+    assert corner_share(white) > 0.08 and max(shares) < 0.03, shares
+    assert len({round(float(s), 6) for s in shares}) == 4
+    with pytest.raises(ValueError, match="spectrum_jitter"):
+        T.TrainOptions(steps=1, spectrum_jitter=-1.0).check()

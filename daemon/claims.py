@@ -381,6 +381,7 @@ class FailureRecords:
                 record = {"attempts": 0, "hosts": [], "fingerprint": fingerprint}
             record["attempts"] = int(record["attempts"]) + 1
             record["last_error"] = " ".join(str(error).split())  # one line
+            record["last_category"] = "input"
             record["target"] = target or record.get("target", "")
             if self.host not in record["hosts"]:
                 record["hosts"].append(self.host)
@@ -388,6 +389,26 @@ class FailureRecords:
             record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             _write_json_atomic(self.path(key), record)
         return int(record["attempts"])
+
+    def record_fault(self, key: str, fingerprint: str, error: str, category: str,
+                     target: str = "") -> int:
+        """Record a failure that was not the tomogram's (daemon/faults.py: environment or
+        internal): shown by `tomolive status`, never counted towards quarantine. Returns the
+        number of such faults in a row for this input."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with _critical_section(self.folder / f".{key}.lock"):
+            record = self.get(key)
+            if record is None or record.get("fingerprint") != fingerprint:
+                record = {"attempts": 0, "hosts": [], "fingerprint": fingerprint}
+            record["faults"] = int(record.get("faults", 0)) + 1
+            record["last_error"] = " ".join(str(error).split())
+            record["last_category"] = category
+            record["target"] = target or record.get("target", "")
+            if self.host not in record["hosts"]:
+                record["hosts"].append(self.host)
+            record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            _write_json_atomic(self.path(key), record)
+        return int(record["faults"])
 
     def is_quarantined(self, key: str, fingerprint: str) -> bool:
         """True while the record for this very input says quarantined."""
@@ -494,6 +515,8 @@ def status_snapshot(output_dir: str | os.PathLike[str], newest: int = 10) -> dic
     failed, quarantined = [], []
     for key, record in FailureRecords(output_dir).all().items():
         entry = {"key": key, "target": record.get("target"), "attempts": record.get("attempts"),
+                 "faults": record.get("faults", 0),
+                 "category": record.get("last_category", "input"),
                  "last_error": record.get("last_error"), "hosts": record.get("hosts")}
         (quarantined if record.get("quarantined") else failed).append(entry)
     return {

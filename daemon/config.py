@@ -74,6 +74,11 @@ class Config(_Strict):
     lease_seconds: float = Field(120.0, gt=0)
     heartbeat_interval_seconds: float | None = Field(None, gt=0)  # None: lease_seconds / 4
     shutdown_grace_seconds: float = Field(60.0, ge=0)
+    # A worker that reports no progress from inside the pipeline for this long (stopped, hung
+    # on a dead mount, deadlocked) is killed and replaced; its tomogram is retried elsewhere
+    # and the fault is not counted against it. Far above the longest silent step (reading a
+    # large file, the first model load on a GPU).
+    worker_stall_seconds: float = Field(600.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)

@@ -36,6 +36,7 @@ STAGES = ("read", "rescale", "preprocess", "inference", "cleanup", "particles", 
           "write")
 OUTCOMES = ("ok", "failed", "quarantined")  # failed = one attempt failed; quarantined = gave up
 RELOAD_RESULTS = ("ok", "rejected", "failed")
+FAULT_CATEGORIES = ("environment", "internal")  # daemon/faults.py; "input" failures are attempts
 # Seconds, from a fast stage of a small tomogram to a whole large tomogram on CPU (an hour).
 DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
                       600.0, 1200.0, 1800.0, 3600.0)
@@ -187,6 +188,25 @@ class Metrics:
             "tomolive_worker_restarts_total",
             "Worker processes restarted after they died or hung, per device.", ["device"],
             registry=r)
+        self.worker_stalls = Counter(
+            "tomolive_worker_stalls_total",
+            "Workers killed and replaced because they reported no progress for "
+            "worker_stall_seconds mid-tomogram (stopped, hung on a mount, deadlocked).",
+            ["device"], registry=r)
+        self.unkillable_workers = Gauge(
+            "tomolive_unkillable_workers",
+            "Stalled workers sent SIGKILL that have not died yet (stuck in the kernel, e.g. "
+            "on a dead NFS mount); /healthz is 503 while this is above 0.", registry=r)
+        self.faults = Counter(
+            "tomolive_faults_total",
+            "Failed tomogram attempts that were not the tomogram's fault, by category: "
+            "environment (disk full, permissions, memory) or internal (bug, device, stall). "
+            "Never counted towards quarantine; retried with a growing delay.", ["category"],
+            registry=r)
+        self.dispatch_paused = Gauge(
+            "tomolive_dispatch_paused",
+            "1 while no new tomograms are started because the output disk is full.",
+            registry=r)
         self.lease_reclaims = Counter(
             "tomolive_lease_reclaims_total",
             "Stale leases of other workers or hosts broken and their tomogram taken over.",
@@ -205,6 +225,8 @@ class Metrics:
         if process_metrics:
             ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, ...
 
+        for category in FAULT_CATEGORIES:
+            self.faults.labels(category)
         for outcome in OUTCOMES:
             self.finished.labels(outcome)
         for result in RELOAD_RESULTS:
@@ -353,6 +375,15 @@ class Metrics:
         if self._init_device(device):
             self.worker_restarts.labels(device).inc()
 
+    def worker_stalled(self, device: str) -> None:
+        if self._init_device(device):
+            self.worker_stalls.labels(device).inc()
+
+    def fault(self, category: str) -> None:
+        """A failed attempt that was not the tomogram's fault (not counted as an attempt)."""
+        if category in FAULT_CATEGORIES:
+            self.faults.labels(category).inc()
+
     def lease_reclaimed(self) -> None:
         self.lease_reclaims.inc()
 
@@ -367,6 +398,7 @@ class Metrics:
             return False
         self.device_busy.labels(device)
         self.worker_restarts.labels(device)
+        self.worker_stalls.labels(device)
         return True
 
     def _class_label(self, name: Any) -> bool:

@@ -8,6 +8,7 @@ removed, leases released), exit 0. SIGHUP: reload the configuration without drop
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import shutil
@@ -23,6 +24,15 @@ from typing import Any
 from ..core.fingerprint import input_fingerprint
 from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, is_done, lease_key
 from .config import Config, ConfigError, load_config
+from .faults import (
+    ENVIRONMENT,
+    FULL_DISK_FREE_BYTES,
+    INPUT,
+    WorkerDeath,
+    disk_is_full,
+    explain_death,
+    fault_backoff_s,
+)
 from .metrics import Metrics, MetricsServer
 from .models import ModelRegistry, ServingModel
 from .notify import SystemdNotifier
@@ -83,6 +93,11 @@ class Service:
         # unreadable (0700) would otherwise log the same warning at every rescan, forever.
         self._unreadable_warned: dict[Path, str] = {}
         self._last_parked_check_s = time.monotonic()
+        # Faults that were not the tomograms' (daemon/faults.py): retry delays per input, and
+        # a pause of all new work while the output disk is full.
+        self._faults_in_a_row: dict[Path, int] = {}
+        self._paused_until_s: float | None = None
+        self._resume_free_bytes = FULL_DISK_FREE_BYTES
         self._started_s = time.monotonic()
         self._state_dir = Path(tempfile.mkdtemp(prefix="tomolive-"))
         self._setup_shared_state()
@@ -161,9 +176,11 @@ class Service:
         self._reload_requested = True
 
     def healthy(self) -> bool:
-        """For /healthz: the loop turned recently and we are not stopping."""
+        """For /healthz: the loop turned recently, we are not stopping, and no worker that
+        was killed for stalling is still stuck (in the kernel, on a dead mount)."""
         return (self._stopping_since_s is None
-                and time.monotonic() - self._last_tick_s < STUCK_AFTER_S)
+                and time.monotonic() - self._last_tick_s < STUCK_AFTER_S
+                and self.pool.unkillable() == 0)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -192,8 +209,8 @@ class Service:
         for worker, job, exitcode in self.pool.reap_dead():
             self.metrics.worker_restarted(worker.device)
             if job is not None:
-                self._job_failed(job.job_id, f"{job.path}: worker process died "
-                                             f"(exit code {exitcode})")
+                self._worker_died(job, exitcode)
+        self._reap_stalled()
         self._renew_leases()
         self._publish_state()
 
@@ -300,7 +317,7 @@ class Service:
 
     def _dispatch(self) -> None:
         idle = self.pool.idle_workers()
-        if not idle or self.registry.current is None:
+        if not idle or self.registry.current is None or self._dispatch_paused():
             return
         for item in list(self.queue.ready()):
             if not idle:
@@ -362,12 +379,14 @@ class Service:
 
     def _handle(self, message: tuple) -> None:
         kind, job_id = message[0], message[1]
-        if kind == "may_publish":
+        if kind == "progress":
+            self.pool.beat(job_id, message[2])
+        elif kind == "may_publish":
             self.pool.reply_publish(job_id, self._may_publish(job_id))
         elif kind == "done":
             self._job_done(job_id, message[2], message[3])
         elif kind == "failed":
-            self._job_failed(job_id, message[2])
+            self._job_failed(job_id, message[2], message[3])
         elif kind == "abandoned":
             self._abandon_job(job_id, message[2])
 
@@ -402,9 +421,11 @@ class Service:
         self.metrics.set_device_memory(worker.device, memory_bytes)
         self.metrics.observe_tomogram(summary, resegmented=flight.item.resegment)
         self._finished_ok += 1
+        self._faults_in_a_row.pop(flight.item.path, None)
         log.info("%s", _summary_line(summary, flight.item, f"{worker.device} w{worker.index}"))
 
-    def _job_failed(self, job_id: int, error: str) -> None:
+    def _job_failed(self, job_id: int, error: str, category: str = INPUT,
+                    disk_full: bool = False) -> None:
         flight = self.in_flight.pop(job_id, None)
         finished = self.pool.finish(job_id)
         if finished is not None:
@@ -419,6 +440,9 @@ class Service:
             log.warning("%s (after losing the lease; not counted)", error)
             return
         _remove_temporary_outputs(flight.item.out_parent, flight.item.path.stem)
+        if category != INPUT:
+            self._not_the_tomograms_fault(flight, error, category, disk_full)
+            return
         try:
             attempts = self.failures.record_failure(flight.item.key, flight.fingerprint,
                                                     error, flight.item.rel_output)
@@ -436,6 +460,83 @@ class Service:
         else:
             item.not_before_monotonic_s = time.monotonic() + self.config.rescan_interval_seconds
             self.queue.add(item)
+
+    def _not_the_tomograms_fault(self, flight: InFlight, error: str, category: str,
+                                 disk_full: bool) -> None:
+        """Record and report a fault of the machine or of tomolive; retry the tomogram later,
+        with a delay that doubles while the fault repeats, without counting an attempt."""
+        item = flight.item
+        faults = self._faults_in_a_row.get(item.path, 0) + 1
+        self._faults_in_a_row[item.path] = faults
+        try:
+            self.failures.record_fault(item.key, flight.fingerprint, error, category,
+                                       item.rel_output)
+        except OSError as record_error:  # the disk that is full may be the one recorded on
+            log.warning("%s: fault not recorded (%s)", item.path, record_error)
+        self._release(flight.lease)
+        self.metrics.fault(category)
+        delay_s = fault_backoff_s(faults, self.config.rescan_interval_seconds)
+        log.error("%s (%s fault, not counted against the tomogram; retry in %.0fs)", error,
+                  category, delay_s)
+        if not disk_full and category == ENVIRONMENT:  # an ENOSPC raised, not a SIGBUS
+            with contextlib.suppress(OSError):
+                disk_full = disk_is_full(item.out_parent)[0]
+        if disk_full:
+            self._pause_dispatch(delay_s, item.path)
+        item.not_before_monotonic_s = time.monotonic() + delay_s
+        self.queue.add(item)
+
+    def _pause_dispatch(self, delay_s: float, failed_input: Path) -> None:
+        if self._paused_until_s is None:
+            log.error("output disk full under %s: no new tomograms start until space is "
+                      "free (checked every %.0fs)", self.config.output_dir,
+                      self.config.rescan_interval_seconds)
+        with contextlib.suppress(OSError):
+            self._resume_free_bytes = max(FULL_DISK_FREE_BYTES, failed_input.stat().st_size)
+        self._paused_until_s = time.monotonic() + min(delay_s,
+                                                      self.config.rescan_interval_seconds)
+        self.metrics.dispatch_paused.set(1)
+
+    def _dispatch_paused(self) -> bool:
+        """While paused for a full output disk: look again once the delay is over; resume
+        when the space for (at least) the input that failed is free."""
+        if self._paused_until_s is None or time.monotonic() < self._paused_until_s:
+            return self._paused_until_s is not None
+        full, free = disk_is_full(self.config.output_dir, self._resume_free_bytes)
+        if full:
+            self._paused_until_s = time.monotonic() + self.config.rescan_interval_seconds
+            return True
+        log.info("output disk has %.0f MB free again: starting tomograms", free / 1e6)
+        self._paused_until_s = None
+        self.metrics.dispatch_paused.set(0)
+        return False
+
+    def _worker_died(self, job: Job, exitcode: int | None) -> None:
+        flight = self.in_flight.get(job.job_id)
+        changed = False
+        if flight is not None:
+            try:
+                changed = input_fingerprint(flight.item.path) != flight.fingerprint
+            except OSError:
+                changed = True
+        death: WorkerDeath = explain_death(exitcode, job.path, job.out_parent, changed)
+        self._job_failed(job.job_id, death.message, death.category, death.disk_full)
+
+    def _reap_stalled(self) -> None:
+        """Kill and replace workers that stopped proving progress (see worker_stall_seconds)."""
+        stall_s = self.config.worker_stall_seconds
+        for worker in self.pool.stalled(stall_s):
+            silent_s = time.monotonic() - worker.last_beat_monotonic
+            stage = worker.stage
+            job = self.pool.kill_stalled(worker)
+            self.metrics.worker_stalled(worker.device)
+            self.metrics.worker_restarted(worker.device)
+            if job is not None:
+                self._job_failed(job.job_id, f"{job.path}: worker {worker.device} "
+                                             f"w{worker.index} made no progress for "
+                                             f"{silent_s:.0f}s after stage {stage}; killed "
+                                             "and replaced", "internal")
+        self.metrics.unkillable_workers.set(self.pool.unkillable())
 
     def _abandon_job(self, job_id: int, reason: str) -> None:
         """A job stopped without a result (lease lost, or shutdown): clean up, count nothing."""
@@ -475,9 +576,13 @@ class Service:
         if now - self._last_renew_s < self.config.heartbeat_interval_seconds:
             return
         self._last_renew_s = now
-        for flight in self.in_flight.values():
+        stall_s = self.config.worker_stall_seconds
+        for job_id, flight in self.in_flight.items():
             if flight.lease_lost:
                 continue
+            worker = self.pool.worker_of(job_id)
+            if worker is None or time.monotonic() - worker.last_beat_monotonic > stall_s:
+                continue  # leases are renewed only while their worker proves progress
             try:
                 self.leases.renew(flight.lease)
             except LeaseLost:

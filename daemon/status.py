@@ -53,8 +53,11 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"  quarantined  {entry.get('target')} after {entry.get('attempts')} "
                      f"attempts: {entry.get('last_error')}")
     for entry in report["failed"]:
-        lines.append(f"  failed       {entry.get('target')} ({entry.get('attempts')} attempts): "
-                     f"{entry.get('last_error')}")
+        # Faults that were not the tomogram's (daemon/faults.py) are not attempts: say which.
+        not_counted = (f", {entry.get('faults')} {entry.get('category')} faults not counted"
+                       if entry.get("category") != "input" else "")
+        lines.append(f"  failed       {entry.get('target')} ({entry.get('attempts')} attempts"
+                     f"{not_counted}): {entry.get('last_error')}")
     for entry in report["newest"]:
         counts_text = ", ".join(f"{k}={v}" for group in (entry.get("counts") or {}).values()
                                 for k, v in group.items())

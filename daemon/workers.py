@@ -17,6 +17,7 @@ import queue
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ log = logging.getLogger("tomolive.workers")
 
 # How long a worker waits for the main process to answer "may I publish?" before giving up.
 PUBLISH_REPLY_TIMEOUT_S = 120.0
+# Progress beats go to the main process at most this often (and at every new stage): enough
+# to prove the pipeline moves, cheap next to the work.
+PROGRESS_BEAT_INTERVAL_S = 1.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -54,6 +58,9 @@ class WorkerHandle:
     inbox: Any = None
     job: Job | None = None
     job_started_monotonic: float = 0.0
+    # The worker's last sign of progress on its job (submission, then its progress beats).
+    last_beat_monotonic: float = 0.0
+    stage: str = "queued"
     restarts: int = 0
 
     @property
@@ -69,6 +76,7 @@ class WorkerPool:
         self.outbox = self._context.Queue()
         self.workers = [WorkerHandle(device=d, index=i) for i, d in enumerate(devices)]
         self.threads_per_cpu_worker = threads_per_cpu_worker
+        self._unkillable: list[Any] = []
 
     def start(self) -> None:
         for worker in self.workers:
@@ -93,8 +101,45 @@ class WorkerPool:
 
     def submit(self, worker: WorkerHandle, job: Job) -> None:
         worker.job = job
-        worker.job_started_monotonic = time.monotonic()
+        worker.job_started_monotonic = worker.last_beat_monotonic = time.monotonic()
+        worker.stage = "queued"
         worker.inbox.put(("job", asdict(job)))
+
+    def beat(self, job_id: int, stage: str) -> None:
+        """A progress beat from inside the pipeline of `job_id`."""
+        for worker in self.workers:
+            if worker.job is not None and worker.job.job_id == job_id:
+                worker.last_beat_monotonic = time.monotonic()
+                worker.stage = stage
+
+    def worker_of(self, job_id: int) -> WorkerHandle | None:
+        return next((w for w in self.workers if w.job is not None and w.job.job_id == job_id),
+                    None)
+
+    def stalled(self, stall_s: float) -> list[WorkerHandle]:
+        """Busy workers whose last progress beat is older than `stall_s`."""
+        now = time.monotonic()
+        return [w for w in self.workers
+                if w.job is not None and now - w.last_beat_monotonic > stall_s]
+
+    def kill_stalled(self, worker: WorkerHandle) -> Job | None:
+        """SIGKILL a stalled worker (it works on a stopped process too, where SIGTERM waits)
+        and start its replacement at once; returns the job it held."""
+        job, worker.job = worker.job, None
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.join(timeout=5)
+        if worker.process.is_alive():
+            self._unkillable.append(worker.process)
+        worker.restarts += 1
+        self._spawn(worker)
+        return job
+
+    def unkillable(self) -> int:
+        """Killed stalled workers not dead yet: a process in uninterruptible sleep on a hung
+        mount dies only when its system call returns (a replacement already runs)."""
+        self._unkillable = [p for p in self._unkillable if p.is_alive()]
+        return len(self._unkillable)
 
     def reply_publish(self, job_id: int, allowed: bool) -> None:
         for worker in self.workers:
@@ -205,19 +250,21 @@ class _JobRunner:
         self._model: tuple[str, Any, Any] | None = None  # (sha256, bundle, network)
 
     def run(self, job: Job) -> None:
-        from ..core.model import BundleError
-        from ..core.volume import VolumeError
+        from .faults import INTERNAL, classify_error
 
         try:
             summary = self._segment(job)
         except PublishRefused as refused:
             self.outbox.put(("abandoned", job.job_id, str(refused)))
-        except (VolumeError, BundleError, ValueError, OSError) as error:
-            self.outbox.put(("failed", job.job_id, _one_line(error), "input"))
-        except Exception as error:  # a bug or a device error: recorded, the worker goes on
-            log.error("%s", traceback.format_exc())
-            self.outbox.put(("failed", job.job_id, f"{job.path}: {type(error).__name__}: "
-                                                   f"{_one_line(error)}", "internal"))
+        except Exception as error:  # recorded with its category; the worker goes on
+            category = classify_error(error)
+            message = _one_line(error)
+            if category == INTERNAL or isinstance(error, MemoryError):
+                log.error("%s", traceback.format_exc())
+                message = f"{job.path}: {type(error).__name__}: {message}"
+            elif job.path not in message:  # an OSError from the output side names its file
+                message = f"{job.path}: {message}"
+            self.outbox.put(("failed", job.job_id, message, category))
         else:
             self.outbox.put(("done", job.job_id, summary, _device_memory_bytes(self.device)))
 
@@ -227,6 +274,7 @@ class _JobRunner:
         from .holds import stage_hold, with_progress, with_publish_hook
 
         bundle, network = self._load_model(job)
+        self._beat(job.job_id, "read")
         hold = stage_hold(Path(job.path).stem)  # None unless a test switched holds on
         options = SegmentOptions(
             inference=InferenceOptions(device=self.device, **job.inference),
@@ -236,9 +284,25 @@ class _JobRunner:
         )
         seg, out_dir = segment_file(
             job.path, job.out_parent, bundle, options, network=network,
-            progress=with_progress(hold, None),
+            progress=with_progress(hold, self._progress_beats(job.job_id)),
             before_publish=with_publish_hook(hold, lambda: self._ask_to_publish(job)))
         return _read_summary(out_dir, seg.stem)
+
+    def _beat(self, job_id: int, stage: str) -> None:
+        self.outbox.put(("progress", job_id, stage))
+
+    def _progress_beats(self, job_id: int) -> Callable[[str, float], None]:
+        """A pipeline progress callback that proves progress to the main process: at every
+        new stage and at most once per PROGRESS_BEAT_INTERVAL_S within one."""
+        last: dict[str, Any] = {"stage": None, "at": 0.0}
+
+        def beat(stage: str, fraction: float) -> None:
+            now = time.monotonic()
+            if stage != last["stage"] or now - last["at"] >= PROGRESS_BEAT_INTERVAL_S:
+                last.update(stage=stage, at=now)
+                self._beat(job_id, stage)
+
+        return beat
 
     def _load_model(self, job: Job) -> tuple[Any, Any]:
         from ..core.infer import prepare_network

@@ -18,6 +18,7 @@ from typing import Any
 from ..core.fingerprint import input_fingerprint
 from ..core.pipeline import segment_file
 from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, is_done, lease_key
+from .faults import INPUT, classify_error
 from .holds import stage_hold, with_progress, with_publish_hook
 
 log = logging.getLogger("tomolive.batch")
@@ -102,10 +103,14 @@ def _segment_leased(path: Path, out_parent: Path, bundle: Any, network: Any, opt
     except LeaseLost as error:
         print(f"tomolive: {error}", file=sys.stderr)
         return True  # someone else owns it now: not our failure
-    except (ValueError, OSError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError, MemoryError) as error:
         message = " ".join(str(error).split())
-        failures.record_failure(lease.key, fingerprint, message, rel_output)
-        print(f"tomolive: error: {message}", file=sys.stderr)
+        category = classify_error(error)
+        if category == INPUT:
+            failures.record_failure(lease.key, fingerprint, message, rel_output)
+        else:  # not the tomogram's fault (daemon/faults.py): shown, never quarantines it
+            failures.record_fault(lease.key, fingerprint, message, category, rel_output)
+        print(f"tomolive: error: {message} ({category} fault)", file=sys.stderr)
         return False
     finally:
         stop.set()

@@ -306,6 +306,25 @@ class LeaseManager:
         self._seen.pop(key, None)
         return lease
 
+    def sweep_stale(self, keep: set[str]) -> list[Lease]:
+        """Break every stale lease (a holder dead on this host, or one whose heartbeat stood
+        still for `lease_s` across sweeps) and claim it; the caller cleans up after the dead
+        holder and releases. Without this, the lease of a tomogram whose input vanished after
+        its holder crashed would stay forever (nobody claims a file that is gone). `keep`:
+        keys this process is working on."""
+        if not self.lease_dir.is_dir():
+            return []
+        claimed = []
+        for path in sorted(self.lease_dir.glob("*.lease")):
+            key = path.stem
+            holder = _read_json(path)
+            if key in keep or holder is None or not self._is_stale(key, holder):
+                continue
+            lease = self._break_and_claim(key, str(holder.get("target") or ""), holder)
+            if lease is not None:
+                claimed.append(lease)
+        return claimed
+
     # -- holding ----------------------------------------------------------------------------
     def check(self, lease: Lease) -> None:
         """Raise LeaseLost unless the lease file is still ours (call before publishing)."""

@@ -141,6 +141,7 @@ class Service:
                                        self.config.metrics.port, health=self.healthy)
                 log.info("metrics on %s/metrics", server.url)
             self._switch_model_if_needed(force=True)
+            self._sweep_stale_leases()  # a crash of ours before this start leaves no trace
             self.pool.start()
             self.watcher.start()
             log.info("tomolive serving: watching %s, outputs in %s, devices %s",
@@ -266,6 +267,7 @@ class Service:
         if now - self._last_parked_check_s >= self.config.rescan_interval_seconds:
             self._last_parked_check_s = now
             self._recheck_parked()
+            self._sweep_stale_leases()
 
     def _enqueue(self, candidate: Any, resegment: bool = False) -> None:
         item = QueueItem(path=candidate.path, out_parent=candidate.out_parent,
@@ -293,6 +295,20 @@ class Service:
         self._parked.pop(item.path, None)
         if status is None and self.queue.add(item):
             self.metrics.tomograms_discovered()
+
+    def _sweep_stale_leases(self) -> None:
+        """Leftovers of crashed holders whose tomogram nobody will claim again (its input is
+        gone): break the stale lease, remove the temporary output folder, release."""
+        ours = {flight.lease.key for flight in self.in_flight.values()}
+        root = self.config.output_dir.resolve()
+        for lease in self.leases.sweep_stale(ours):
+            target = Path(str(lease.record.get("target") or ""))
+            parent = (root / target.parent).resolve()
+            # A lease file is shared state anyone could write: never clean outside the folder.
+            if target.name and not target.is_absolute() and parent.is_relative_to(root):
+                _remove_temporary_outputs(parent, target.name)
+            self._release(lease)
+            log.info("cleaned up after a crashed holder of %s", target or lease.key)
 
     def _recheck_parked(self) -> None:
         for item in list(self._parked.values()):
@@ -335,6 +351,14 @@ class Service:
             self.queue.remove(item.path)
             if status == "quarantined":
                 self._parked[item.path] = item
+            return False
+        if item.path.stat().st_mtime_ns != item.mtime_ns:
+            # Written to since the watcher judged it complete (a retry, or a quarantined file
+            # whose transfer resumed): only the watcher may say it is complete again, and it
+            # reports the new version once it is.
+            self.queue.remove(item.path)
+            log.info("%s changed since it was found complete; waiting until it is again",
+                     item.path)
             return False
         lease = self.leases.try_claim(item.key, item.rel_output)
         if lease is None:

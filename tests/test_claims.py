@@ -141,6 +141,24 @@ def test_stale_only_after_heartbeat_stands_still_for_lease_seconds(tmp_path):
     assert other.holder("k")["token"] == taken.token
 
 
+def test_sweep_breaks_only_stale_leases_and_keeps_ours(tmp_path):
+    clock = FakeClock()
+    holder = LeaseManager(tmp_path, lease_s=0.5, host="A")
+    sweeper = LeaseManager(tmp_path, lease_s=0.5, host="B", clock=clock)
+    live = holder.try_claim("live", "s/TS_1")
+    holder.try_claim("dead", "s/TS_2")  # its holder stops renewing
+    mine = sweeper.try_claim("mine", "s/TS_3")
+    assert sweeper.sweep_stale(keep={"mine"}) == []  # first observations
+    clock.now_s = 0.4
+    holder.renew(live)
+    clock.now_s = 0.6
+    swept = sweeper.sweep_stale(keep={"mine"})
+    assert [(lease.key, lease.record["target"]) for lease in swept] == [("dead", "s/TS_2")]
+    assert sweeper.holder("dead")["host"] == "B" and sweeper.holder("live")["host"] == "A"
+    assert sweeper.holder("mine")["token"] == mine.token  # never its own work
+    assert sweeper.release(swept[0]) and sweeper.holder("dead") is None
+
+
 def test_a_renewal_paused_across_a_break_does_not_resurrect_the_lease(tmp_path, monkeypatch):
     """A holder stalls between the check and the write of a renewal (SIGSTOP, a long GC,
     a hung NFS call); meanwhile another daemon breaks the lease, does the work and releases.

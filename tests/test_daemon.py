@@ -119,6 +119,28 @@ def test_bad_inputs_are_quarantined_and_work_goes_on(daemon):
     assert d.stop() == 0
 
 
+def test_a_quarantined_file_whose_transfer_resumes_is_read_only_once_complete(daemon):
+    d = daemon()
+    blob = tomogram_bytes(16)
+    resumed = d.incoming / "resumed.mrc"
+    resumed.write_bytes(blob[: len(blob) // 3])  # the transfer stalls
+    d.start()
+    d.wait_for_log(r"resumed\.mrc: .*truncated.*attempt 2/2, quarantined")
+    failures_before = d.log.count("resumed.mrc: file is")
+    # The transfer resumes, in pieces slower than the rescan interval, so that a retry that
+    # skipped the completeness check would read it mid-write (and fail it again).
+    with resumed.open("ab") as handle:
+        for start in range(len(blob) // 3, len(blob), len(blob) // 6):
+            handle.write(blob[start:start + len(blob) // 6])
+            handle.flush()
+            time.sleep(1.5)
+    summary = d.wait_for_summary("resumed")
+    assert summary["input"]["fingerprint"] == input_fingerprint(resumed)
+    assert d.log.count("resumed.mrc: file is") == failures_before, d.log  # never read torn
+    assert not list((d.outputs / ".tomolive" / "failures").glob("*.json"))
+    assert d.stop() == 0
+
+
 def test_sigterm_mid_tomogram_leaves_no_partial_output_and_restart_finishes(daemon):
     d = daemon(shutdown_grace_seconds=0.5)
     (d.incoming / "big.mrc").write_bytes(tomogram_bytes(9))

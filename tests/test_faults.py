@@ -169,3 +169,30 @@ def test_a_full_output_disk_pauses_work_names_the_cause_and_resumes_when_freed(t
     finally:
         d.kill()
         subprocess.run(["umount", "-l", str(d.outputs)], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_crash_whose_input_then_vanished_leaves_nothing_behind_after_restart(tmp_path):
+    d = Daemon(tmp_path)
+    write_tiny_model(d.models / "tiny.safetensors")
+    d.hold("gone", "publish")  # the result is written under its temporary name
+    leases = d.outputs / ".tomolive" / "leases"
+    try:
+        d.start()
+        (d.incoming / "gone.mrc").write_bytes(tomogram_bytes(7))
+        worker_pid = int(d.wait_held("gone").split()[1])
+        assert partial_outputs(d.outputs) and list(leases.glob("*.lease"))
+        d.kill()  # SIGKILL mid-write; the worker dies with it (PR_SET_PDEATHSIG)
+        wait_until(lambda: not _pid_alive(worker_pid), 30, "the worker to die with the daemon")
+        (d.incoming / "gone.mrc").unlink()
+        d.release("gone")
+        d.start()
+        d.wait_for_log(r"cleaned up after a crashed holder of gone")
+        assert not list(leases.glob("*.lease")) and not list(leases.glob(".*.beat"))
+        assert partial_outputs(d.outputs) == []
+        report = status_snapshot(d.outputs)
+        assert report["counts"]["running"] == 0 and report["running"] == [], report
+        assert d.stop() == 0
+    finally:
+        d.kill()

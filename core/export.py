@@ -70,6 +70,25 @@ def output_paths(out_parent: str | Path, stem: str, classes: list[ClassSpec]) ->
     return {key: folder / name for key, name in _file_names(stem, classes).items()}
 
 
+# The longest name a file system takes for one path component (ext4, XFS, NFS, Lustre, ...).
+NAME_MAX_BYTES = 255
+
+
+def check_output_names(input_path: str | Path, stem: str, classes: list[ClassSpec]) -> None:
+    """Raise ValueError naming the input when an output name would be too long to create:
+    found before reading the tomogram, not as `[Errno 36]` about a temporary file after it."""
+    # The temporary and the set-aside folders (`.STEM.tmp-` / `.STEM.old-` + 8 hex digits).
+    names = [*_file_names(stem, classes).values(), f".{stem}.tmp-{'0' * 8}"]
+    longest = max(names, key=lambda name: len(os.fsencode(name)))
+    size = len(os.fsencode(longest))
+    if size > NAME_MAX_BYTES:
+        allowed = NAME_MAX_BYTES - (size - len(os.fsencode(stem)))
+        raise ValueError(f"{input_path}: file name too long for its outputs: "
+                         f"{len(os.fsencode(stem))}-byte stem, at most {allowed} bytes fit "
+                         f"({size}-byte output names; the limit is {NAME_MAX_BYTES}); "
+                         "rename the file")
+
+
 def write_outputs(
     out_parent: str | Path,
     seg: Segmentation,
@@ -189,8 +208,20 @@ def _star_text(block: str, columns: dict[str, list[str]]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+# A STAR value that starts like this would be read as syntax, not as a string.
+_STAR_RESERVED_STARTS = ("_", "#", "$", "'", '"', ";", "data_", "loop_", "save_", "global_",
+                         "stop_")
+
+
 def _star_string(value: str) -> str:
-    return f'"{value}"' if any(c.isspace() for c in value) or not value else value
+    """A string as one STAR value: control characters (a newline would end the row) and
+    quotes (which STAR readers disagree on) become `_`; quoted when it holds whitespace or
+    would otherwise read as syntax."""
+    value = "".join(c if c.isprintable() and c not in "'\"" else "_" for c in value)
+    if value and not any(c.isspace() for c in value) and \
+            not value.lower().startswith(_STAR_RESERVED_STARTS):
+        return value
+    return f'"{value}"'
 
 
 def _fmt(values: np.ndarray, digits: int) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .cleanup import clean_labels
-from .export import write_outputs
+from .export import check_output_names, write_outputs
 from .filaments import Filament, trace_filaments
 from .fingerprint import input_fingerprint
 from .infer import InferenceOptions, predict, prepare_network
@@ -208,6 +208,8 @@ def segment_file(
     path = Path(path)
     timings_s: dict[str, float] = {}
     start = time.perf_counter()
+    # Before anything is read (a test passes no bundle to prove the order).
+    check_output_names(path, path.stem, bundle.classes if bundle is not None else [])
     fingerprint = input_fingerprint(path)
     with _StageTimer(timings_s).stage("read"):
         volume = read_mrc(path, voxel_size_a=options.voxel_size_a,

@@ -140,10 +140,14 @@ def _check_dims(path: Path, shape_zyx: tuple[int, int, int]) -> None:
     dims = f"{nx} x {ny} x {nz} (x, y, z)"
     if nz == 1 or min(shape_zyx) == 1:
         raise VolumeError(f"{path}: is a 2-D image ({dims}), not a tomogram")
-    if min(shape_zyx) < MIN_DIM or max(shape_zyx) > MAX_DIM or nx * ny * nz > MAX_VOXELS:
+    if min(shape_zyx) < MIN_DIM:
+        thin = "z" if nz < MIN_DIM else "x or y"
+        raise VolumeError(f"{path}: too small to segment: {dims}; {thin} has fewer than "
+                          f"{MIN_DIM} voxels (a stack of a few slices, not a tomogram?)")
+    if max(shape_zyx) > MAX_DIM or nx * ny * nz > MAX_VOXELS:
         raise VolumeError(
-            f"{path}: absurd dimensions {dims} (each must be {MIN_DIM}..{MAX_DIM}, "
-            f"at most 2**34 voxels)"
+            f"{path}: implausibly large dimensions {dims} (each at most {MAX_DIM}, "
+            f"at most 2**34 voxels; a damaged header?)"
         )
 
 

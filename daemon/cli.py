@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .. import __version__
+from .logs import configure_logging, one_line, printable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -28,14 +29,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    configure_logging(logging.INFO)
     try:
         return int(args.handler(args) or EXIT_OK)
     except KeyboardInterrupt:
         print("tomolive: interrupted", file=sys.stderr)
         return 130
     except (CommandError, ValueError, OSError) as error:
-        print(f"tomolive: error: {_one_line(error)}", file=sys.stderr)
+        print(f"tomolive: error: {one_line(error)}", file=sys.stderr)
         return EXIT_FAILED
 
 
@@ -124,7 +125,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                                             before_publish=with_publish_hook(hold, None))
         except (ValueError, OSError, RuntimeError) as error:
             failures += 1
-            print(f"tomolive: error: {_one_line(error)}", file=sys.stderr)
+            print(f"tomolive: error: {one_line(error)}", file=sys.stderr)
             continue
         print(summary_line(seg.stem, seg.timings_s, seg.particles, seg.filaments, out_dir))
     return EXIT_FAILED if failures else EXIT_OK
@@ -136,7 +137,7 @@ def summary_line(stem, timings_s, particles, filaments, out_dir) -> str:
     counts = [f"{name}={len(table.zyx)}" for name, table in particles.items()]
     counts += [f"{name}_filaments={len(found)}" for name, found in filaments.items()]
     stages = " ".join(f"{k}={v:.1f}s" for k, v in timings_s.items())
-    return f"{stem}: done in {total:.1f}s ({stages}) {' '.join(counts)} -> {out_dir}"
+    return printable(f"{stem}: done in {total:.1f}s ({stages}) {' '.join(counts)} -> {out_dir}")
 
 
 class _StageProgress:
@@ -415,7 +416,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
             bundle = load_bundle(path)
         except (BundleError, OSError) as error:
             bad += 1
-            print(f"INVALID {_one_line(error)}")
+            print(f"INVALID {one_line(error)}")
             continue
         classes = ",".join(spec.name for spec in bundle.classes)
         if args.action == "validate":
@@ -562,6 +563,3 @@ def _load_config(path: Path | None):
     return load_config(path, Path.cwd())
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return " ".join(text.split())

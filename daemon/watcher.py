@@ -141,6 +141,9 @@ class Scanner:
         self.folders = sorted(watch, key=lambda w: len(os.path.abspath(w.path)), reverse=True)
         self.roots = [os.path.abspath(w.path) for w in self.folders]
         self.ignore_dirs = [os.path.abspath(p) for p in ignore_dirs]
+        # Folders that could not be listed, and why: warned about once per new reason, so
+        # that a missing mount or a permission change is seen without flooding the journal.
+        self._problems: dict[str, str] = {}
 
     def _ignored_ids(self) -> set[tuple[int, int]]:
         ids = set()
@@ -165,7 +168,20 @@ class Scanner:
         for index, root in enumerate(self.roots):
             if os.path.isdir(root):
                 self._walk(index, root, ignored, found)
+            else:
+                self._problem(root, "does not exist or is not a folder (yet?)")
         return found
+
+    def _problem(self, directory: str, why: str | None) -> None:
+        """Warn once per new reason that `directory` cannot be watched; note its recovery."""
+        before = self._problems.get(directory)
+        if why is None:
+            if before is not None:
+                del self._problems[directory]
+                log.info("watched folder %s can be listed again", directory)
+        elif before != why:
+            self._problems[directory] = why
+            log.warning("watched folder %s %s; looking again at every rescan", directory, why)
 
     def scan_dir(self, directory: str) -> dict[str, tuple[int, os.stat_result]]:
         """The matching files under one folder (after an event on a folder moved in)."""
@@ -180,8 +196,9 @@ class Scanner:
         try:
             entries = list(os.scandir(directory))
         except OSError as error:  # vanished, or no permission: the next rescan tries again
-            log.debug("cannot list %s: %s", directory, error)
+            self._problem(directory, f"cannot be listed ({error.strerror or error})")
             return
+        self._problem(directory, None)
         for entry in entries:
             try:
                 # Never follow symlinked folders (loops); symlinked files are fine.

@@ -16,13 +16,13 @@ import os
 import queue
 import signal
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.volume import DEFAULT_MAX_MODEL_VOXELS, DEFAULT_VOXEL_SIZE_BOUNDS_A
+from .logs import configure_logging, one_line
 
 log = logging.getLogger("tomolive.workers")
 
@@ -215,6 +215,7 @@ def worker_main(device: str, index: int, inbox: Any, outbox: Any,
     # Ctrl-C in a terminal reaches the whole process group; the main process decides what
     # happens to running work, so workers ignore SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging()  # a spawned process starts without the daemon's logging set-up
     import torch
 
     if device == "cpu" and threads:
@@ -258,9 +259,9 @@ class _JobRunner:
             self.outbox.put(("abandoned", job.job_id, str(refused)))
         except Exception as error:  # recorded with its category; the worker goes on
             category = classify_error(error)
-            message = _one_line(error)
+            message = one_line(error)
             if category == INTERNAL or isinstance(error, MemoryError):
-                log.error("%s", traceback.format_exc())
+                log.error("%s: unexpected error in the worker", job.path, exc_info=True)
                 message = f"{job.path}: {type(error).__name__}: {message}"
             elif job.path not in message:  # an OSError from the output side names its file
                 message = f"{job.path}: {message}"
@@ -347,5 +348,3 @@ def _device_memory_bytes(device: str) -> int | None:
     return int(torch.cuda.max_memory_allocated(torch.device(device)))
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join((str(error) or type(error).__name__).split())

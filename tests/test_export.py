@@ -18,7 +18,12 @@ from PIL import Image
 from scipy.spatial.transform import Rotation
 from tomolive.core import export
 from tomolive.core.classes import default_class
-from tomolive.core.export import output_paths, relion_tilt_psi_deg, write_outputs
+from tomolive.core.export import (
+    check_output_names,
+    output_paths,
+    relion_tilt_psi_deg,
+    write_outputs,
+)
 from tomolive.core.filaments import Filament
 from tomolive.core.particles import ParticleTable
 from tomolive.core.segmentation import Segmentation
@@ -269,3 +274,27 @@ def test_an_unreadable_result_is_warned_about_once(tmp_path, caplog):
         assert item.path not in fake._parked
         Service._queue_or_park(fake, item)
     assert len(caplog.records) == 2
+
+
+@pytest.mark.parametrize("stem, expected", [
+    ("new\nline", "new_line"), ("a b", "a b"), ("_private", "_private"), ("data_x", "data_x"),
+    ("esc\x1b[31mred", "esc_[31mred"), ('say "hi" now', "say _hi_ now"),
+    ("it's", "it_s")])
+def test_star_names_survive_hostile_stems(tmp_path, stem, expected):
+    seg = _segmentation(stem=stem)
+    write_outputs(tmp_path, seg)
+    df = starfile.read(output_paths(tmp_path, stem, seg.classes)["star:ribosome"])
+    assert list(df.rlnTomoName) == [expected, expected]  # one row per particle, name intact
+    assert np.allclose(df.rlnCoordinateX, [11.5, 5.25])
+
+
+def test_a_name_too_long_for_its_outputs_is_refused_naming_the_input(tmp_path):
+    classes = _segmentation().classes
+    check_output_names(tmp_path / "ok.mrc", "a" * 200, classes)  # fits
+    with pytest.raises(ValueError) as error:
+        check_output_names(tmp_path / ("b" * 240 + ".mrc"), "b" * 240, classes)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path}/{'b' * 240}.mrc: file name too long for its outputs")
+    assert "240-byte stem, at most" in message and "rename the file" in message
+    with pytest.raises(ValueError, match="too long"):  # bytes, not characters, count
+        check_output_names(tmp_path / "u.mrc", "ü" * 120, classes)

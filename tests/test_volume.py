@@ -196,13 +196,13 @@ def test_2d_image(tmp_path, shape):
 
 def test_tiny_dimension(tmp_path):
     path = _mrcfile_new(tmp_path / "tiny.mrc", np.zeros((4, 64, 64), np.float32))
-    _assert_error(path, "absurd dimensions 64 x 64 x 4 (x, y, z)")
+    _assert_error(path, "too small to segment: 64 x 64 x 4 (x, y, z); z has fewer than 8")
 
 
 def test_huge_dimension_in_header(tmp_path):
     path = _mrcfile_new(tmp_path / "huge.mrc", np.zeros(SHAPE, np.float32))
     _patch_header_int32(path, 0, 20000)  # nx
-    _assert_error(path, "absurd dimensions 20000 x 20 x 12")
+    _assert_error(path, "implausibly large dimensions 20000 x 20 x 12")
 
 
 def test_unsupported_mode(tmp_path):

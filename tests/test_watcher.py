@@ -13,6 +13,7 @@ from tomolive.daemon.config import WatchFolder
 from tomolive.daemon.watcher import (
     Candidate,
     FileWatcher,
+    Scanner,
     discovery_mode,
     is_ignored_name,
     mount_type,
@@ -245,3 +246,20 @@ def test_watcher_from_config_gives_output_parents_and_ignores_outputs(tmp_path, 
     assert found.rel_output == "s1/TS_07"
     assert [c.path for c in watcher.rescan_all()] == [found.path]
     assert watcher.rescans == 2 and watcher.poll() == []
+
+
+def test_a_missing_watched_folder_is_warned_about_once_and_its_return_noted(tmp_path, caplog):
+    missing, present = tmp_path / "not-mounted", tmp_path / "present"
+    present.mkdir()
+    scanner = Scanner([WatchFolder(path=missing), WatchFolder(path=present)])
+    caplog.set_level("INFO", logger="tomolive.daemon.watcher")
+    for _ in range(3):
+        scanner.scan()
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert messages == [("WARNING", f"watched folder {missing} does not exist or is not a "
+                                    "folder (yet?); looking again at every rescan")]
+    missing.mkdir()
+    scanner.scan()
+    scanner.scan()
+    assert [(r.levelname, r.getMessage()) for r in caplog.records][1:] == [
+        ("INFO", f"watched folder {missing} can be listed again")]

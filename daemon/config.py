@@ -79,6 +79,10 @@ class Config(_Strict):
     # and the fault is not counted against it. Far above the longest silent step (reading a
     # large file, the first model load on a GPU).
     worker_stall_seconds: float = Field(600.0, gt=0)
+    # A new model whose first this-many tomograms all fail (their own fault, as far as the
+    # error says) is taken out of service: the previous model serves again and those
+    # tomograms are retried without the attempts the bad model cost them.
+    model_failure_limit: int = Field(3, ge=1, strict=True)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)

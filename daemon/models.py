@@ -23,6 +23,7 @@ from ..core.volume import DEFAULT_VOXEL_SIZE_BOUNDS_A
 log = logging.getLogger("tomolive.models")
 
 BUNDLE_SUFFIX = ".safetensors"
+SMOKE_PATCH_PX = 128  # the validation inference's in-plane size (a fraction of a second on CPU)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,10 @@ def smoke_test(bundle: Any) -> None:
 
     network = bundle.build("cpu")
     arch = bundle.meta.architecture
-    side = 2 ** (int(arch["levels"]) - 1) * 2
+    # A patch of the size inference uses, not the smallest the network accepts: a bundle
+    # that only fails at real sizes (memory, shapes) must fail here, not on every tomogram.
+    multiple = 2 ** (int(arch["levels"]) - 1)
+    side = max(SMOKE_PATCH_PX // multiple, 2) * multiple
     stack = torch.from_numpy(
         np.random.default_rng(0).standard_normal((1, int(arch["in_slices"]), side, side))
         .astype(np.float32))
@@ -87,6 +91,28 @@ class ModelRegistry:
             self.current = chosen
             return chosen
         return None
+
+    def has_alternative(self, model: ServingModel) -> bool:
+        """Is there another valid bundle (or the shipped default) to fall back to?"""
+        others = [m for m in self._valid.values() if m.sha256 != model.sha256]
+        default_ok = (self.default_bundle is not None and self.default_bundle.exists()
+                      and model.source != self.default_bundle)
+        return bool(others) or default_ok
+
+    def take_out_of_service(self, model: ServingModel, reason: str) -> None:
+        """Stop choosing `model`'s file (until it changes): the next poll() picks the best
+        remaining bundle, or the shipped default."""
+        try:
+            stat = model.source.stat()
+            self._rejected[model.source] = (stat.st_size, stat.st_mtime_ns)
+        except FileNotFoundError:
+            pass
+        self._valid.pop(model.source, None)
+        if self.current is not None and self.current.sha256 == model.sha256:
+            self.current = None
+        log.error("model %s taken out of service: %s", model.label(), reason)
+        if self.on_rejected:
+            self.on_rejected(model.source, reason)
 
     def _default(self) -> ServingModel | None:
         """The shipped default model, validated once (and again only if the file changes)."""

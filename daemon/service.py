@@ -17,7 +17,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,14 @@ log = logging.getLogger("tomolive.service")
 LOOP_WAIT_S = 0.2  # the longest the loop sleeps waiting for worker messages
 MODEL_POLL_INTERVAL_S = 1.0
 STUCK_AFTER_S = 30.0  # /healthz turns 503 when the loop has not turned for this long
+
+
+@dataclass
+class ModelTrack:
+    """How a serving model has done since it started serving (by sha256)."""
+
+    successes: int = 0
+    failed: list[QueueItem] = field(default_factory=list)  # input failures, in a row
 
 
 @dataclass
@@ -96,6 +104,7 @@ class Service:
         # Faults that were not the tomograms' (daemon/faults.py): retry delays per input, and
         # a pause of all new work while the output disk is full.
         self._faults_in_a_row: dict[Path, int] = {}
+        self._model_tracks: dict[str, ModelTrack] = {}
         self._paused_until_s: float | None = None
         self._resume_free_bytes = FULL_DISK_FREE_BYTES
         self._started_s = time.monotonic()
@@ -446,6 +455,7 @@ class Service:
         self.metrics.observe_tomogram(summary, resegmented=flight.item.resegment)
         self._finished_ok += 1
         self._faults_in_a_row.pop(flight.item.path, None)
+        self._model_tracks.setdefault(flight.model.sha256, ModelTrack()).successes += 1
         log.info("%s", _summary_line(summary, flight.item, f"{worker.device} w{worker.index}"))
 
     def _job_failed(self, job_id: int, error: str, category: str = INPUT,
@@ -484,6 +494,35 @@ class Service:
         else:
             item.not_before_monotonic_s = time.monotonic() + self.config.rescan_interval_seconds
             self.queue.add(item)
+        self._judge_model(flight.model, item)
+
+    def _judge_model(self, model: ServingModel, failed: QueueItem) -> None:
+        """A new model that fails every one of its first `model_failure_limit` tomograms is
+        the likelier culprit than the tomograms (a well-formed but absurd bundle): take it out
+        of service, and retry what it failed without the attempts it cost."""
+        track = self._model_tracks.setdefault(model.sha256, ModelTrack())
+        if track.successes:
+            return  # it has worked: failures from now on are the tomograms'
+        track.failed.append(failed)
+        if len(track.failed) < self.config.model_failure_limit:
+            return
+        current = self.registry.current
+        if current is None or current.sha256 != model.sha256 or \
+                not self.registry.has_alternative(model):
+            return  # nothing to fall back to: keep serving and keep counting
+        self.registry.take_out_of_service(
+            model, f"its first {len(track.failed)} tomograms all failed (last: "
+                   f"{failed.path.name}); the previous model serves again")
+        for item in track.failed:
+            try:
+                self.failures.clear(item.key)
+            except OSError as error:
+                log.warning("%s: failure record not cleared (%s)", item.path, error)
+            self._parked.pop(item.path, None)
+            item.not_before_monotonic_s = 0.0
+            self.queue.add(item)
+        track.failed.clear()
+        self._switch_model_if_needed(force=True)
 
     def _not_the_tomograms_fault(self, flight: InFlight, error: str, category: str,
                                  disk_full: bool) -> None:

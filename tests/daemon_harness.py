@@ -29,7 +29,8 @@ from tomolive.daemon.holds import HOLD_DIR_ENV
 TOMOGRAM_SHAPE_ZYX = (16, 64, 64)
 
 
-def write_tiny_model(path: Path, name: str = "tiny", version: int = 1, seed: int = 0) -> Path:
+def write_tiny_model(path: Path, name: str = "tiny", version: int = 1, seed: int = 0,
+                     voxel_size_a: float = 10.0) -> Path:
     """A random-weight bundle small enough for fast CPU tests (the daemon's plumbing is
     what these tests check, not segmentation quality)."""
     import torch
@@ -38,7 +39,7 @@ def write_tiny_model(path: Path, name: str = "tiny", version: int = 1, seed: int
     arch = {"name": "unet25d", "in_slices": 3, "base_width": 4, "levels": 5,
             "n_classes": len(SYNTH_CLASS_NAMES) + 1}
     network = UNet25D(in_slices=3, n_classes=arch["n_classes"], base_width=4, levels=5)
-    meta = BundleMeta(name=name, version=version, architecture=arch, voxel_size_a=10.0,
+    meta = BundleMeta(name=name, version=version, architecture=arch, voxel_size_a=voxel_size_a,
                       classes=[default_class(n) for n in SYNTH_CLASS_NAMES],
                       preprocess=DEFAULT_RECIPE, description="random weights, for tests")
     save_bundle(path, network, meta)

@@ -310,3 +310,24 @@ def test_several_workers_pull_from_one_queue(daemon):
         assert d.log.count(f"w{i}.mrc: ok") == 1
     assert " on cpu w0 (" in d.log and " on cpu w1 (" in d.log, d.log
     assert d.stop() == 0
+
+
+def test_a_new_model_that_fails_every_tomogram_is_taken_out_of_service(daemon):
+    # Model b is well-formed and passes validation, but at 1.6 Å every 10 Å tomogram needs
+    # a model grid above this daemon's max_model_voxels: each one fails, "its own fault".
+    d = daemon(max_model_voxels=2_000_000, model_failure_limit=2, max_attempts=3)
+    (d.incoming / "t0.mrc").write_bytes(tomogram_bytes(30))
+    d.start()
+    assert d.wait_for_summary("t0")["model"]["name"] == "model-a"
+    write_tiny_model(d.models / "b.safetensors", name="model-b", voxel_size_a=1.6)
+    d.wait_for_log(r"serving model model-b v1")
+    for name in ("t1", "t2"):
+        (d.incoming / f"{name}.mrc").write_bytes(tomogram_bytes(31 + len(name)))
+    d.wait_for_log(r"model model-b v1 \(\w+\) taken out of service: its first 2 tomograms "
+                   r"all failed")
+    for name in ("t1", "t2"):
+        assert d.wait_for_summary(name)["model"]["name"] == "model-a"
+    assert d.log.count("serving model model-a v1") == 2, d.log  # at start, and restored
+    assert "quarantined" not in d.log
+    assert not list((d.outputs / ".tomolive" / "failures").glob("*.json"))
+    assert d.stop() == 0

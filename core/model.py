@@ -42,6 +42,14 @@ class BundleError(ValueError):
     """A model bundle that cannot be used; the message is one line starting with the path."""
 
 
+class TruncatedBundle(BundleError):
+    """Shorter than its own header says: most often a copy still in progress."""
+
+
+class _Truncated(ValueError):
+    pass
+
+
 # --------------------------------------------------------------------------------------------
 # The network
 
@@ -441,12 +449,12 @@ def save_bundle(path: str | Path, network: nn.Module, meta: BundleMeta) -> Path:
 def _read_metadata(blob: bytes) -> dict[str, str]:
     """The safetensors header's __metadata__, parsed by hand for precise error messages."""
     if len(blob) < 8:
-        raise ValueError(f"not a safetensors file (only {len(blob)} bytes)")
+        raise _Truncated(f"not a safetensors file (only {len(blob)} bytes)")
     (header_len,) = struct.unpack("<Q", blob[:8])
     if header_len > _MAX_HEADER_BYTES:
         raise ValueError("not a safetensors file (implausible header length)")
     if 8 + header_len > len(blob):
-        raise ValueError(
+        raise _Truncated(
             f"truncated safetensors file (header needs {8 + header_len} bytes, file has "
             f"{len(blob)})"
         )
@@ -465,7 +473,7 @@ def _read_metadata(blob: bytes) -> dict[str, str]:
         if k != "__metadata__" and isinstance(v, dict)
     ]
     if ends and 8 + header_len + max(ends) > len(blob):
-        raise ValueError(
+        raise _Truncated(
             f"truncated safetensors file (tensors need {8 + header_len + max(ends)} bytes, "
             f"file has {len(blob)})"
         )
@@ -491,7 +499,8 @@ def load_bundle(
         bundle = _parse_bundle(blob, path, voxel_size_bounds_a)
     except ValueError as exc:
         message = " ".join(str(exc).split())  # one line
-        raise BundleError(f"{path}: {message}") from None
+        kind = TruncatedBundle if isinstance(exc, _Truncated) else BundleError
+        raise kind(f"{path}: {message}") from None
     return bundle
 
 

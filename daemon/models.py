@@ -79,6 +79,8 @@ class ModelRegistry:
         self._seen: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime, since)
         self._valid: dict[Path, ServingModel] = {}
         self._rejected: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime) when rejected
+        # Bundles shorter than their header says (a slow copy): waited for, never rejected.
+        self._incomplete: dict[Path, tuple[int, int]] = {}
         self._warned_pinned = False
 
     def poll(self) -> ServingModel | None:
@@ -145,7 +147,7 @@ class ModelRegistry:
                 since = now - self.settle_s if untouched_s >= self.settle_s else now
                 seen = self._seen[path] = (*key, since)
             if now - seen[2] < self.settle_s or path in self._valid \
-                    or self._rejected.get(path) == key:
+                    or key in (self._rejected.get(path), self._incomplete.get(path)):
                 continue
             model = self._validate(path, stat)
             if model is not None:
@@ -154,15 +156,22 @@ class ModelRegistry:
             self._seen.pop(gone, None)
             self._valid.pop(gone, None)
             self._rejected.pop(gone, None)
+            self._incomplete.pop(gone, None)
 
     def _validate(self, path: Path, stat: Any) -> ServingModel | None:
-        from ..core.model import load_bundle
+        from ..core.model import TruncatedBundle, load_bundle
 
         cached = None
         try:
             cached = self._copy_to_cache(path)
             bundle = load_bundle(cached, self.voxel_size_bounds_a)
             smoke_test(bundle)
+        except TruncatedBundle as error:  # a copy paused longer than the settle time
+            self._incomplete[path] = (stat.st_size, stat.st_mtime_ns)
+            log.info("model %s incomplete (%s); waiting for the rest", path,
+                     str(error).removeprefix(f"{cached}: "))
+            cached.unlink(missing_ok=True)
+            return None
         except Exception as error:  # any failure means: not this file, keep serving
             reason = " ".join(str(error).split()) or type(error).__name__
             self._rejected[path] = (stat.st_size, stat.st_mtime_ns)

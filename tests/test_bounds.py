@@ -131,3 +131,20 @@ def test_model_validation_uses_the_configured_bounds(tmp_path):
     rejected: list[str] = []
     registry = _registry(tmp_path, rejected, voxel_size_bounds_a=(0.05, 50.0))
     assert registry.poll().name == "fine" and rejected == []
+
+
+def test_a_slow_model_copy_is_waited_for_not_rejected(tmp_path, caplog):
+    (tmp_path / "models").mkdir()
+    whole = _bundle(tmp_path / "whole.safetensors", 10.0).read_bytes()
+    copy = tmp_path / "models" / "copying.safetensors"
+    rejected: list[str] = []
+    registry = _registry(tmp_path, rejected)
+    caplog.set_level("INFO", logger="tomolive.models")
+    for cut in (6, len(whole) // 3, 2 * len(whole) // 3):  # the copy pauses three times
+        copy.write_bytes(whole[:cut])
+        assert registry.poll() is None and registry.poll() is None
+    assert rejected == [] and registry.current is None
+    assert sum("incomplete" in r.getMessage() for r in caplog.records) == 3
+    copy.write_bytes(whole)
+    model = registry.poll()
+    assert model is not None and model.source == copy and rejected == []

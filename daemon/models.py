@@ -67,7 +67,8 @@ class ModelRegistry:
     def __init__(self, models_dir: Path, cache_dir: Path, policy: str = "newest",
                  settle_s: float = 2.0, default_bundle: Path | None = None,
                  on_rejected: Any = None,
-                 voxel_size_bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A) -> None:
+                 voxel_size_bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A,
+                 truncated_after_s: float = 120.0) -> None:
         self.models_dir = Path(models_dir)
         self.cache_dir = Path(cache_dir)
         self.policy = policy
@@ -75,6 +76,7 @@ class ModelRegistry:
         self.default_bundle = default_bundle
         self.on_rejected = on_rejected  # callback(path, reason) for metrics
         self.voxel_size_bounds_a = tuple(voxel_size_bounds_a)  # a bundle outside is rejected
+        self.truncated_after_s = truncated_after_s  # an incomplete bundle unchanged this long
         self.current: ServingModel | None = None
         self._seen: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime, since)
         self._valid: dict[Path, ServingModel] = {}
@@ -146,6 +148,10 @@ class ModelRegistry:
                 untouched_s = time.time() - stat.st_mtime_ns / 1e9
                 since = now - self.settle_s if untouched_s >= self.settle_s else now
                 seen = self._seen[path] = (*key, since)
+            if self._incomplete.get(path) == key and now - seen[2] >= self.truncated_after_s:
+                self._reject(path, stat, "truncated: shorter than its header says and "
+                             f"unchanged for {now - seen[2]:.0f} s")
+                continue
             if now - seen[2] < self.settle_s or path in self._valid \
                     or key in (self._rejected.get(path), self._incomplete.get(path)):
                 continue
@@ -173,13 +179,9 @@ class ModelRegistry:
             cached.unlink(missing_ok=True)
             return None
         except Exception as error:  # any failure means: not this file, keep serving
-            reason = " ".join(str(error).split()) or type(error).__name__
-            self._rejected[path] = (stat.st_size, stat.st_mtime_ns)
-            log.warning("model %s rejected: %s", path, reason)
             if cached is not None:
                 cached.unlink(missing_ok=True)
-            if self.on_rejected:
-                self.on_rejected(path, reason)
+            self._reject(path, stat, " ".join(str(error).split()) or type(error).__name__)
             return None
         final = self.cache_dir / f"{bundle.sha256}{BUNDLE_SUFFIX}"
         cached.replace(final)
@@ -187,6 +189,13 @@ class ModelRegistry:
         return ServingModel(bundle.meta.name, int(bundle.meta.version), bundle.sha256,
                             path, final, stat.st_mtime_ns,
                             tuple(spec.name for spec in bundle.classes))
+
+    def _reject(self, path: Path, stat: Any, reason: str) -> None:
+        self._rejected[path] = (stat.st_size, stat.st_mtime_ns)
+        self._incomplete.pop(path, None)
+        log.warning("model %s rejected: %s", path, reason)
+        if self.on_rejected:
+            self.on_rejected(path, reason)
 
     def _copy_to_cache(self, path: Path) -> Path:
         self.cache_dir.mkdir(parents=True, exist_ok=True)

@@ -125,7 +125,8 @@ class Service:
             config.models_dir, self._state_dir / "models", policy=config.model,
             settle_s=min(config.settle_seconds, 5.0), default_bundle=default_bundle_path(),
             on_rejected=lambda path, reason: self._on_bundle_rejected(),
-            voxel_size_bounds_a=config.voxel_size_bounds_a)
+            voxel_size_bounds_a=config.voxel_size_bounds_a,
+            truncated_after_s=config.truncated_after_seconds)
         self.watcher = FileWatcher(config)
 
     def _on_bundle_rejected(self) -> None:
@@ -681,6 +682,7 @@ class Service:
         self.registry.models_dir = new.models_dir
         self.registry.policy = new.model
         self.registry.voxel_size_bounds_a = tuple(new.voxel_size_bounds_a)  # bundles seen later
+        self.registry.truncated_after_s = new.truncated_after_seconds
         self.watcher.stop()
         self.watcher = FileWatcher(new)
         self.watcher.start()

@@ -2,8 +2,10 @@
 
 Processes (not threads) so that a crash, a CUDA error or a memory kill in one worker cannot
 take the service down: the main process sees the worker's death, records the failure and
-starts a new one. Workers take jobs from their own inbox and report to one shared outbox;
-before publishing a result they ask the main process, which holds the lease, for permission.
+starts a new one. Workers take jobs from their own inbox and report through their own pipe
+(not one shared queue: a worker killed while writing to a shared queue holds its lock forever,
+and every other worker's reports wedge behind it); before publishing a result they ask the
+main process, which holds the lease, for permission.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import ctypes
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import queue
 import signal
@@ -56,6 +59,7 @@ class WorkerHandle:
     index: int
     process: Any = None
     inbox: Any = None
+    reports: Any = None  # the read end of this worker's report pipe
     job: Job | None = None
     job_started_monotonic: float = 0.0
     # The worker's last sign of progress on its job (submission, then its progress beats).
@@ -73,7 +77,6 @@ class WorkerPool:
 
     def __init__(self, devices: list[str], threads_per_cpu_worker: int | None = None) -> None:
         self._context = mp.get_context("spawn")  # fork is unsafe with CUDA and with threads
-        self.outbox = self._context.Queue()
         self.workers = [WorkerHandle(device=d, index=i) for i, d in enumerate(devices)]
         self.threads_per_cpu_worker = threads_per_cpu_worker
         self._unkillable: list[Any] = []
@@ -84,13 +87,17 @@ class WorkerPool:
 
     def _spawn(self, worker: WorkerHandle) -> None:
         worker.inbox = self._context.Queue()
+        if worker.reports is not None:
+            worker.reports.close()  # the old worker's pipe: whatever it left unsaid is moot
+        worker.reports, sender = self._context.Pipe(duplex=False)
         worker.process = self._context.Process(
             target=worker_main,
-            args=(worker.device, worker.index, worker.inbox, self.outbox,
+            args=(worker.device, worker.index, worker.inbox, sender,
                   self.threads_per_cpu_worker),
             name=f"tomolive-worker-{worker.index}", daemon=True,
         )
         worker.process.start()
+        sender.close()  # only the worker writes: its death then reads as end-of-file here
         worker.job = None
 
     def idle_workers(self) -> list[WorkerHandle]:
@@ -156,13 +163,16 @@ class WorkerPool:
 
     def messages(self, timeout_s: float) -> list[tuple]:
         """Everything the workers said, waiting at most `timeout_s` for the first message."""
+        readers = {w.reports: w for w in self.workers if w.reports is not None}
         found: list[tuple] = []
-        try:
-            found.append(self.outbox.get(timeout=timeout_s))
-            while True:
-                found.append(self.outbox.get_nowait())
-        except queue.Empty:
-            pass
+        for reader in mp_connection.wait(list(readers), timeout_s):
+            worker = readers[reader]
+            try:
+                while reader.poll():
+                    found.append(reader.recv())
+            except (EOFError, OSError):  # the worker died (reap_dead restarts it)
+                reader.close()
+                worker.reports = None
         return found
 
     def reap_dead(self) -> list[tuple[WorkerHandle, Job | None, int | None]]:
@@ -193,7 +203,9 @@ class WorkerPool:
             if worker.process is not None:
                 worker.process.join(timeout=10)
                 _stop_process(worker.process)
-        self.outbox.close()
+            if worker.reports is not None:
+                worker.reports.close()
+                worker.reports = None
 
 
 def _stop_process(process: Any) -> None:
@@ -208,7 +220,17 @@ def _stop_process(process: Any) -> None:
 
 # --- inside the worker process ----------------------------------------------------------------
 
-def worker_main(device: str, index: int, inbox: Any, outbox: Any,
+class _Reports:
+    """The worker's end of its report pipe, with the queue-like `put` the runner uses."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+
+    def put(self, message: tuple) -> None:
+        self.connection.send(message)
+
+
+def worker_main(device: str, index: int, inbox: Any, report_pipe: Any,
                 threads: int | None) -> None:
     """The worker process: take a job, run the pipeline, report; forever."""
     _die_with_parent()
@@ -220,6 +242,7 @@ def worker_main(device: str, index: int, inbox: Any, outbox: Any,
 
     if device == "cpu" and threads:
         torch.set_num_threads(threads)
+    outbox = _Reports(report_pipe)
     runner = _JobRunner(device, inbox, outbox)
     outbox.put(("ready", index, os.getpid()))
     while True:

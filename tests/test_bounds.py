@@ -148,3 +148,14 @@ def test_a_slow_model_copy_is_waited_for_not_rejected(tmp_path, caplog):
     copy.write_bytes(whole)
     model = registry.poll()
     assert model is not None and model.source == copy and rejected == []
+
+
+def test_a_model_copy_that_never_completes_is_rejected_in_the_end(tmp_path):
+    (tmp_path / "models").mkdir()
+    whole = _bundle(tmp_path / "whole.safetensors", 10.0).read_bytes()
+    (tmp_path / "models" / "aborted.safetensors").write_bytes(whole[: len(whole) // 2])
+    rejected: list[str] = []
+    registry = _registry(tmp_path, rejected, truncated_after_s=0.0)
+    assert registry.poll() is None and rejected == []  # incomplete: waited for
+    assert registry.poll() is None
+    assert len(rejected) == 1 and "truncated: shorter than its header says" in rejected[0]

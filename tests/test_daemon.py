@@ -83,7 +83,7 @@ def test_hot_reload_waits_for_complete_model_and_rejects_corrupt(daemon, tmp_pat
     (d.incoming / "t1.mrc").write_bytes(tomogram_bytes(4))
     assert d.wait_for_summary("t1")["model"]["name"] == "model-b"
     # A corrupt bundle, newer than the others: rejected, and model-b keeps serving.
-    (d.models / "c.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (d.models / "c.safetensors").write_bytes(b"\x09\x00\x00\x00\x00\x00\x00\x00{not json")
     d.wait_for_log(r"model .*c\.safetensors rejected")
     (d.incoming / "t2.mrc").write_bytes(tomogram_bytes(5))
     assert d.wait_for_summary("t2")["model"]["name"] == "model-b"

@@ -67,6 +67,9 @@ class Config(_Strict):
     discovery: Literal["auto", "events", "polling"] = "auto"
     settle_seconds: float = Field(10.0, ge=0)
     rescan_interval_seconds: float = Field(30.0, gt=0)
+    # The longest one turn of the main loop spends checking newly found files (the rest wait
+    # for the next turns): a huge backlog must not starve heartbeats and the watchdog.
+    discovery_batch_seconds: float = Field(1.0, ge=0)
     truncated_after_seconds: float = Field(120.0, ge=0)
     order: Literal["newest_first", "oldest_first"] = "newest_first"
     max_attempts: int = Field(3, ge=1, strict=True)

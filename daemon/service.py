@@ -8,6 +8,7 @@ removed, leases released), exit 0. SIGHUP: reload the configuration without drop
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import logging
@@ -103,6 +104,7 @@ class Service:
         self._last_parked_check_s = time.monotonic()
         # Faults that were not the tomograms' (daemon/faults.py): retry delays per input, and
         # a pause of all new work while the output disk is full.
+        self._unchecked: collections.deque[Any] = collections.deque()  # found, not yet checked
         self._faults_in_a_row: dict[Path, int] = {}
         self._model_tracks: dict[str, ModelTrack] = {}
         self._paused_until_s: float | None = None
@@ -270,9 +272,17 @@ class Service:
         # like any other: the worker's validation fails it with a clear message, and the
         # failure records count the attempts up to quarantine, across all daemons.
         rescans_before = self.watcher.rescans
-        for candidate in self.watcher.poll():
-            self._enqueue(candidate)
+        self._unchecked.extend(self.watcher.poll())
         self.metrics.rescans_done(self.watcher.rescans - rescans_before)
+        # Checking a candidate reads its header, summary and failure record: tens of
+        # thousands at start-up (a backlog on NFS) would hold one loop turn past the systemd
+        # watchdog and the lease heartbeats. So at most discovery_batch_seconds per turn; the
+        # rest waits in order for the next turns.
+        deadline = time.monotonic() + self.config.discovery_batch_seconds
+        while self._unchecked:
+            self._enqueue(self._unchecked.popleft())
+            if time.monotonic() >= deadline:
+                break
         now = time.monotonic()
         if now - self._last_parked_check_s >= self.config.rescan_interval_seconds:
             self._last_parked_check_s = now

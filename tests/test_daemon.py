@@ -331,3 +331,17 @@ def test_a_new_model_that_fails_every_tomogram_is_taken_out_of_service(daemon):
     assert "quarantined" not in d.log
     assert not list((d.outputs / ".tomolive" / "failures").glob("*.json"))
     assert d.stop() == 0
+
+
+def test_a_backlog_checked_one_file_per_loop_turn_loses_nothing(daemon):
+    # discovery_batch_seconds 0: every loop turn checks one found file and leaves the rest
+    # for the next turns (what a backlog of tens of thousands does with the default).
+    d = daemon(discovery_batch_seconds=0.0)
+    stems = [f"b{i}" for i in range(6)]
+    for i, stem in enumerate(stems):
+        (d.incoming / f"{stem}.mrc").write_bytes(tomogram_bytes(60 + i))
+    d.start()
+    for stem in stems:
+        d.wait_for_summary(stem)
+    assert d.log.count(": ok in ") == len(stems)
+    assert d.stop() == 0

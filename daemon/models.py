@@ -118,6 +118,20 @@ class ModelRegistry:
         if self.on_rejected:
             self.on_rejected(model.source, reason)
 
+    def prune_cache(self, in_use: set[str]) -> int:
+        """Delete cached copies that nothing can load again: not serving, not a valid
+        candidate, not named by a job in flight (`in_use`, sha256s). Returns how many."""
+        keep = set(in_use) | {m.sha256 for m in self._valid.values()}
+        if self.current is not None:
+            keep.add(self.current.sha256)
+        removed = 0
+        for path in self.cache_dir.glob(f"*{BUNDLE_SUFFIX}") if self.cache_dir.is_dir() else []:
+            if path.name.startswith(".") or path.stem in keep:
+                continue  # a copy being validated, or still wanted
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     def _default(self) -> ServingModel | None:
         """The shipped default model, validated once (and again only if the file changes)."""
         if self.default_bundle is None or not self.default_bundle.exists():

@@ -257,6 +257,9 @@ class Service:
         self.metrics.set_model(new.name, str(new.version), new.sha256, new.classes)
         self.metrics.model_reloaded("ok")
         log.info("serving model %s from %s", new.label(), new.source)
+        # Copies of bundles that were replaced or removed: a daemon that runs for months
+        # through many retrained models would otherwise keep every one.
+        self.registry.prune_cache({f.model.sha256 for f in self.in_flight.values()})
         if previous is not None and self.config.resegment_on_model_change:
             self._queue_resegmentation()
 

@@ -159,3 +159,23 @@ def test_a_model_copy_that_never_completes_is_rejected_in_the_end(tmp_path):
     assert registry.poll() is None and rejected == []  # incomplete: waited for
     assert registry.poll() is None
     assert len(rejected) == 1 and "truncated: shorter than its header says" in rejected[0]
+
+
+def test_the_model_cache_keeps_only_what_can_still_be_loaded(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    rejected: list[str] = []
+    registry = _registry(tmp_path, rejected)
+    first = _bundle(models / "first.safetensors", 10.0)
+    a = registry.poll()
+    _bundle(models / "second.safetensors", 12.0)
+    b = registry.poll()
+    assert b is not None and b.sha256 != a.sha256
+    cache = tmp_path / "cache"
+    assert {p.stem for p in cache.glob("*.safetensors")} == {a.sha256, b.sha256}
+    assert registry.prune_cache(in_use=set()) == 0  # first is still a valid fallback
+    first.unlink()
+    registry.poll()  # first is gone from the folder
+    assert registry.prune_cache(in_use={a.sha256}) == 0  # a job in flight still names it
+    assert registry.prune_cache(in_use=set()) == 1
+    assert {p.stem for p in cache.glob("*.safetensors")} == {b.sha256}

@@ -406,23 +406,25 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 def _cmd_models(args: argparse.Namespace) -> int:
     from ..core.model import BundleError, default_bundle_path, load_bundle
 
-    target = args.path or _load_config(args.config).models_dir
+    # The configured plausibility bounds, as the daemon's registry applies them.
+    config = _load_config(args.config)
+    target = args.path or config.models_dir
     paths = sorted(target.glob("*.safetensors")) if target.is_dir() else [target]
     if args.action == "list" and args.path is None:
         paths.append(default_bundle_path())
     bad = 0
     for path in paths:
         try:
-            bundle = load_bundle(path)
-        except (BundleError, OSError) as error:
+            bundle = load_bundle(path, tuple(config.voxel_size_bounds_a))
+            if args.action == "validate":
+                from .models import smoke_test
+
+                smoke_test(bundle)
+        except (BundleError, ValueError, OSError) as error:
             bad += 1
             print(f"INVALID {one_line(error)}")
             continue
         classes = ",".join(spec.name for spec in bundle.classes)
-        if args.action == "validate":
-            from .models import smoke_test
-
-            smoke_test(bundle)
         print(f"ok {path}: {bundle.meta.name} v{bundle.meta.version} "
               f"{bundle.meta.voxel_size_a:g} Å [{classes}] sha256 {bundle.sha256[:12]}")
     if not paths:

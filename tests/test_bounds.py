@@ -179,3 +179,17 @@ def test_the_model_cache_keeps_only_what_can_still_be_loaded(tmp_path):
     assert registry.prune_cache(in_use={a.sha256}) == 0  # a job in flight still names it
     assert registry.prune_cache(in_use=set()) == 1
     assert {p.stem for p in cache.glob("*.safetensors")} == {b.sha256}
+
+
+def test_models_validate_applies_the_configured_bounds(tmp_path, capsys):
+    from tomolive.daemon import cli
+
+    models = tmp_path / "models"
+    models.mkdir()
+    _bundle(models / "fine.safetensors", 1.0)  # below the default 1.5 Å
+    assert cli.main(["models", "validate", str(models)]) == 1
+    assert "INVALID" in capsys.readouterr().out
+    config = tmp_path / "wide.yaml"
+    config.write_text(f"models_dir: {models}\nvoxel_size_bounds_a: [0.5, 60]\n")
+    assert cli.main(["models", "validate", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.startswith(f"ok {models / 'fine.safetensors'}: fine v1 1 Å")

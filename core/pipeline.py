@@ -173,7 +173,8 @@ def segment(
         class_fractions=_class_fractions(labels, classes),
         confidence=_specimen_confidence(prediction.confidence),
         cleanup_removed_fraction=removed_fraction,
-        warnings=_cleanup_warnings(removed_fraction),
+        warnings=[*(volume.header.notes if volume.header is not None else ()),
+                  *_cleanup_warnings(removed_fraction)],
         timings_s=timings_s,
         model=_model_record(bundle),
         input={

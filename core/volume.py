@@ -55,6 +55,9 @@ class MrcHeader:
     data_offset_bytes: int
     expected_size_bytes: int
     axis_map_crs: tuple[int, int, int] = (1, 2, 3)  # mapc, mapr, maps: which axis is x, y, z
+    # What was read by a guess rather than by the standard (a missing 'MAP ' stamp, unsigned
+    # mode-0 bytes without IMOD's stamp): reported in the summary's warnings.
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -103,11 +106,21 @@ def read_header(path: str | os.PathLike) -> MrcHeader:
     nsymbt = int(h["nsymbt"])
     if nsymbt < 0:
         raise VolumeError(f"{path}: not an MRC file (negative extended header size {nsymbt})")
+    notes = []
+    if bytes(h["map"]) != b"MAP ":
+        notes.append(f"{path}: no 'MAP ' stamp at byte 208 (not MRC2014); read as MRC because "
+                     "its dimensions and mode are plausible")
     dtype = None
     if mode in _MODE_DTYPE:
         dtype = np.dtype(_MODE_DTYPE[mode]).newbyteorder(h.dtype["nx"].byteorder)
         if mode == 0 and _imod_unsigned(raw, h.dtype["nx"].byteorder):
             dtype = np.dtype("u1")
+        elif mode == 0 and float(h["dmin"]) >= 0.0 and 127.0 < float(h["dmax"]) <= 255.0:
+            # MRC2014 says mode 0 is signed; old IMOD and other writers store unsigned bytes
+            # without IMOD's stamp. A header range beyond int8's settles it.
+            dtype = np.dtype("u1")
+            notes.append(f"{path}: mode 0 without IMOD's stamp read as unsigned bytes, as its "
+                         f"header range {float(h['dmin']):g}..{float(h['dmax']):g} says")
     offset = HEADER_BYTES + nsymbt
     if mode == 101:  # 4-bit: each row padded to whole bytes
         data_bytes = (nx + 1) // 2 * ny * nz
@@ -125,6 +138,7 @@ def read_header(path: str | os.PathLike) -> MrcHeader:
         data_offset_bytes=offset,
         expected_size_bytes=offset + data_bytes,
         axis_map_crs=(int(h["mapc"]), int(h["mapr"]), int(h["maps"])),
+        notes=tuple(notes),
     )
 
 

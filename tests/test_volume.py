@@ -142,6 +142,30 @@ def test_imod_unsigned_bytes(tmp_path):
     assert int(read_mrc(path).data[0, 0, 0]) == -56
 
 
+def test_unsigned_bytes_without_imod_stamp_follow_the_header_range(tmp_path):
+    path = _mrcfile_new(tmp_path / "u8.mrc", np.full(SHAPE, -56, np.int8))
+    header = bytearray(path.read_bytes()[:1024])
+    struct.pack_into("<ff", header, 76, 0.0, 200.0)  # dmin, dmax: beyond int8
+    path.write_bytes(bytes(header) + path.read_bytes()[1024:])
+    hdr = read_header(path)
+    assert hdr.dtype == np.uint8 and int(read_mrc(path).data[0, 0, 0]) == 200
+    assert hdr.notes == (f"{path}: mode 0 without IMOD's stamp read as unsigned bytes, as its "
+                         "header range 0..200 says",)
+    signed = _mrcfile_new(tmp_path / "s8.mrc", np.full(SHAPE, -56, np.int8))
+    assert read_header(signed).dtype == np.int8 and read_header(signed).notes == ()
+
+
+def test_a_missing_map_stamp_is_read_and_noted(tmp_path):
+    path = write_mrc(tmp_path / "old.mrc", np.zeros(SHAPE, np.float32), 10.0)
+    blob = bytearray(path.read_bytes())
+    blob[208:212] = b"\0\0\0\0"
+    path.write_bytes(bytes(blob))
+    assert read_header(path).notes == (f"{path}: no 'MAP ' stamp at byte 208 (not MRC2014); "
+                                       "read as MRC because its dimensions and mode are "
+                                       "plausible",)
+    assert read_mrc(path).data.shape == SHAPE
+
+
 # ---- bad inputs: each a one-line VolumeError starting with the path ----
 
 

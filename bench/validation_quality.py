@@ -132,7 +132,8 @@ def segment_and_score(name: str, args: argparse.Namespace, bundle: ModelBundle, 
 
 def segment_inference_options(args: argparse.Namespace) -> InferenceOptions:
     """What daemon/cli.py's _segment_options builds for `tomolive segment --device D [--tta]`."""
-    inference = InferenceOptions(device=args.device, tta_flips=args.tta)
+    inference = InferenceOptions(device=args.device, tta_flips=args.tta,
+                                 precision=getattr(args, "precision", "auto"))
     if args.batch_size:
         inference.batch_size = args.batch_size
     return inference
@@ -182,6 +183,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (--tta)")
+    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="as tomolive segment --precision")
     args = p.parse_args(argv)
     args.validation_dir = args.validation_dir.expanduser().resolve()
     missing = [n for n in args.names if not (args.validation_dir / f"{n}.mrc").exists()]

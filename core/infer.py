@@ -22,6 +22,29 @@ from torch import nn
 
 from .model import ModelBundle, fuse_for_inference
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def reduced_precision_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype `precision` means on `device`, or None for float32."""
+    if precision == "float32":
+        return None
+    if precision == "bfloat16":  # forced: emulated (slow) where the hardware lacks it
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _cpu_has_native_bf16() -> bool:
+    # Without AVX512-BF16 or AMX, bf16 is emulated and slower than float32.
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch without the probes: stay exact
+        return False
+
 
 @dataclass
 class InferenceOptions:
@@ -34,8 +57,12 @@ class InferenceOptions:
     tile_size_px: largest tile edge fed to the network (bigger slices are tiled).
     tile_overlap_px: minimum overlap between neighbouring tiles (blended with cosine ramps).
     tta_flips: average softmax over identity, x-flip, y-flip and both (4x the compute).
-    amp: bfloat16 (or float16) autocast, on CUDA only. threads: torch CPU threads during predict
-    (None: leave torch's setting).
+    precision: "auto" runs the network in reduced precision where the hardware does it
+    natively (bfloat16 autocast on CPUs with AVX512-BF16 or AMX, bfloat16 or float16 on CUDA),
+    "float32" never does, "bfloat16" always does. On this project's AVX512-BF16 CPU bfloat16
+    cut inference time by 1.7x on the validation tomograms, with 99.99 % of label voxels
+    unchanged (issue 18 note); softmax, blending and argmax stay float32.
+    threads: torch CPU threads during predict (None: leave torch's setting).
     """
 
     device: str = "auto"
@@ -43,7 +70,7 @@ class InferenceOptions:
     tile_size_px: int = 512
     tile_overlap_px: int = 64
     tta_flips: bool = False
-    amp: bool = True
+    precision: str = "auto"
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -58,6 +85,9 @@ class InferenceOptions:
             )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or None, not {self.threads}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not "
+                             f"{self.precision!r}")
 
 
 @dataclass
@@ -179,11 +209,9 @@ def _forward_probs(
     flips: list[tuple[int, ...]] = [()]
     if options.tta_flips:
         flips += [(3,), (2,), (2, 3)]
-    if x.device.type == "cuda" and options.amp:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        autocast = torch.autocast("cuda", dtype=dtype)
-    else:
-        autocast = contextlib.nullcontext()
+    dtype = reduced_precision_dtype(x.device, options.precision)
+    autocast = (torch.autocast(x.device.type, dtype=dtype) if dtype is not None
+                else contextlib.nullcontext())
     total = None
     for dims in flips:
         xi = x.flip(dims) if dims else x

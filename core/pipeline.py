@@ -68,6 +68,8 @@ class SegmentOptions:
             "batch_size": inference.batch_size,
             "tile_size_px": inference.tile_size_px,
             "tta_flips": inference.tta_flips,
+            "precision": inference.precision,
+            "precision_used": _precision_used(inference),
             "voxel_size_override_a": self.voxel_size_a,
             "voxel_size_bounds_a": list(self.voxel_size_bounds_a),
             "max_model_voxels": self.max_model_voxels,
@@ -223,6 +225,13 @@ def segment_file(
                             before_publish=before_publish)
     _report(progress, "write", 1.0)
     return seg, out_dir
+
+
+def _precision_used(inference: InferenceOptions) -> str:
+    from .infer import reduced_precision_dtype, resolve_device
+
+    dtype = reduced_precision_dtype(resolve_device(inference.device), inference.precision)
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _device_name(options: SegmentOptions) -> str:

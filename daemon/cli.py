@@ -77,13 +77,16 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto: bfloat16 where the CPU/GPU does it natively; float32: exact")
 
 
 def _segment_options(args: argparse.Namespace):
     from ..core.infer import InferenceOptions
     from ..core.pipeline import SegmentOptions
 
-    inference = InferenceOptions(device=args.device, tta_flips=args.tta)
+    inference = InferenceOptions(device=args.device, tta_flips=args.tta,
+                                 precision=args.precision)
     if args.batch_size:
         inference.batch_size = args.batch_size
     return SegmentOptions(inference=inference, voxel_size_a=args.pixel_size_a)

@@ -417,6 +417,7 @@ class Service:
     def _inference_options(self) -> dict[str, Any]:
         inference = self.config.inference
         options: dict[str, Any] = {"batch_size": inference.batch_size,
+                                   "precision": inference.precision,
                                    "tta_flips": inference.tta_flips}
         if inference.tile_size_px:
             options["tile_size_px"] = inference.tile_size_px

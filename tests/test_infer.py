@@ -37,6 +37,12 @@ SHAPE = (32, 64, 64)
 
 
 
+def _exact(**options) -> InferenceOptions:
+    """CPU float32: the equivalence tests below pin down the exact path (bfloat16 has its
+    own test)."""
+    return InferenceOptions(device="cpu", precision="float32", **options)
+
+
 def _volume(seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     data = gaussian_filter(rng.standard_normal(SHAPE), (1, 2, 2)).astype(np.float32)
@@ -73,7 +79,7 @@ def trained() -> tuple[torch.nn.Module, np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def plain(trained) -> Prediction:
     network, data, _ = trained
-    return predict(network, data, 5, InferenceOptions(device="cpu"))
+    return predict(network, data, 5, _exact())
 
 
 def _all_probs(network, data, options) -> torch.Tensor:
@@ -144,18 +150,18 @@ def test_predict_shapes_dtypes_and_progress(trained, plain: Prediction) -> None:
     assert plain.confidence.min() >= 255 // 3  # max of 3 probabilities is at least 1/3
     assert (plain.labels == truth).mean() > 0.7  # the fixture learned its task
     seen: list[int] = []
-    predict(network, data, 5, InferenceOptions(device="cpu", batch_size=12), seen.append)
+    predict(network, data, 5, _exact(batch_size=12), seen.append)
     assert seen == [12, 24, 32]
 
 
 def test_probabilities_sum_to_one_and_match_prediction(trained, plain) -> None:
     network, data, _ = trained
-    for options in (InferenceOptions(device="cpu"),
-                    InferenceOptions(device="cpu", tile_size_px=48, tile_overlap_px=16)):
+    for options in (_exact(),
+                    _exact(tile_size_px=48, tile_overlap_px=16)):
         probs = _all_probs(network, data, options)
         assert probs.shape == (32, 3, 64, 64)
         torch.testing.assert_close(probs.sum(1), torch.ones(32, 64, 64), atol=1e-5, rtol=0)
-    probs = _all_probs(network, data, InferenceOptions(device="cpu"))
+    probs = _all_probs(network, data, _exact())
     best, arg = probs.max(1)
     assert np.array_equal(arg.numpy(), plain.labels)
     assert np.array_equal(np.round(best.numpy() * 255).astype(np.uint8), plain.confidence)
@@ -163,17 +169,17 @@ def test_probabilities_sum_to_one_and_match_prediction(trained, plain) -> None:
 
 def test_deterministic_and_batch_size_independent(trained, plain) -> None:
     network, data, _ = trained
-    again = predict(network, data, 5, InferenceOptions(device="cpu"))
+    again = predict(network, data, 5, _exact())
     assert np.array_equal(again.labels, plain.labels)
     assert np.array_equal(again.confidence, plain.confidence)
-    other = predict(network, data, 5, InferenceOptions(device="cpu", batch_size=5))
+    other = predict(network, data, 5, _exact(batch_size=5))
     assert (other.labels == plain.labels).mean() > 0.999
     assert np.abs(other.confidence.astype(int) - plain.confidence).max() <= 1
 
 
 def test_tiled_matches_untiled(trained, plain) -> None:
     network, data, _ = trained
-    options = InferenceOptions(device="cpu", tile_size_px=48, tile_overlap_px=16)
+    options = _exact(tile_size_px=48, tile_overlap_px=16)
     assert tile_starts(64, 48, 16, 16) == ([0, 16], 48)  # really tiled, 2 x 2 tiles
     tiled = predict(network, data, 5, options)
     assert (tiled.labels == plain.labels).mean() > 0.99
@@ -184,20 +190,20 @@ def test_tiled_matches_untiled(trained, plain) -> None:
 def test_slices_not_a_multiple_and_thin_volumes(trained) -> None:
     network, data, _ = trained
     odd = np.ascontiguousarray(data[:3, :50, :37])
-    result = predict(network, odd, 5, InferenceOptions(device="cpu"))
+    result = predict(network, odd, 5, _exact())
     assert result.labels.shape == (3, 50, 37) and result.confidence.shape == (3, 50, 37)
-    probs = _all_probs(network, odd, InferenceOptions(device="cpu"))
+    probs = _all_probs(network, odd, _exact())
     torch.testing.assert_close(probs.sum(1), torch.ones(3, 50, 37), atol=1e-5, rtol=0)
     # Tiled along x only, with the tiles' y padded.
     wide = np.ascontiguousarray(data[:2, :20, :])
-    tiled = predict(network, wide, 5, InferenceOptions(device="cpu", tile_size_px=48,
+    tiled = predict(network, wide, 5, _exact(tile_size_px=48,
                                                         tile_overlap_px=16))
     assert tiled.labels.shape == (2, 20, 64)
 
 
 def test_flip_tta(trained, plain) -> None:
     network, data, truth = trained
-    options = InferenceOptions(device="cpu", tta_flips=True)
+    options = _exact(tta_flips=True)
     tta = predict(network, data, 5, options)
     assert tta.labels.shape == SHAPE
     assert not np.array_equal(tta.confidence, plain.confidence)  # the flips were averaged in
@@ -209,7 +215,7 @@ def test_flip_tta(trained, plain) -> None:
 
 def test_fused_matches_unfused(trained, plain) -> None:
     network, data, _ = trained
-    fused = predict(fuse_for_inference(network), data, 5, InferenceOptions(device="cpu"))
+    fused = predict(fuse_for_inference(network), data, 5, _exact())
     assert (fused.labels == plain.labels).mean() > 0.999
     assert np.abs(fused.confidence.astype(int) - plain.confidence).max() <= 1
 
@@ -217,7 +223,7 @@ def test_fused_matches_unfused(trained, plain) -> None:
 def test_threads_option_is_restored(trained) -> None:
     network, data, _ = trained
     before = torch.get_num_threads()
-    predict(network, data[:2], 5, InferenceOptions(device="cpu", threads=2))
+    predict(network, data[:2], 5, _exact(threads=2))
     assert torch.get_num_threads() == before
 
 
@@ -227,7 +233,7 @@ def test_bundle_round_trip_gives_identical_predictions(trained, tmp_path: Path) 
                       classes=[default_class("membrane"), default_class("actin")])
     path = save_bundle(tmp_path / "thresholds.safetensors", network, meta)
     bundle = load_bundle(path)
-    options = InferenceOptions(device="cpu")
+    options = _exact()
     prepared = prepare_network(bundle, "cpu")
     assert not prepared.training
     from_file = predict(prepared, data, bundle.meta.in_slices, options)
@@ -240,7 +246,7 @@ def test_bundle_round_trip_gives_identical_predictions(trained, tmp_path: Path) 
 def test_channels_last_matches_default_layout(trained, plain) -> None:
     network, data, _ = trained
     nhwc = predict(copy.deepcopy(network).to(memory_format=torch.channels_last), data, 5,
-                   InferenceOptions(device="cpu"))
+                   _exact())
     assert (nhwc.labels == plain.labels).mean() > 0.999
     assert np.abs(nhwc.confidence.astype(int) - plain.confidence).max() <= 1
 
@@ -252,3 +258,26 @@ def test_auto_batch_size() -> None:
     assert auto_batch_size(cpu, 64 * 64) == 32
     assert auto_batch_size(cuda, 512 * 512) == 8
     assert auto_batch_size(cuda, 16 * 16) == 64
+
+
+def test_precision_means_what_it_says_on_any_cpu(monkeypatch) -> None:
+    from tomolive.core import infer
+
+    cpu = torch.device("cpu")
+    assert infer.reduced_precision_dtype(cpu, "float32") is None
+    assert infer.reduced_precision_dtype(cpu, "bfloat16") is torch.bfloat16
+    monkeypatch.setattr(infer, "_cpu_has_native_bf16", lambda: True)
+    assert infer.reduced_precision_dtype(cpu, "auto") is torch.bfloat16
+    monkeypatch.setattr(infer, "_cpu_has_native_bf16", lambda: False)
+    assert infer.reduced_precision_dtype(cpu, "auto") is None  # emulated bf16 is slower
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, bfloat16"):
+        InferenceOptions(precision="fp8")
+
+
+def test_bfloat16_labels_agree_with_float32(trained) -> None:
+    network, data, _ = trained
+    exact = predict(network, data, 5, _exact())
+    fast = predict(network, data, 5, InferenceOptions(device="cpu", precision="bfloat16"))
+    assert exact.labels.shape == fast.labels.shape
+    assert float((exact.labels == fast.labels).mean()) >= 0.995
+    assert np.abs(exact.confidence.astype(int) - fast.confidence.astype(int)).mean() < 2.0

@@ -149,7 +149,8 @@ class TrainOptions:
     # exp(u * k / Nyquist) with u drawn from +-spectrum_jitter, times a soft low-pass at 0.25-0.5
     # cycles/px (0 = off). Tomograms from other microscopes, CTF envelopes, reconstruction
     # filters (WBP ramps and roll-offs, SIRT-like) and B-factors differ most in exactly this;
-    # the patch's mean and spread are kept, so only the spectrum's shape changes.
+    # the patch's mean and spread are kept, so only the spectrum's shape changes. Off by
+    # default: issue 14's "model B" used 1.0 with two other changes and was not better.
     spectrum_jitter: float = 0.0
     # The options below are off by default: in the issue-4 benchmark (10 min, 1 thread, shared
     # CPU) they did not help (figures in the git log of this file).

@@ -34,7 +34,7 @@ from tomolive.core.synth import synthesize, write_synth
 from tomolive.core.train import TrainingSource, TrainOptions, class_specs_for, train
 
 FIRST_SEED = 3001
-DEFAULT_TOMOGRAMS = 24
+DEFAULT_TOMOGRAMS = 16
 BOX_NM = (127.0, 255.0, 255.0)  # (z, y, x): 128 x 256 x 256 voxels at 10 Å
 VOXEL_RANGE_A = (8.0, 14.0)  # pixel-size jitter around the model's 10 Å
 DTYPES = ("float32", "int16", "float16")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             # Pinned, so that a later change of the training defaults cannot change what this
             # script reproduces. Blur: the simulated resolution varies with defocus and dose,
             # real data vary more.
-            in_slices=31, rotate_any_angle=True, blur_max_px=1.5, spectrum_jitter=1.0,
+            in_slices=31, rotate_any_angle=True, blur_max_px=1.5,
             name="tomolive-default",
             description=(
                 "Default model. Trained ONLY on tomolive's own microscope simulator "

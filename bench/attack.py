@@ -39,7 +39,10 @@ from tomolive.daemon.holds import HOLD_DIR_ENV  # noqa: E402
 
 from tests.daemon_harness import (  # noqa: E402
     Daemon,
+    append_slowly,
+    mount_tmpfs,
     partial_outputs,
+    pid_alive,
     summary_counts,
     tomogram_bytes,
     wait_until,
@@ -57,14 +60,6 @@ class Outcome:
 def _failures(d: Daemon) -> list[dict]:
     folder = d.outputs / ".tomolive" / "failures"
     return [json.loads(p.read_text()) for p in folder.glob("*.json")] if folder.is_dir() else []
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _verdict(ok: bool) -> str:
@@ -118,14 +113,14 @@ def case_stopped_worker(root: Path) -> Outcome:
         d.release("stuck")
         d.wait_for_log(r"stuck\.mrc: worker .* made no progress", 60)
         d.wait_for_summary("stuck")
-        killed = wait_until(lambda: not _pid_alive(pid), 30, "the stopped worker to go")
+        killed = wait_until(lambda: not pid_alive(pid), 30, "the stopped worker to go")
         ok = killed and "attempt 1/" not in d.log and d.metric("tomolive_unkillable_workers") \
             == 0 and d.stop() == 0
         return Outcome("SIGSTOPped worker killed and replaced, tomogram done, not counted",
                        "killed after 4 s of silence, done by its replacement, 0 attempts",
                        _verdict(ok))
     finally:
-        if pid and _pid_alive(pid):
+        if pid and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
         d.kill()
 
@@ -135,8 +130,7 @@ def case_full_disk(root: Path) -> Outcome:
         return Outcome("no quarantine; 'No space left on device'; resumes", "needs root", "SKIP")
     d = Daemon(root, max_attempts=2)
     write_tiny_model(d.models / "tiny.safetensors")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(d.outputs)],
-                   check=True)
+    mount_tmpfs(d.outputs, "4m")
     stems = [f"f{i}" for i in range(6)]
     try:
         for i, stem in enumerate(stems):
@@ -145,7 +139,7 @@ def case_full_disk(root: Path) -> Outcome:
         d.wait_for_log(r"No space left on device")
         d.wait_for_log(r"no new tomograms start")
         done_while_full = sum(bool(d.summary(s)) for s in stems)
-        subprocess.run(["mount", "-o", "remount,size=64m", str(d.outputs)], check=True)
+        mount_tmpfs(d.outputs, "64m", remount=True)
         wait_until(lambda: all(d.summary(s) for s in stems), 120, "every summary")
         ok = "quarantined" not in d.log and not partial_outputs(d.outputs) and d.stop() == 0
         return Outcome("6 tomograms on a 4 MB disk: none quarantined, the cause named, all "
@@ -216,7 +210,7 @@ def case_crash_input_gone(root: Path) -> Outcome:
         (d.incoming / "gone.mrc").write_bytes(tomogram_bytes(30))
         worker = int(d.wait_held("gone").split()[1])
         d.kill()
-        wait_until(lambda: not _pid_alive(worker), 30, "the worker to die with the daemon")
+        wait_until(lambda: not pid_alive(worker), 30, "the worker to die with the daemon")
         (d.incoming / "gone.mrc").unlink()
         d.release("gone")
         d.start()
@@ -242,11 +236,7 @@ def case_resumed_transfer(root: Path) -> Outcome:
         d.start()
         d.wait_for_log(r"resumed\.mrc: .*truncated.*quarantined")
         reads_before = d.log.count("resumed.mrc: file is")
-        with path.open("ab") as handle:
-            for start in range(len(blob) // 3, len(blob), len(blob) // 6):
-                handle.write(blob[start:start + len(blob) // 6])
-                handle.flush()
-                time.sleep(1.5)
+        append_slowly(path, blob[len(blob) // 3:], pieces=4, pause_s=1.5)
         d.wait_for_summary("resumed")
         torn = d.log.count("resumed.mrc: file is") - reads_before
         ok = torn == 0 and d.stop() == 0

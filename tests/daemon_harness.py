@@ -71,6 +71,32 @@ def write_slowly(target: Path, blob: bytes, chunks: int = 6, pause_s: float = 0.
             time.sleep(pause_s)
 
 
+def append_slowly(target: Path, blob: bytes, pieces: int, pause_s: float) -> None:
+    """Append `blob` to `target` in `pieces`, pausing after each: a transfer that resumes."""
+    step = -(-len(blob) // pieces)
+    with target.open("ab") as handle:
+        for start in range(0, len(blob), step):
+            handle.write(blob[start:start + step])
+            handle.flush()
+            time.sleep(pause_s)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def mount_tmpfs(folder: Path, size: str, remount: bool = False) -> None:
+    """A small RAM file system at `folder` (root only): a disk that can really fill up."""
+    options = f"remount,size={size}" if remount else f"size={size},mode=0755"
+    command = ["mount", "-o", options, str(folder)] if remount else \
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]
+    subprocess.run(command, check=True, capture_output=True)
+
+
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str,
                diagnose: Callable[[], str] = lambda: "") -> Any:
     """Poll `predicate` until it returns something true (returned) or `timeout_s` passes

@@ -18,7 +18,14 @@ from tomolive.core.export import output_paths
 from tomolive.core.fingerprint import input_fingerprint
 from tomolive.core.model import load_bundle
 
-from .daemon_harness import Daemon, partial_outputs, tomogram_bytes, write_slowly, write_tiny_model
+from .daemon_harness import (
+    Daemon,
+    append_slowly,
+    partial_outputs,
+    tomogram_bytes,
+    write_slowly,
+    write_tiny_model,
+)
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -129,11 +136,7 @@ def test_a_quarantined_file_whose_transfer_resumes_is_read_only_once_complete(da
     failures_before = d.log.count("resumed.mrc: file is")
     # The transfer resumes, in pieces slower than the rescan interval, so that a retry that
     # skipped the completeness check would read it mid-write (and fail it again).
-    with resumed.open("ab") as handle:
-        for start in range(len(blob) // 3, len(blob), len(blob) // 6):
-            handle.write(blob[start:start + len(blob) // 6])
-            handle.flush()
-            time.sleep(1.5)
+    append_slowly(resumed, blob[len(blob) // 3:], pieces=4, pause_s=1.5)
     summary = d.wait_for_summary("resumed")
     assert summary["input"]["fingerprint"] == input_fingerprint(resumed)
     assert d.log.count("resumed.mrc: file is") == failures_before, d.log  # never read torn

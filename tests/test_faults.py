@@ -28,7 +28,15 @@ from tomolive.daemon.faults import (
 )
 from tomolive.daemon.status import format_status
 
-from .daemon_harness import Daemon, partial_outputs, tomogram_bytes, wait_until, write_tiny_model
+from .daemon_harness import (
+    Daemon,
+    mount_tmpfs,
+    partial_outputs,
+    pid_alive,
+    tomogram_bytes,
+    wait_until,
+    write_tiny_model,
+)
 
 
 def test_errors_are_classified_by_whose_fault_they_are(tmp_path):
@@ -92,14 +100,6 @@ def _healthz(d: Daemon) -> int:
         return error.code
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_stopped_worker_is_killed_replaced_and_its_tomogram_done_without_an_attempt(tmp_path):
@@ -114,7 +114,7 @@ def test_a_stopped_worker_is_killed_replaced_and_its_tomogram_done_without_an_at
         d.release("stuck")  # it would go on if it could: only the stop holds it now
         d.wait_for_log(r"stuck\.mrc: worker cpu w0 made no progress for \d+s after stage "
                        r"read; killed and replaced \(internal fault, not counted")
-        assert d.wait_for(lambda: not _pid_alive(pid), 30, f"stopped worker {pid} to be gone")
+        assert d.wait_for(lambda: not pid_alive(pid), 30, f"stopped worker {pid} to be gone")
         summary = d.wait_for_summary("stuck")
         assert summary["input"]["path"].endswith("stuck.mrc")
         assert "attempt 1/" not in d.log and "quarantined" not in d.log, d.log
@@ -128,14 +128,9 @@ def test_a_stopped_worker_is_killed_replaced_and_its_tomogram_done_without_an_at
         assert d.stop() == 0
     finally:
         with_pid = locals().get("pid")
-        if with_pid and _pid_alive(with_pid):
+        if with_pid and pid_alive(with_pid):
             os.kill(with_pid, signal.SIGKILL)
         d.kill()
-
-
-def _mount_tmpfs(folder, size: str) -> None:
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
-                    str(folder)], check=True, capture_output=True)
 
 
 @pytest.mark.slow
@@ -145,7 +140,7 @@ def test_a_full_output_disk_pauses_work_names_the_cause_and_resumes_when_freed(t
         pytest.skip("mounting a small tmpfs as the output disk needs root")
     d = Daemon(tmp_path, max_attempts=2)
     write_tiny_model(d.models / "tiny.safetensors")
-    _mount_tmpfs(d.outputs, "4m")  # room for about two results of 32x128x128 (1.6 MB each)
+    mount_tmpfs(d.outputs, "4m")  # room for about two results of 32x128x128 (1.6 MB each)
     stems = [f"full{i}" for i in range(6)]
     try:
         for i, stem in enumerate(stems):
@@ -155,7 +150,7 @@ def test_a_full_output_disk_pauses_work_names_the_cause_and_resumes_when_freed(t
         d.wait_for_log(r"output disk full under .*: no new tomograms start")
         d.wait_for(lambda: _sample(_scrape(d), "tomolive_dispatch_paused") == 1, 30, "paused")
         assert "quarantined" not in d.log and "attempt 1/" not in d.log, d.log
-        subprocess.run(["mount", "-o", "remount,size=64m", str(d.outputs)], check=True)
+        mount_tmpfs(d.outputs, "64m", remount=True)
         d.wait_for_log(r"output disk has \d+ MB free again: starting tomograms")
         wait_until(lambda: all(d.summary(s) for s in stems), 120, "every summary",
                    lambda: d.log[-3000:])
@@ -184,7 +179,7 @@ def test_a_crash_whose_input_then_vanished_leaves_nothing_behind_after_restart(t
         worker_pid = int(d.wait_held("gone").split()[1])
         assert partial_outputs(d.outputs) and list(leases.glob("*.lease"))
         d.kill()  # SIGKILL mid-write; the worker dies with it (PR_SET_PDEATHSIG)
-        wait_until(lambda: not _pid_alive(worker_pid), 30, "the worker to die with the daemon")
+        wait_until(lambda: not pid_alive(worker_pid), 30, "the worker to die with the daemon")
         (d.incoming / "gone.mrc").unlink()
         d.release("gone")
         d.start()

@@ -31,6 +31,7 @@ from tomolive.daemon.slurm import SubmitRequest, array_size_for, prepare_job, ta
 from .daemon_harness import (
     Daemon,
     partial_outputs,
+    pid_alive,
     summary_counts,
     tomogram_bytes,
     wait_until,
@@ -209,14 +210,6 @@ def _real_memory_mb(margin_mb: int = 1024) -> int:
     meminfo = Path("/proc/meminfo").read_text()
     total_kb = int(re.search(r"^MemTotal:\s+(\d+) kB", meminfo, re.MULTILINE).group(1))
     return max(256, total_kb // 1024 - margin_mb)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class OneNodeCluster:
@@ -456,7 +449,7 @@ def test_array_beside_a_daemon_with_a_cancelled_task_does_each_tomogram_once(
         for stem in stems:
             d.release(stem)  # the daemon goes on beside the tasks
         cluster.slurm("scancel", f"{job_id}_{task}")
-        wait_until(lambda: not _pid_alive(pid), 60, f"cancelled task {task} (pid {pid}) to die",
+        wait_until(lambda: not pid_alive(pid), 60, f"cancelled task {task} (pid {pid}) to die",
               diagnose)
         # Nothing to release: the parked process is gone. The request goes so that whoever
         # takes the tomogram over (a task or the daemon, once the lease is seen dead) runs on.

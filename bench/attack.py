@@ -39,13 +39,13 @@ from tomolive.daemon.holds import HOLD_DIR_ENV  # noqa: E402
 
 from tests.daemon_harness import (  # noqa: E402
     Daemon,
-    append_slowly,
     mount_tmpfs,
     partial_outputs,
     pid_alive,
     summary_counts,
     tomogram_bytes,
     wait_until,
+    write_slowly,
     write_tiny_model,
 )
 
@@ -236,7 +236,7 @@ def case_resumed_transfer(root: Path) -> Outcome:
         d.start()
         d.wait_for_log(r"resumed\.mrc: .*truncated.*quarantined")
         reads_before = d.log.count("resumed.mrc: file is")
-        append_slowly(path, blob[len(blob) // 3:], pieces=4, pause_s=1.5)
+        write_slowly(path, blob[len(blob) // 3:], chunks=4, pause_s=1.5, append=True)
         d.wait_for_summary("resumed")
         torn = d.log.count("resumed.mrc: file is") - reads_before
         ok = torn == 0 and d.stop() == 0

@@ -61,20 +61,12 @@ def tomogram_bytes(seed: int = 0, shape_zyx=TOMOGRAM_SHAPE_ZYX, voxel_size_a: fl
     return blob
 
 
-def write_slowly(target: Path, blob: bytes, chunks: int = 6, pause_s: float = 0.3) -> None:
-    """Write under the final name piece by piece, as reconstruction software does."""
+def write_slowly(target: Path, blob: bytes, chunks: int = 6, pause_s: float = 0.3,
+                 append: bool = False) -> None:
+    """Write under the final name piece by piece, as reconstruction software does (`append`:
+    add to what is there, as a transfer that resumes)."""
     step = -(-len(blob) // chunks)
-    with target.open("wb") as handle:
-        for start in range(0, len(blob), step):
-            handle.write(blob[start:start + step])
-            handle.flush()
-            time.sleep(pause_s)
-
-
-def append_slowly(target: Path, blob: bytes, pieces: int, pause_s: float) -> None:
-    """Append `blob` to `target` in `pieces`, pausing after each: a transfer that resumes."""
-    step = -(-len(blob) // pieces)
-    with target.open("ab") as handle:
+    with target.open("ab" if append else "wb") as handle:
         for start in range(0, len(blob), step):
             handle.write(blob[start:start + step])
             handle.flush()

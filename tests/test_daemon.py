@@ -20,7 +20,6 @@ from tomolive.core.model import load_bundle
 
 from .daemon_harness import (
     Daemon,
-    append_slowly,
     partial_outputs,
     tomogram_bytes,
     write_slowly,
@@ -136,7 +135,7 @@ def test_a_quarantined_file_whose_transfer_resumes_is_read_only_once_complete(da
     failures_before = d.log.count("resumed.mrc: file is")
     # The transfer resumes, in pieces slower than the rescan interval, so that a retry that
     # skipped the completeness check would read it mid-write (and fail it again).
-    append_slowly(resumed, blob[len(blob) // 3:], pieces=4, pause_s=1.5)
+    write_slowly(resumed, blob[len(blob) // 3:], chunks=4, pause_s=1.5, append=True)
     summary = d.wait_for_summary("resumed")
     assert summary["input"]["fingerprint"] == input_fingerprint(resumed)
     assert d.log.count("resumed.mrc: file is") == failures_before, d.log  # never read torn

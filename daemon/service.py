@@ -53,7 +53,9 @@ class ModelTrack:
     """How a serving model has done since it started serving (by sha256)."""
 
     successes: int = 0
-    failed: list[QueueItem] = field(default_factory=list)  # input failures, in a row
+    # Its input failures so far, one per tomogram: one bad file failing again and again
+    # says nothing about the model.
+    failed: dict[Path, QueueItem] = field(default_factory=dict)
 
 
 @dataclass
@@ -518,7 +520,7 @@ class Service:
         track = self._model_tracks.setdefault(model.sha256, ModelTrack())
         if track.successes:
             return  # it has worked: failures from now on are the tomograms'
-        track.failed.append(failed)
+        track.failed[failed.path] = failed
         if len(track.failed) < self.config.model_failure_limit:
             return
         current = self.registry.current
@@ -528,7 +530,7 @@ class Service:
         self.registry.take_out_of_service(
             model, f"its first {len(track.failed)} tomograms all failed (last: "
                    f"{failed.path.name}); the previous model serves again")
-        for item in track.failed:
+        for item in track.failed.values():
             try:
                 self.failures.clear(item.key)
             except OSError as error:

@@ -126,16 +126,18 @@ def test_bad_inputs_are_quarantined_and_work_goes_on(daemon):
 
 
 def test_a_quarantined_file_whose_transfer_resumes_is_read_only_once_complete(daemon):
-    d = daemon()
+    # Each paused piece is seen by two rescans (about 2 s) and stays far from the 8 s after
+    # which an unchanged short file counts as truncated.
+    d = daemon(truncated_after_seconds=8.0)
     blob = tomogram_bytes(16)
     resumed = d.incoming / "resumed.mrc"
     resumed.write_bytes(blob[: len(blob) // 3])  # the transfer stalls
     d.start()
     d.wait_for_log(r"resumed\.mrc: .*truncated.*attempt 2/2, quarantined")
     failures_before = d.log.count("resumed.mrc: file is")
-    # The transfer resumes, in pieces slower than the rescan interval, so that a retry that
+    # The transfer resumes in pieces, each seen by several rescans, so that a retry that
     # skipped the completeness check would read it mid-write (and fail it again).
-    write_slowly(resumed, blob[len(blob) // 3:], chunks=4, pause_s=1.5, append=True)
+    d.append_seen(resumed, blob[len(blob) // 3:], pieces=4, rescans=2)
     summary = d.wait_for_summary("resumed")
     assert summary["input"]["fingerprint"] == input_fingerprint(resumed)
     assert d.log.count("resumed.mrc: file is") == failures_before, d.log  # never read torn
@@ -346,4 +348,16 @@ def test_a_backlog_checked_one_file_per_loop_turn_loses_nothing(daemon):
     for stem in stems:
         d.wait_for_summary(stem)
     assert d.log.count(": ok in ") == len(stems)
+    assert d.stop() == 0
+
+
+def test_one_bad_file_failing_again_and_again_does_not_condemn_a_new_model(daemon):
+    d = daemon(model_failure_limit=2, max_attempts=4)  # the limit counts tomograms, not tries
+    blob = tomogram_bytes(70)
+    (d.incoming / "cut.mrc").write_bytes(blob[: len(blob) // 2])
+    d.start()
+    d.wait_for_log(r"cut\.mrc: .*truncated.*attempt 4/4, quarantined")
+    (d.incoming / "fine.mrc").write_bytes(tomogram_bytes(71))
+    assert d.wait_for_summary("fine")["model"]["name"] == "model-a"
+    assert "taken out of service" not in d.log
     assert d.stop() == 0

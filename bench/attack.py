@@ -45,7 +45,6 @@ from tests.daemon_harness import (  # noqa: E402
     summary_counts,
     tomogram_bytes,
     wait_until,
-    write_slowly,
     write_tiny_model,
 )
 
@@ -227,7 +226,7 @@ def case_crash_input_gone(root: Path) -> Outcome:
 
 
 def case_resumed_transfer(root: Path) -> Outcome:
-    d = Daemon(root)
+    d = Daemon(root, truncated_after_seconds=8.0)  # pieces paused ~2 s are not "truncated"
     write_tiny_model(d.models / "tiny.safetensors")
     blob = tomogram_bytes(31)
     path = d.incoming / "resumed.mrc"
@@ -236,7 +235,7 @@ def case_resumed_transfer(root: Path) -> Outcome:
         d.start()
         d.wait_for_log(r"resumed\.mrc: .*truncated.*quarantined")
         reads_before = d.log.count("resumed.mrc: file is")
-        write_slowly(path, blob[len(blob) // 3:], chunks=4, pause_s=1.5, append=True)
+        d.append_seen(path, blob[len(blob) // 3:], pieces=4, rescans=2)
         d.wait_for_summary("resumed")
         torn = d.log.count("resumed.mrc: file is") - reads_before
         ok = torn == 0 and d.stop() == 0

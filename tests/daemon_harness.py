@@ -61,12 +61,10 @@ def tomogram_bytes(seed: int = 0, shape_zyx=TOMOGRAM_SHAPE_ZYX, voxel_size_a: fl
     return blob
 
 
-def write_slowly(target: Path, blob: bytes, chunks: int = 6, pause_s: float = 0.3,
-                 append: bool = False) -> None:
-    """Write under the final name piece by piece, as reconstruction software does (`append`:
-    add to what is there, as a transfer that resumes)."""
+def write_slowly(target: Path, blob: bytes, chunks: int = 6, pause_s: float = 0.3) -> None:
+    """Write under the final name piece by piece, as reconstruction software does."""
     step = -(-len(blob) // chunks)
-    with target.open("ab" if append else "wb") as handle:
+    with target.open("wb") as handle:
         for start in range(0, len(blob), step):
             handle.write(blob[start:start + step])
             handle.flush()
@@ -182,6 +180,17 @@ class Daemon:
         name = "tomolive_discovery_rescans_total"
         target = self.metric(name) + count
         self.wait_for(lambda: self.metric(name) >= target, timeout_s, f"{count} more rescans")
+
+    def append_seen(self, target: Path, blob: bytes, pieces: int, rescans: int = 3) -> None:
+        """Append `blob` to `target` in `pieces` (a transfer that resumes), waiting after each
+        until the daemon has rescanned `rescans` times: every partial state is provably seen
+        (and, were it mistaken for complete, read), however fast or slow the machine."""
+        step = -(-len(blob) // pieces)
+        with target.open("ab") as handle:
+            for start in range(0, len(blob), step):
+                handle.write(blob[start:start + step])
+                handle.flush()
+                self.wait_for_rescans(rescans)
 
     def hold(self, stem: str, point: str) -> None:
         """Park `stem` at `point` (a pipeline stage, or "publish") when a worker reaches it."""

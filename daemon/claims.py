@@ -393,41 +393,35 @@ class FailureRecords:
 
     def record_failure(self, key: str, fingerprint: str, error: str, target: str = "") -> int:
         """Count one failed attempt (atomically across hosts); return the attempts so far."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with _critical_section(self.folder / f".{key}.lock"):
-            record = self.get(key)
-            if record is None or record.get("fingerprint") != fingerprint:
-                record = {"attempts": 0, "hosts": [], "fingerprint": fingerprint}
-            record["attempts"] = int(record["attempts"]) + 1
-            record["last_error"] = " ".join(str(error).split())  # one line
-            record["last_category"] = "input"
-            record["target"] = target or record.get("target", "")
-            if self.host not in record["hosts"]:
-                record["hosts"].append(self.host)
-            record["quarantined"] = record["attempts"] >= self.max_attempts
-            record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            _write_json_atomic(self.path(key), record)
+        record = self._record(key, fingerprint, error, "input", target, counter="attempts")
         return int(record["attempts"])
 
     def record_fault(self, key: str, fingerprint: str, error: str, category: str,
                      target: str = "") -> int:
         """Record a failure that was not the tomogram's (daemon/faults.py: environment or
         internal): shown by `tomolive status`, never counted towards quarantine. Returns the
-        number of such faults in a row for this input."""
+        number of such faults for this input."""
+        return int(self._record(key, fingerprint, error, category, target, "faults")["faults"])
+
+    def _record(self, key: str, fingerprint: str, error: str, category: str, target: str,
+                counter: str) -> dict[str, Any]:
+        """Add one to `counter` of the record of this input (a new record for a new
+        fingerprint), atomically across hosts; returns the record written."""
         self.folder.mkdir(parents=True, exist_ok=True)
         with _critical_section(self.folder / f".{key}.lock"):
             record = self.get(key)
             if record is None or record.get("fingerprint") != fingerprint:
                 record = {"attempts": 0, "hosts": [], "fingerprint": fingerprint}
-            record["faults"] = int(record.get("faults", 0)) + 1
-            record["last_error"] = " ".join(str(error).split())
+            record[counter] = int(record.get(counter, 0)) + 1
+            record["last_error"] = " ".join(str(error).split())  # one line
             record["last_category"] = category
             record["target"] = target or record.get("target", "")
             if self.host not in record["hosts"]:
                 record["hosts"].append(self.host)
+            record["quarantined"] = int(record["attempts"]) >= self.max_attempts
             record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             _write_json_atomic(self.path(key), record)
-        return int(record["faults"])
+        return record
 
     def is_quarantined(self, key: str, fingerprint: str) -> bool:
         """True while the record for this very input says quarantined."""

@@ -109,6 +109,7 @@ class Service:
         self._unchecked: collections.deque[Any] = collections.deque()  # found, not yet checked
         self._faults_in_a_row: dict[Path, int] = {}
         self._model_tracks: dict[str, ModelTrack] = {}
+        self._unkillable_workers = 0
         self._paused_until_s: float | None = None
         self._resume_free_bytes = FULL_DISK_FREE_BYTES
         self._started_s = time.monotonic()
@@ -195,7 +196,7 @@ class Service:
         was killed for stalling is still stuck (in the kernel, on a dead mount)."""
         return (self._stopping_since_s is None
                 and time.monotonic() - self._last_tick_s < STUCK_AFTER_S
-                and self.pool.unkillable() == 0)
+                and self._unkillable_workers == 0)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -616,7 +617,9 @@ class Service:
                                              f"w{worker.index} made no progress for "
                                              f"{silent_s:.0f}s after stage {stage}; killed "
                                              "and replaced", "internal")
-        self.metrics.unkillable_workers.set(self.pool.unkillable())
+        # Counted here, in the loop's thread; /healthz (the server's thread) reads the count.
+        self._unkillable_workers = self.pool.unkillable()
+        self.metrics.unkillable_workers.set(self._unkillable_workers)
 
     def _abandon_job(self, job_id: int, reason: str) -> None:
         """A job stopped without a result (lease lost, or shutdown): clean up, count nothing."""

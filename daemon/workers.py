@@ -114,10 +114,10 @@ class WorkerPool:
 
     def beat(self, job_id: int, stage: str) -> None:
         """A progress beat from inside the pipeline of `job_id`."""
-        for worker in self.workers:
-            if worker.job is not None and worker.job.job_id == job_id:
-                worker.last_beat_monotonic = time.monotonic()
-                worker.stage = stage
+        worker = self.worker_of(job_id)
+        if worker is not None:
+            worker.last_beat_monotonic = time.monotonic()
+            worker.stage = stage
 
     def worker_of(self, job_id: int) -> WorkerHandle | None:
         return next((w for w in self.workers if w.job is not None and w.job.job_id == job_id),
@@ -149,17 +149,17 @@ class WorkerPool:
         return len(self._unkillable)
 
     def reply_publish(self, job_id: int, allowed: bool) -> None:
-        for worker in self.workers:
-            if worker.job is not None and worker.job.job_id == job_id:
-                worker.inbox.put(("publish", job_id, allowed))
+        worker = self.worker_of(job_id)
+        if worker is not None:
+            worker.inbox.put(("publish", job_id, allowed))
 
     def finish(self, job_id: int) -> tuple[WorkerHandle, Job, float] | None:
         """Mark the worker running `job_id` idle; returns it, the job and busy seconds."""
-        for worker in self.workers:
-            if worker.job is not None and worker.job.job_id == job_id:
-                job, worker.job = worker.job, None
-                return worker, job, time.monotonic() - worker.job_started_monotonic
-        return None
+        worker = self.worker_of(job_id)
+        if worker is None:
+            return None
+        job, worker.job = worker.job, None
+        return worker, job, time.monotonic() - worker.job_started_monotonic
 
     def messages(self, timeout_s: float) -> list[tuple]:
         """Everything the workers said, waiting at most `timeout_s` for the first message."""

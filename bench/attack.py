@@ -124,6 +124,27 @@ def case_stopped_worker(root: Path) -> Outcome:
         d.kill()
 
 
+def case_device_error(root: Path) -> Outcome:
+    # No GPU here: a failure drill (daemon/holds.py) raises the CUDA error a sick GPU gives,
+    # inside the real worker, in place of one.
+    d = Daemon(root, max_attempts=1)
+    write_tiny_model(d.models / "tiny.safetensors")
+    (d.hold_dir / "sick.drill").write_text("device")
+    (d.incoming / "sick.mrc").write_bytes(tomogram_bytes(8))
+    try:
+        d.start()
+        d.wait_for_log(r"device cpu w0 paused for \d+s after a device error")
+        d.wait_for_summary("sick")
+        pauses = d.metric("tomolive_device_pauses_total", device="cpu")
+        ok = pauses == 1 and not _failures(d) and "quarantined" not in d.log and d.stop() == 0
+        return Outcome("a CUDA error pauses that device and restarts its worker; the tomogram "
+                       "is retried, not counted (max_attempts 1)",
+                       f"device paused {pauses:g}x, worker restarted, tomogram done, "
+                       f"{len(_failures(d))} failure records", _verdict(ok))
+    finally:
+        d.kill()
+
+
 def case_full_disk(root: Path) -> Outcome:
     if os.geteuid() != 0:
         return Outcome("no quarantine; 'No space left on device'; resumes", "needs root", "SKIP")
@@ -269,6 +290,28 @@ def case_names(root: Path) -> Outcome:
         d.kill()
 
 
+def case_shared_stem(root: Path) -> Outcome:
+    d = Daemon(root, watch=[{"path": str(root / "incoming"), "patterns": ["*.mrc", "*.rec"]}])
+    write_tiny_model(d.models / "tiny.safetensors")
+    (d.incoming / "TS_01.mrc").write_bytes(tomogram_bytes(45))
+    try:
+        d.start()
+        d.wait_for_summary("TS_01")
+        (d.incoming / "TS_01.rec").write_bytes(tomogram_bytes(46))  # a sibling, later
+        (d.incoming / "TS_02.mrc").write_bytes(tomogram_bytes(47))  # two at once
+        (d.incoming / "TS_02.rec").write_bytes(tomogram_bytes(48))
+        owners = {folder: Path(d.wait_for_summary(folder)["input"]["path"]).name
+                  for folder in ("TS_01", "TS_01_rec", "TS_02_mrc", "TS_02_rec")}
+        expected = {"TS_01": "TS_01.mrc", "TS_01_rec": "TS_01.rec",
+                    "TS_02_mrc": "TS_02.mrc", "TS_02_rec": "TS_02.rec"}
+        ok = owners == expected and d.stop() == 0
+        return Outcome("TS_01.mrc and TS_01.rec in one folder each get their own result "
+                       "(extension kept); a finished result is not renamed",
+                       ", ".join(f"{k}/ <- {v}" for k, v in owners.items()), _verdict(ok))
+    finally:
+        d.kill()
+
+
 def case_slow_model_copy(root: Path) -> Outcome:
     d = Daemon(root, settle_seconds=0.3, truncated_after_seconds=30.0)
     write_tiny_model(d.models / "a.safetensors", name="a")
@@ -367,12 +410,14 @@ def case_two_hosts(root: Path, totals: dict[str, int]) -> Outcome:
 CASES: dict[str, Callable[..., Outcome]] = {
     "bad inputs": case_bad_inputs,
     "stopped worker": case_stopped_worker,
+    "device error": case_device_error,
     "full disk": case_full_disk,
     "umask": case_umask,
     "bad models": case_bad_models,
     "crash, input gone": case_crash_input_gone,
     "resumed transfer": case_resumed_transfer,
     "hostile names": case_names,
+    "shared stem": case_shared_stem,
     "slow model copy": case_slow_model_copy,
     "missing watch folder": case_missing_watch_folder,
     "two hosts": case_two_hosts,

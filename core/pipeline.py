@@ -201,8 +201,12 @@ def segment_file(
     network: Any = None,
     progress: Progress | None = None,
     before_publish: Callable[[], None] | None = None,
+    stem: str | None = None,
 ) -> tuple[Segmentation, Path]:
     """Read, segment and write one file: `out_parent/STEM/` appears whole or not at all.
+
+    `stem`: the output folder's name (default: the file's stem; the daemon passes the name
+    that keeps two inputs sharing a stem apart).
 
     `before_publish` runs just before the output folder is renamed into place; raising there
     (for example because a lease was lost) abandons the result without publishing it.
@@ -212,14 +216,15 @@ def segment_file(
     timings_s: dict[str, float] = {}
     start = time.perf_counter()
     # Before anything is read (a test passes no bundle to prove the order).
-    check_output_names(path, path.stem, bundle.classes if bundle is not None else [])
+    stem = stem or path.stem
+    check_output_names(path, stem, bundle.classes if bundle is not None else [])
     fingerprint = input_fingerprint(path)
     with _StageTimer(timings_s).stage("read"):
         volume = read_mrc(path, voxel_size_a=options.voxel_size_a,
                           voxel_size_bounds_a=options.voxel_size_bounds_a)
     _report(progress, "read", 1.0)
     seg = segment(volume, bundle, options, network=network, progress=progress,
-                  stem=path.stem, timings_s=timings_s)
+                  stem=stem, timings_s=timings_s)
     seg.input["fingerprint"] = fingerprint
     out_dir = write_outputs(Path(out_parent), seg, tomogram=volume.data, start_time=start,
                             before_publish=before_publish)

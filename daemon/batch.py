@@ -20,23 +20,24 @@ from ..core.pipeline import segment_file
 from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, is_done, lease_key
 from .faults import INPUT, classify_error
 from .holds import stage_hold, with_progress, with_publish_hook
+from .naming import output_stem
 
 log = logging.getLogger("tomolive.batch")
 
 MAX_ATTEMPTS = 3
 
 
-def relative_output(path: Path, relative_to: Path | None) -> str:
-    """The output folder of `path` relative to the shared output folder: `session1/TS_01`
-    when `relative_to` is the daemons' watched root (so batch jobs and daemons agree on the
-    lease), else just the stem."""
-    if relative_to is None:
-        return path.stem
-    try:
-        parent = path.absolute().parent.relative_to(relative_to.absolute())
-    except ValueError:
-        raise ValueError(f"{path}: not under --relative-to {relative_to}") from None
-    return (parent / path.stem).as_posix()
+def relative_output(path: Path, out_dir: Path, relative_to: Path | None) -> str:
+    """The output folder of `path` relative to the shared output folder `out_dir`:
+    `session1/TS_01` when `relative_to` is the daemons' watched root (so batch jobs and
+    daemons agree on the lease), else just the folder name (daemon/naming.py)."""
+    parent = Path(".")
+    if relative_to is not None:
+        try:
+            parent = path.absolute().parent.relative_to(relative_to.absolute())
+        except ValueError:
+            raise ValueError(f"{path}: not under --relative-to {relative_to}") from None
+    return (parent / output_stem(path, out_dir / parent)).as_posix()
 
 
 def segment_with_claims(paths: list[Path], out_dir: Path, bundle: Any, network: Any,
@@ -44,7 +45,7 @@ def segment_with_claims(paths: list[Path], out_dir: Path, bundle: Any, network: 
                         relative_to: Path | None = None) -> int:
     """Segment every path not done elsewhere; returns the exit status (1 if any failed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rel_outputs = {path: relative_output(path, relative_to) for path in paths}
+    rel_outputs = {path: relative_output(path, out_dir, relative_to) for path in paths}
     leases = LeaseManager(out_dir, lease_seconds)
     failures = FailureRecords(out_dir, MAX_ATTEMPTS)
     pending = list(paths)
@@ -98,6 +99,7 @@ def _segment_leased(path: Path, out_parent: Path, bundle: Any, network: Any, opt
     hold = stage_hold(path.stem)  # None unless a test switched holds on
     try:
         seg, folder = segment_file(path, out_parent, bundle, options, network=network,
+                                   stem=Path(rel_output).name,
                                    progress=with_progress(hold, None),
                                    before_publish=with_publish_hook(hold, check_lease))
     except LeaseLost as error:

@@ -107,6 +107,21 @@ def _beat_path(lease_dir: Path, key: str, token: str) -> Path:
     return lease_dir / f".{key}.{token}.beat"
 
 
+def _last_beat_age_s(lease_dir: Path, key: str, record: dict[str, Any]) -> float | None:
+    """Seconds since the holder last renewed (its beat file's mtime; the lease file's before
+    the first renewal). A holder whose worker stalled stops renewing, so this keeps growing
+    while the tomogram still shows as running: `tomolive status` prints it for that reason."""
+    token = record.get("token")
+    if not token:
+        return None
+    for path in (_beat_path(lease_dir, key, str(token)), lease_dir / f"{key}.lease"):
+        try:
+            return max(0.0, time.time() - path.stat().st_mtime)
+        except FileNotFoundError:
+            continue
+    return None
+
+
 def _heartbeat(lease_dir: Path, key: str, record: dict[str, Any]) -> int | None:
     """The holder's heartbeat: its beat file's counter, or the lease's initial 0 before the
     first renewal. None for a lease without a token (torn or foreign)."""
@@ -524,6 +539,7 @@ def status_snapshot(output_dir: str | os.PathLike[str], newest: int = 10) -> dic
             "pid": record.get("pid"),
             "started": record.get("started"),
             "heartbeat": _heartbeat(lease_dir, path.stem, record),
+            "last_beat_age_s": _last_beat_age_s(lease_dir, path.stem, record),
         })
     failed, quarantined = [], []
     for key, record in FailureRecords(output_dir).all().items():

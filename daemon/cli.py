@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import __version__
 from .logs import configure_logging, one_line, printable
+from .naming import output_stem
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -124,6 +125,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             hold = stage_hold(path.stem)  # None unless a test switched holds on
             with _StageProgress(path.name) as progress:
                 seg, out_dir = segment_file(path, args.out, bundle, options, network=network,
+                                            stem=output_stem(path, args.out),
                                             progress=with_progress(hold, progress),
                                             before_publish=with_publish_hook(hold, None))
         except (ValueError, OSError, RuntimeError) as error:

@@ -5,10 +5,12 @@ Three categories, with different consequences in the service:
   input        the file itself is bad (garbage, truncated, absurd header, a reader's error):
                counts as an attempt; after `max_attempts` the tomogram is quarantined.
   environment  the machine is (a full or read-only output disk, permissions, out of memory,
-               an I/O error): reported with the real cause, never counted against the
-               tomogram, retried with a growing delay; a full disk pauses new work.
-  internal     tomolive or the device is (a bug, a CUDA error, a worker that stopped making
-               progress and was killed): never counted, retried with a growing delay.
+               an I/O error, a device error such as a CUDA fault or the device's memory
+               running out): reported with the real cause, never counted against the
+               tomogram, retried with a growing delay; a full disk pauses new work, a device
+               error pauses that device (its worker restarted, for a fresh device context).
+  internal     tomolive is (a bug, a worker that stopped making progress and was killed):
+               never counted, retried with a growing delay.
 
 A sick GPU or a full disk must never quarantine good data: that was the failure this module
 exists for (issue 15).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +43,31 @@ FULL_DISK_FREE_BYTES = 1024 * 1024
 MAX_FAULT_BACKOFF_S = 300.0
 
 
+# What PyTorch's device errors say when they arrive as a plain RuntimeError (older builds,
+# cuDNN/cuBLAS and the caching allocator raise those).
+DEVICE_ERROR_MARKERS = ("CUDA error", "CUDA out of memory", "CUBLAS_STATUS", "CUDNN_STATUS",
+                        "cuDNN error", "device-side assert", "HIP error", "NCCL error")
+
+
+def is_device_error(error: BaseException) -> bool:
+    """An error of the accelerator (a CUDA fault, its memory exhausted), not of the input:
+    the device is paused and the tomogram retried, on another device if there is one."""
+    torch = sys.modules.get("torch")  # no torch loaded: no device error either
+    if torch is not None:
+        device_errors = tuple(c for c in (getattr(torch, "OutOfMemoryError", None),
+                                          getattr(torch, "AcceleratorError", None)) if c)
+        if device_errors and isinstance(error, device_errors):
+            return True
+    return isinstance(error, RuntimeError) and any(m in str(error)
+                                                   for m in DEVICE_ERROR_MARKERS)
+
+
 def classify_error(error: BaseException) -> str:
     """The category of an exception raised while segmenting one tomogram."""
     from ..core.model import BundleError
     from ..core.volume import VolumeError
 
-    if isinstance(error, MemoryError):
+    if isinstance(error, MemoryError) or is_device_error(error):
         return ENVIRONMENT
     if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
         return ENVIRONMENT

@@ -13,6 +13,9 @@ workers inherit the environment; `tomolive segment` reads it too). For a tomogra
                   or `publish` (the output folder is written under its temporary name and
                   is about to be renamed into place)
   DIR/STEM.held   written here once parked (text: the point and the process id)
+  DIR/STEM.drill  written by the test: `device` makes the attempt under way fail, once the
+                  `read` stage is done, with the error a sick GPU gives (the file is consumed,
+                  so the retry runs normally): rehearses a device fault where no GPU exists
 
 The processing stays parked while `STEM.hold` exists; deleting it releases it. Nothing is held
 when the folder or the request file is absent, so a production daemon never waits here.
@@ -27,6 +30,8 @@ from pathlib import Path
 
 HOLD_DIR_ENV = "TOMOLIVE_HOLD_DIR"
 PUBLISH_POINT = "publish"
+DEVICE_DRILL = "device"
+DRILL_STAGE = "read"
 # A held process checks for its release this often: short enough that tests stay quick,
 # long enough to cost nothing (holds exist only under an explicit test setting).
 _RELEASE_POLL_S = 0.02
@@ -44,6 +49,7 @@ class StageHold:
     def __init__(self, folder: Path, stem: str) -> None:
         self.request = folder / f"{stem}.hold"
         self.marker = folder / f"{stem}.held"
+        self.drill = folder / f"{stem}.drill"
 
     def wanted_point(self) -> str | None:
         try:
@@ -62,6 +68,22 @@ class StageHold:
     def progress(self, stage: str, fraction: float) -> None:
         if fraction >= 1.0:
             self.reached(stage)
+            if stage == DRILL_STAGE:
+                self._run_drill()
+
+    def _run_drill(self) -> None:
+        try:
+            wanted = self.drill.read_text().strip()
+            self.drill.unlink()
+        except FileNotFoundError:
+            return
+        if wanted == DEVICE_DRILL:
+            raise DrillDeviceError(f"CUDA error: an illegal memory access was encountered "
+                                   f"(failure drill {self.drill.name})")
+
+
+class DrillDeviceError(RuntimeError):
+    """What a failure drill raises in place of a real device fault (see the module's text)."""
 
 
 def stage_hold(stem: str) -> StageHold | None:

@@ -197,10 +197,20 @@ class Metrics:
             "tomolive_unkillable_workers",
             "Stalled workers sent SIGKILL that have not died yet (stuck in the kernel, e.g. "
             "on a dead NFS mount); /healthz is 503 while this is above 0.", registry=r)
+        self.device_pauses = Counter(
+            "tomolive_device_pauses_total",
+            "Device errors (CUDA faults, device memory exhausted) after which the device was "
+            "paused and its worker restarted; the tomogram is retried, never quarantined for "
+            "it.", ["device"], registry=r)
+        self.paused_workers = Gauge(
+            "tomolive_paused_workers",
+            "Workers taking no work for now after a device error, per device.", ["device"],
+            registry=r)
         self.faults = Counter(
             "tomolive_faults_total",
             "Failed tomogram attempts that were not the tomogram's fault, by category: "
-            "environment (disk full, permissions, memory) or internal (bug, device, stall). "
+            "environment (disk full, permissions, memory, device error) or internal (bug, "
+            "stall). "
             "Never counted towards quarantine; retried with a growing delay.", ["category"],
             registry=r)
         self.dispatch_paused = Gauge(
@@ -379,6 +389,15 @@ class Metrics:
         if self._init_device(device):
             self.worker_stalls.labels(device).inc()
 
+    def device_paused(self, device: str) -> None:
+        if self._init_device(device):
+            self.device_pauses.labels(device).inc()
+
+    def set_paused_workers(self, counts: dict[str, int]) -> None:
+        for device, count in counts.items():
+            if self._init_device(device):
+                self.paused_workers.labels(device).set(count)
+
     def fault(self, category: str) -> None:
         """A failed attempt that was not the tomogram's fault (not counted as an attempt)."""
         if category in FAULT_CATEGORIES:
@@ -399,6 +418,7 @@ class Metrics:
         self.device_busy.labels(device)
         self.worker_restarts.labels(device)
         self.worker_stalls.labels(device)
+        self.device_pauses.labels(device)
         return True
 
     def _class_label(self, name: Any) -> bool:

@@ -17,7 +17,8 @@ from pathlib import Path
 @dataclass
 class QueueItem:
     path: Path
-    out_parent: Path  # the tomogram's outputs go to out_parent / path.stem
+    out_parent: Path  # the tomogram's outputs go to out_parent / stem
+    stem: str  # its output folder's name (daemon/naming.py)
     key: str  # lease and failure-record key
     rel_output: str  # the output folder relative to output_dir: `session1/TS_01`
     mtime_ns: int

@@ -108,6 +108,7 @@ class Service:
         # a pause of all new work while the output disk is full.
         self._unchecked: collections.deque[Any] = collections.deque()  # found, not yet checked
         self._faults_in_a_row: dict[Path, int] = {}
+        self._device_faults_in_a_row: dict[int, int] = {}  # per worker index
         self._model_tracks: dict[str, ModelTrack] = {}
         self._unkillable_workers = 0
         self._paused_until_s: float | None = None
@@ -233,6 +234,7 @@ class Service:
     def _publish_state(self) -> None:
         self.metrics.set_queue(len(self.queue), len(self.in_flight),
                                self.queue.oldest_enqueued_s())
+        self.metrics.set_paused_workers(self.pool.paused_counts())
         self.notifier.status(self._status_text())
         self.notifier.watchdog()
 
@@ -297,8 +299,8 @@ class Service:
 
     def _enqueue(self, candidate: Any, resegment: bool = False) -> None:
         item = QueueItem(path=candidate.path, out_parent=candidate.out_parent,
-                         key=lease_key(candidate.rel_output), rel_output=candidate.rel_output,
-                         mtime_ns=candidate.mtime_ns,
+                         stem=candidate.stem, key=lease_key(candidate.rel_output),
+                         rel_output=candidate.rel_output, mtime_ns=candidate.mtime_ns,
                          voxel_size_a=candidate.voxel_size_a, resegment=resegment)
         self._queue_or_park(item)
 
@@ -351,7 +353,7 @@ class Service:
         # of another model is not done.
         wanted_sha = (self.registry.current.sha256 if self.registry.current and
                       self.config.resegment_on_model_change else None)
-        if is_done(item.out_parent / item.path.stem, wanted_sha, fingerprint):
+        if is_done(item.out_parent / item.stem, wanted_sha, fingerprint):
             return "done", fingerprint
         if self.failures.is_quarantined(item.key, fingerprint):
             return "quarantined", fingerprint
@@ -403,10 +405,11 @@ class Service:
         return True
 
     def _start(self, worker: Any, item: QueueItem, lease: Lease, fingerprint: str) -> None:
-        _remove_temporary_outputs(item.out_parent, item.path.stem)  # ours: we hold the lease
+        _remove_temporary_outputs(item.out_parent, item.stem)  # ours: we hold the lease
         model = self.registry.current
         job = Job(job_id=self._next_job_id, path=str(item.path),
-                  out_parent=str(item.out_parent), model_path=str(model.cached_path),
+                  out_parent=str(item.out_parent), stem=item.stem,
+                  model_path=str(model.cached_path),
                   model_sha256=model.sha256, voxel_size_a=item.voxel_size_a,
                   inference=self._inference_options(),
                   voxel_size_bounds_a=tuple(self.config.voxel_size_bounds_a),
@@ -437,7 +440,7 @@ class Service:
         elif kind == "done":
             self._job_done(job_id, message[2], message[3])
         elif kind == "failed":
-            self._job_failed(job_id, message[2], message[3])
+            self._job_failed(job_id, message[2], message[3], device_fault=message[4])
         elif kind == "abandoned":
             self._abandon_job(job_id, message[2])
 
@@ -473,15 +476,18 @@ class Service:
         self.metrics.observe_tomogram(summary, resegmented=flight.item.resegment)
         self._finished_ok += 1
         self._faults_in_a_row.pop(flight.item.path, None)
+        self._device_faults_in_a_row.pop(worker.index, None)
         self._model_tracks.setdefault(flight.model.sha256, ModelTrack()).successes += 1
         log.info("%s", _summary_line(summary, flight.item, f"{worker.device} w{worker.index}"))
 
     def _job_failed(self, job_id: int, error: str, category: str = INPUT,
-                    disk_full: bool = False) -> None:
+                    disk_full: bool = False, device_fault: bool = False) -> None:
         flight = self.in_flight.pop(job_id, None)
         finished = self.pool.finish(job_id)
         if finished is not None:
             self.metrics.device_busy_seconds(finished[0].device, finished[2])
+            if device_fault:  # the device's fault, whoever owns the tomogram now
+                self._pause_worker(finished[0], error)
         if flight is None:
             return
         # After a stall the worker's error (e.g. its temporary folder removed by the daemon
@@ -491,7 +497,7 @@ class Service:
         if not self._still_ours(flight):
             log.warning("%s (after losing the lease; not counted)", error)
             return
-        _remove_temporary_outputs(flight.item.out_parent, flight.item.path.stem)
+        _remove_temporary_outputs(flight.item.out_parent, flight.item.stem)
         if category != INPUT:
             self._not_the_tomograms_fault(flight, error, category, disk_full)
             return
@@ -567,6 +573,18 @@ class Service:
         item.not_before_monotonic_s = time.monotonic() + delay_s
         self.queue.add(item)
 
+    def _pause_worker(self, worker: Any, error: str) -> None:
+        """A device error: that device takes no work for a delay that doubles while its
+        errors repeat (reset by its next success); the tomogram goes to the queue like any
+        fault that was not its own, so another device may take it meanwhile."""
+        faults = self._device_faults_in_a_row.get(worker.index, 0) + 1
+        self._device_faults_in_a_row[worker.index] = faults
+        pause_s = fault_backoff_s(faults, self.config.rescan_interval_seconds)
+        self.pool.pause(worker, pause_s)
+        self.metrics.device_paused(worker.device)
+        log.error("device %s w%d paused for %.0fs after a device error (%d in a row; worker "
+                  "restarted): %s", worker.device, worker.index, pause_s, faults, error)
+
     def _pause_dispatch(self, delay_s: float, failed_input: Path) -> None:
         if self._paused_until_s is None:
             log.error("output disk full under %s: no new tomograms start until space is "
@@ -628,7 +646,7 @@ class Service:
         if flight is None:
             return
         if self._still_ours(flight):
-            _remove_temporary_outputs(flight.item.out_parent, flight.item.path.stem)
+            _remove_temporary_outputs(flight.item.out_parent, flight.item.stem)
             self._release(flight.lease)
         log.warning("%s: abandoned (%s)", flight.item.path, reason)
 

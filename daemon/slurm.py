@@ -110,7 +110,8 @@ def _validate(request: SubmitRequest) -> list[Path]:
     for path in paths:
         if not path.is_file():
             raise ValueError(f"{path}: tomogram not found")
-        relative_output(path, request.relative_to)  # raises naming the file if not under ROOT
+        # Raises naming the file if it is not under ROOT.
+        relative_output(path, request.out_dir, request.relative_to)
     if request.model is not None and not request.model.is_file():
         raise ValueError(f"{request.model}: model file not found")
     if request.gpus_per_task < 0:
@@ -318,7 +319,7 @@ STATES = ("done", "running", "failed", "quarantined", "waiting", "missing")
 
 def _file_state(path: Path, out_dir: Path, relative_to: Path,
                 failures: FailureRecords) -> dict[str, Any]:
-    rel_output = relative_output(path, relative_to)
+    rel_output = relative_output(path, out_dir, relative_to)
     key = lease_key(rel_output)
     entry: dict[str, Any] = {"file": str(path), "output": rel_output}
     try:

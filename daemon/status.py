@@ -10,6 +10,7 @@ from typing import Any
 from ..core.fingerprint import input_fingerprint
 from .claims import FailureRecords, is_done, lease_key, status_snapshot
 from .config import Config
+from .naming import output_stem
 from .watcher import Scanner
 
 
@@ -28,12 +29,14 @@ def _count_waiting(config: Config, running_keys: set[str]) -> int:
     for path, (index, _stat) in scanner.scan().items():
         root = Path(scanner.roots[index])
         rel_parent = Path(os.path.relpath(Path(path).parent, root))
-        key = lease_key((rel_parent / Path(path).stem).as_posix())
+        out_parent = config.output_dir / rel_parent
+        stem = output_stem(Path(path), out_parent, scanner.folders[index].patterns)
+        key = lease_key((rel_parent / stem).as_posix())
         try:
             fingerprint = input_fingerprint(path)
         except OSError:
             continue
-        out_folder = config.output_dir / rel_parent / Path(path).stem
+        out_folder = out_parent / stem
         if key in running_keys or is_done(out_folder, None, fingerprint) \
                 or failures.is_quarantined(key, fingerprint):
             continue
@@ -47,8 +50,10 @@ def format_status(report: dict[str, Any]) -> str:
         f"{counts.get(k, 0)} {k}" for k in ("done", "running", "waiting", "failed",
                                             "quarantined"))]
     for entry in report["running"]:
+        age_s = entry.get("last_beat_age_s")
+        age = f", last {age_s:.0f}s ago" if age_s is not None else ""
         lines.append(f"  running      {entry.get('target')} on {entry.get('host')} "
-                     f"(pid {entry.get('pid')}, heartbeat {entry.get('heartbeat')})")
+                     f"(pid {entry.get('pid')}, heartbeat {entry.get('heartbeat')}{age})")
     for entry in report["quarantined"]:
         lines.append(f"  quarantined  {entry.get('target')} after {entry.get('attempts')} "
                      f"attempts: {entry.get('last_error')}")

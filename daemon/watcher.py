@@ -31,6 +31,7 @@ from watchdog.observers.polling import PollingObserver
 
 from ..core.volume import HEADER_BYTES, VolumeError, read_header
 from .config import Config, WatchFolder
+from .naming import output_stem
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,11 @@ class Candidate:
     mtime_ns: int
     error: str | None = None  # one line starting with the path: why it cannot be used
     out_parent: Path | None = None  # output_dir / rel_parent (None when no output_dir is known)
+    output_stem: str | None = None  # its output folder's name (daemon/naming.py)
 
     @property
     def stem(self) -> str:
-        return self.path.stem
+        return self.output_stem or self.path.stem
 
     @property
     def rel_output(self) -> str:
@@ -507,5 +509,6 @@ class FileWatcher:
         out_parent = None
         if self.output_dir is not None:
             out_parent = Path(os.path.normpath(self.output_dir / rel_parent))
+        stem = output_stem(Path(path), out_parent, folder.patterns)
         return Candidate(Path(path), Path(root), rel_parent, folder.voxel_size_a,
-                         track.size, track.mtime_ns, error, out_parent)
+                         track.size, track.mtime_ns, error, out_parent, stem)

@@ -44,6 +44,7 @@ class Job:
     job_id: int
     path: str
     out_parent: str
+    stem: str  # the output folder's name under out_parent (daemon/naming.py)
     model_path: str
     model_sha256: str
     voxel_size_a: float | None = None
@@ -66,10 +67,17 @@ class WorkerHandle:
     last_beat_monotonic: float = 0.0
     stage: str = "queued"
     restarts: int = 0
+    # After a device error the worker takes no job until then (see WorkerPool.pause).
+    paused_until_monotonic: float = 0.0
+
+    @property
+    def paused(self) -> bool:
+        return time.monotonic() < self.paused_until_monotonic
 
     @property
     def idle(self) -> bool:
-        return self.job is None and self.process is not None and self.process.is_alive()
+        return (self.job is None and not self.paused and self.process is not None
+                and self.process.is_alive())
 
 
 class WorkerPool:
@@ -133,6 +141,26 @@ class WorkerPool:
         """SIGKILL a stalled worker (it works on a stopped process too, where SIGTERM waits)
         and start its replacement at once; returns the job it held."""
         job, worker.job = worker.job, None
+        self._restart(worker)
+        return job
+
+    def pause(self, worker: WorkerHandle, seconds: float) -> None:
+        """Give `worker` no job for `seconds` after a device error, and restart its process
+        now: a CUDA context that met a sticky error (an illegal access, a device-side
+        assert) stays unusable until its process exits."""
+        worker.paused_until_monotonic = time.monotonic() + seconds
+        if worker.job is None:
+            self._restart(worker)
+
+    def paused_counts(self) -> dict[str, int]:
+        """Paused workers per device (every device present, 0 when none is paused)."""
+        counts = {w.device: 0 for w in self.workers}
+        for worker in self.workers:
+            counts[worker.device] += worker.paused
+        return counts
+
+    def _restart(self, worker: WorkerHandle) -> None:
+        # SIGKILL: it works on a stopped process too, where SIGTERM waits.
         with contextlib.suppress(ProcessLookupError, TypeError):
             os.kill(worker.process.pid, signal.SIGKILL)
         worker.process.join(timeout=5)
@@ -140,7 +168,6 @@ class WorkerPool:
             self._unkillable.append(worker.process)
         worker.restarts += 1
         self._spawn(worker)
-        return job
 
     def unkillable(self) -> int:
         """Killed stalled workers not dead yet: a process in uninterruptible sleep on a hung
@@ -274,7 +301,7 @@ class _JobRunner:
         self._model: tuple[str, Any, Any] | None = None  # (sha256, bundle, network)
 
     def run(self, job: Job) -> None:
-        from .faults import INTERNAL, classify_error
+        from .faults import INTERNAL, classify_error, is_device_error
 
         try:
             summary = self._segment(job)
@@ -288,7 +315,7 @@ class _JobRunner:
                 message = f"{job.path}: {type(error).__name__}: {message}"
             elif job.path not in message:  # an OSError from the output side names its file
                 message = f"{job.path}: {message}"
-            self.outbox.put(("failed", job.job_id, message, category))
+            self.outbox.put(("failed", job.job_id, message, category, is_device_error(error)))
         else:
             self.outbox.put(("done", job.job_id, summary, _device_memory_bytes(self.device)))
 
@@ -307,7 +334,7 @@ class _JobRunner:
             max_model_voxels=job.max_model_voxels,
         )
         seg, out_dir = segment_file(
-            job.path, job.out_parent, bundle, options, network=network,
+            job.path, job.out_parent, bundle, options, network=network, stem=job.stem,
             progress=with_progress(hold, self._progress_beats(job.job_id)),
             before_publish=with_publish_hook(hold, lambda: self._ask_to_publish(job)))
         return _read_summary(out_dir, seg.stem)

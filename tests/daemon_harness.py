@@ -166,11 +166,15 @@ class Daemon:
         self.wait_for_log(pattern, timeout_s)
         return re.findall(pattern, self.log)[-1]  # the latest start's address
 
-    def metric(self, name: str) -> float:
-        """The value of an unlabelled sample in a real scrape of the daemon's /metrics."""
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of a sample in a real scrape of the daemon's /metrics (`labels`: all of
+        its labels, in the order the metric declares them)."""
         with urllib.request.urlopen(f"{self.metrics_url()}/metrics", timeout=10) as response:
             text = response.read().decode()
-        match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        selector = re.escape(name)
+        if labels:
+            selector += re.escape("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}")
+        match = re.search(rf"^{selector} (\S+)$", text, re.MULTILINE)
         assert match, f"{name} not in /metrics:\n{text[:2000]}"
         return float(match.group(1))
 

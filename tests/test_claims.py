@@ -240,6 +240,24 @@ def test_release_removes_only_our_lease(tmp_path):
     assert manager.try_claim("k") is not None
 
 
+def test_status_shows_how_long_ago_a_holder_last_renewed(tmp_path):
+    from tomolive.daemon.status import format_status
+
+    manager = LeaseManager(tmp_path, lease_s=10, host="A")
+    lease = manager.try_claim("k", "s/TS")
+    manager.renew(lease)
+    assert status_snapshot(tmp_path)["running"][0]["last_beat_age_s"] < 60
+    # A holder whose worker stalled stops renewing: its age keeps growing, and status says so.
+    beat = manager.beat_path(lease.key, lease.token)
+    past_s = time.time() - 500
+    os.utime(beat, (past_s, past_s))
+    snapshot = status_snapshot(tmp_path)
+    assert 499 <= snapshot["running"][0]["last_beat_age_s"] < 600
+    snapshot.update(waiting=0)
+    snapshot["counts"]["waiting"] = 0
+    assert "heartbeat 1, last 50" in format_status(snapshot)
+
+
 def _fail_many(out: str, host: str, keys: list[str], barrier, queue) -> None:
     records = FailureRecords(Path(out), max_attempts=5, host=host)
     barrier.wait()

@@ -361,3 +361,27 @@ def test_one_bad_file_failing_again_and_again_does_not_condemn_a_new_model(daemo
     assert d.wait_for_summary("fine")["model"]["name"] == "model-a"
     assert "taken out of service" not in d.log
     assert d.stop() == 0
+
+
+def test_inputs_sharing_a_stem_get_their_own_output_folders(daemon, tmp_path):
+    d = daemon(watch=[{"path": str(tmp_path / "incoming"), "patterns": ["*.mrc", "*.rec"]}])
+    (d.incoming / "TS_01.mrc").write_bytes(tomogram_bytes(12))
+    d.start()
+    assert d.wait_for_summary("TS_01")["input"]["path"].endswith("TS_01.mrc")  # alone: bare
+    # A sibling arriving later gets its extension; the finished TS_01 keeps its folder.
+    (d.incoming / "TS_01.rec").write_bytes(tomogram_bytes(13))
+    assert d.wait_for_summary("TS_01_rec")["input"]["path"].endswith("TS_01.rec")
+    # Arriving together, neither takes the bare name.
+    (d.incoming / "TS_02.mrc").write_bytes(tomogram_bytes(14))
+    (d.incoming / "TS_02.rec").write_bytes(tomogram_bytes(15))
+    assert d.wait_for_summary("TS_02_mrc")["input"]["path"].endswith("TS_02.mrc")
+    assert d.wait_for_summary("TS_02_rec")["input"]["path"].endswith("TS_02.rec")
+    assert d.stop() == 0
+    d.start()  # after a restart every input still finds its own result: nothing redone
+    d.wait_for(lambda: d.log.count("tomolive serving") == 2, 60, "the second start")
+    d.wait_for_rescans(2)
+    for name in ("TS_01.mrc", "TS_01.rec", "TS_02.mrc", "TS_02.rec"):
+        assert d.log.count(f"{name}: ok") == 1, name
+    assert d.stop() == 0
+    assert sorted(p.name for p in d.outputs.iterdir() if not p.name.startswith(".")) == \
+        ["TS_01", "TS_01_rec", "TS_02_mrc", "TS_02_rec"]

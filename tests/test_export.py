@@ -263,7 +263,8 @@ def test_an_unreadable_result_is_warned_about_once(tmp_path, caplog):
         return "done", "fingerprint"
 
     fake = types.SimpleNamespace(_status_of=status_of, _parked={}, _unreadable_warned={})
-    item = QueueItem(path=tmp_path / "TS_01.mrc", out_parent=tmp_path / "out", key="k",
+    item = QueueItem(path=tmp_path / "TS_01.mrc", out_parent=tmp_path / "out", stem="TS_01",
+                     key="k",
                      rel_output="TS_01", mtime_ns=0)
     with caplog.at_level(logging.WARNING, logger="tomolive.service"):
         for _ in range(3):  # three rescans while the summary stays unreadable

@@ -16,6 +16,7 @@ import subprocess
 import urllib.request
 
 import pytest
+import torch
 from tomolive.core.volume import VolumeError
 from tomolive.daemon.claims import FailureRecords, status_snapshot
 from tomolive.daemon.faults import (
@@ -25,6 +26,7 @@ from tomolive.daemon.faults import (
     classify_error,
     explain_death,
     fault_backoff_s,
+    is_device_error,
 )
 from tomolive.daemon.status import format_status
 
@@ -46,7 +48,14 @@ def test_errors_are_classified_by_whose_fault_they_are(tmp_path):
     assert classify_error(VolumeError(f"{tmp_path}/a.mrc: truncated")) == INPUT
     assert classify_error(ValueError("absurd header")) == INPUT
     assert classify_error(FileNotFoundError(errno.ENOENT, "gone")) == INPUT
-    assert classify_error(RuntimeError("CUDA error: an illegal memory access")) == INTERNAL
+    assert classify_error(RuntimeError("shapes cannot be multiplied")) == INTERNAL
+    # Device errors are the machine's: they pause the device, never quarantine the tomogram.
+    for device_error in (RuntimeError("CUDA error: an illegal memory access was encountered"),
+                         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+                         RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")):
+        assert is_device_error(device_error) and classify_error(device_error) == ENVIRONMENT
+    assert not is_device_error(RuntimeError("shapes cannot be multiplied"))
+    assert not is_device_error(MemoryError())  # host memory: not a device to pause
 
 
 def test_a_worker_death_names_its_cause(tmp_path):
@@ -130,6 +139,35 @@ def test_a_stopped_worker_is_killed_replaced_and_its_tomogram_done_without_an_at
         with_pid = locals().get("pid")
         if with_pid and pid_alive(with_pid):
             os.kill(with_pid, signal.SIGKILL)
+        d.kill()
+
+
+def test_a_device_error_pauses_the_device_restarts_its_worker_and_retries_uncounted(tmp_path):
+    # max_attempts 1: had the device's error been counted against "sick", it would be
+    # quarantined at once instead of done.
+    d = Daemon(tmp_path, max_attempts=1)
+    write_tiny_model(d.models / "tiny.safetensors")
+    (d.hold_dir / "sick.drill").write_text("device")  # fails the first attempt, once read
+    d.hold("sick", "read")
+    try:
+        d.start()
+        (d.incoming / "sick.mrc").write_bytes(tomogram_bytes(6))
+        pid = int(d.wait_held("sick").split()[1])
+        d.release("sick")
+        d.wait_for_log(r"device cpu w0 paused for \d+s after a device error \(1 in a row; "
+                       r"worker restarted\): .*sick\.mrc: CUDA error: an illegal memory access")
+        d.wait_for_log(r"sick\.mrc: .*\(environment fault, not counted against the tomogram")
+        assert d.wait_for(lambda: not pid_alive(pid), 30, f"the faulted worker {pid} to exit")
+        assert d.wait_for_summary("sick")["input"]["path"].endswith("sick.mrc")
+        (d.incoming / "well.mrc").write_bytes(tomogram_bytes(7))
+        d.wait_for_summary("well")
+        assert "quarantined" not in d.log, d.log
+        metrics = _scrape(d)
+        assert _sample(metrics, "tomolive_device_pauses_total", device="cpu") == 1
+        assert _sample(metrics, "tomolive_paused_workers", device="cpu") == 0
+        assert _sample(metrics, "tomolive_faults_total", category="environment") == 1
+        assert d.stop() == 0
+    finally:
         d.kill()
 
 

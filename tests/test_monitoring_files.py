@@ -197,6 +197,19 @@ tests:
           - exp_labels: {severity: warning, instance: gpu1}
 
   - interval: 1m
+    input_series:   # a GPU faults every 5 minutes from minute 10; the other one never
+      - series: 'tomolive_device_pauses_total{instance="gpu1", device="cuda:0"}'
+        values: '0x10 1 1 1 1 1 2 2 2 2 2 3 3 3 3 3 4x30'
+      - series: 'tomolive_device_pauses_total{instance="gpu1", device="cuda:1"}'
+        values: '0x60'
+    alert_rule_test:
+      - {eval_time: 9m, alertname: TomoliveDeviceFaulting, exp_alerts: []}
+      - eval_time: 27m
+        alertname: TomoliveDeviceFaulting
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: gpu1, device: "cuda:0"}
+      - {eval_time: 60m, alertname: TomoliveDeviceFaulting, exp_alerts: []}
+  - interval: 1m
     input_series:   # the output disk fills for 20 minutes, then is freed
       - series: 'tomolive_dispatch_paused{instance="gpu1"}'
         values: '0x5 1x20 0x10'

@@ -1,11 +1,15 @@
-"""Idle CPU of the daemon watching a folder of N finished tomograms (issue 5).
+"""Idle CPU of the daemon watching a folder of N finished tomograms (issues 5 and 18).
 
-Creates N small MRC files and marks each as finished (a summary naming its fingerprint, as
-the daemon itself writes), starts the real daemon (`tomolive run`) with the default discovery
-settings (events + a full rescan every 30 s), lets it settle, then measures the CPU seconds
-of the daemon and its worker processes over a window, from /proc. Prints JSON.
+Creates N small MRC files in folders of 100 and marks each as finished (a summary naming its
+fingerprint, as the daemon itself writes), starts the real daemon (`tomolive run`) with the
+default discovery settings (events, or polling with --discovery polling; a rescan every 30 s,
+a full one every 300 s), waits until its start-up discovery is over (two rescans counted in
+/metrics, then --warmup seconds), then measures the CPU seconds of the daemon and its worker
+processes over a window, from /proc. Last, it drops one new tomogram into a new session folder
+and times how long the daemon takes to report it (its "ok" or failure line in the log), to
+show that a cheap idle daemon still finds new work. Prints JSON.
 
-    python bench/daemon_idle.py --files 1000 --seconds 60 [--discovery polling]
+    python bench/daemon_idle.py --files 100000 --seconds 120 [--discovery polling]
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +66,32 @@ def make_backlog(root: Path, count: int) -> None:
         (done / f"{path.stem}_summary.json").write_text(json.dumps(summary))
 
 
+def metric(log_path: Path, name: str) -> float:
+    """A sample from a real scrape of the daemon's /metrics (its address from the log)."""
+    found = re.findall(r"metrics on (http://\S+)/metrics", log_path.read_text())
+    if not found:
+        return float("nan")
+    with urllib.request.urlopen(f"{found[-1]}/metrics", timeout=10) as response:
+        match = re.search(rf"^{name} (\S+)$", response.read().decode(), re.MULTILINE)
+    return float(match.group(1)) if match else float("nan")
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> float:
+    """Seconds until `predicate()` held; raises after `timeout_s`."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout_s:
+            raise SystemExit(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--warmup", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=10.0,
+                        help="seconds to wait after start-up discovery is over")
     parser.add_argument("--discovery", default="auto")
     parser.add_argument("--rescan", type=float, default=30.0)
     args = parser.parse_args()
@@ -77,24 +104,38 @@ def main() -> None:
                   "discovery": args.discovery, "rescan_interval_seconds": args.rescan,
                   "metrics": {"port": 0}}
         (root / "config.yaml").write_text(yaml.safe_dump(config))
-        log = (root / "daemon.log").open("wb")
+        log_path = root / "daemon.log"
+        log = log_path.open("wb")
+        started = time.monotonic()
         daemon = subprocess.Popen([sys.executable, "-m", "tomolive", "run", "--config",
                                    str(root / "config.yaml")], stdout=log, stderr=log)
         try:
+            rescans = "tomolive_discovery_rescans_total"
+            wait_for(lambda: metric(log_path, rescans) >= 2, 3600, "start-up discovery")
+            startup_s = time.monotonic() - started
             time.sleep(args.warmup)
+            rescans_before = metric(log_path, rescans)
             start_cpu, start = cpu_seconds(daemon.pid), time.monotonic()
             time.sleep(args.seconds)
             used = cpu_seconds(daemon.pid) - start_cpu
             wall = time.monotonic() - start
+            rescans_in_window = metric(log_path, rescans) - rescans_before
+            processed = log_path.read_text().count(": ok in")
+            new = root / "incoming" / "new_session" / "TS_new.mrc"
+            new.parent.mkdir()
+            write_mrc(new, np.zeros((32, 64, 64), np.float32), 10.0)
+            found_s = wait_for(lambda: "TS_new.mrc" in log_path.read_text(), 600,
+                               "the new tomogram")
         finally:
             daemon.terminate()
             daemon.wait(timeout=60)
-        processed = (root / "daemon.log").read_text().count(": ok in")
     print(json.dumps({
         "files": args.files, "discovery": args.discovery, "rescan_interval_s": args.rescan,
-        "window_s": round(wall, 1), "cpu_s": round(used, 3),
+        "startup_s": round(startup_s, 1), "window_s": round(wall, 1), "cpu_s": round(used, 3),
         "cpu_fraction_of_one_core": round(used / wall, 4),
-        "tomograms_processed_during_run": processed,
+        "rescans_in_window": rescans_in_window,
+        "tomograms_processed_during_window": processed,
+        "new_tomogram_reported_after_s": round(found_s, 1),
     }, indent=2))
 
 

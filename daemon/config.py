@@ -70,6 +70,9 @@ class Config(_Strict):
     discovery: Literal["auto", "events", "polling"] = "auto"
     settle_seconds: float = Field(10.0, ge=0)
     rescan_interval_seconds: float = Field(30.0, gt=0)
+    # Rescans between full ones list only the folders whose mtime changed (daemon/watcher.py);
+    # a full one, this often, also sees a finished file rewritten in place on a network share.
+    full_rescan_interval_seconds: float = Field(300.0, gt=0)
     # The longest one turn of the main loop spends checking newly found files (the rest wait
     # for the next turns): a huge backlog must not starve heartbeats and the watchdog.
     discovery_batch_seconds: float = Field(1.0, ge=0)

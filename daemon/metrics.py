@@ -118,8 +118,9 @@ class Metrics:
             "Finished tomograms segmented again because the model changed.", registry=r)
         self.rescans = Counter(
             "tomolive_discovery_rescans_total",
-            "Full rescans of the watched folders (every rescan_interval_seconds, whatever the "
-            "discovery mode): a flat line means discovery has stopped.", registry=r)
+            "Rescans of the watched folders (every rescan_interval_seconds, more often when "
+            "polling; most list only the folders whose mtime changed): a flat line means "
+            "discovery has stopped.", registry=r)
         self.queue_length = Gauge(
             "tomolive_queue_length", "Tomograms waiting in the queue.", registry=r)
         self.in_progress = Gauge(
@@ -251,7 +252,7 @@ class Metrics:
     # --- the queue and discovery -------------------------------------------------------------
 
     def rescans_done(self, n: int = 1) -> None:
-        """Count `n` full rescans of the watched folders."""
+        """Count `n` rescans of the watched folders (full or incremental)."""
         self.rescans.inc(n)
 
     def tomograms_discovered(self, n: int = 1) -> None:

@@ -8,7 +8,14 @@ our monotonic clock (reconstruction software writes slice by slice under the fin
 whose header cannot be read, or whose size never matches, is returned once settled as a *bad*
 candidate (`Candidate.error`), so that the daemon records the failure.
 
-Cost: a rescan is one `scandir` per folder and one `stat` per file; headers are read only for
+Cost: a full rescan is one `scandir` per folder and one `stat` per file, and runs every
+`full_rescan_interval_s`. The rescans between are incremental: a folder whose modification
+time is what it was when last listed has the same entries (creating, deleting or renaming a
+file changes it), so it is not listed again and its files are not stat'ed; only its subfolders
+are. An idle daemon over years of sessions then costs a stat per folder, not per tomogram
+(issue 18). What an incremental rescan cannot see, a finished file rewritten in place, the
+events see at once and the next full rescan sees on a network share; files not yet reported
+(being written, settling) are re-stat'ed at every loop turn anyway. Headers are read only for
 settled files whose size changed since the last read.
 """
 
@@ -23,11 +30,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
-from watchdog.observers.polling import PollingObserver
 
 from ..core.volume import HEADER_BYTES, VolumeError, read_header
 from .config import Config, WatchFolder
@@ -135,6 +141,31 @@ def discovery_mode(path: str | os.PathLike[str], discovery: str,
 
 
 # -- scanning -----------------------------------------------------------------------------------
+# A folder modified this recently may be modified again within the same tick of the file
+# system's clock (coarse: milliseconds, or seconds on some network shares) without its mtime
+# changing: such a listing is not trusted, and the folder is listed again next time.
+DIR_MTIME_TRUST_S = 2.0
+
+
+class FileStat(NamedTuple):
+    """What discovery needs of a file's stat (small: a listing of 100,000 files is kept)."""
+
+    st_size: int
+    st_mtime_ns: int
+
+
+Found = dict[str, tuple[int, FileStat]]
+
+
+@dataclass
+class _Listing:
+    """One folder as last listed: reused while the folder's mtime stays `mtime_ns`."""
+
+    mtime_ns: int | None  # None: listed too soon after a change to be trusted
+    files: Found
+    subfolders: list[str]
+
+
 class Scanner:
     """Full rescans of the watched folders; the same rules decide whether an event path counts."""
 
@@ -146,6 +177,8 @@ class Scanner:
         # Folders that could not be listed, and why: warned about once per new reason, so
         # that a missing mount or a permission change is seen without flooding the journal.
         self._problems: dict[str, str] = {}
+        self._listings: dict[str, _Listing] = {}  # for incremental rescans
+        self.folders_listed = 0  # listings done (a measure of a rescan's cost)
 
     def _ignored_ids(self) -> set[tuple[int, int]]:
         ids = set()
@@ -163,16 +196,42 @@ class Scanner:
         lower = name.lower()
         return any(fnmatch.fnmatchcase(lower, p.lower()) for p in self.folders[index].patterns)
 
-    def scan(self) -> dict[str, tuple[int, os.stat_result]]:
-        """Every matching file: path -> (folder index, stat)."""
-        found: dict[str, tuple[int, os.stat_result]] = {}
+    def scan(self) -> Found:
+        """Every matching file: path -> (folder index, stat), from a full listing."""
+        self._walk_roots(incremental=False)
+        found: Found = {}
+        for listing in self._listings.values():
+            found.update(listing.files)
+        return found
+
+    def changes(self, incremental: bool) -> tuple[Found, set[str]]:
+        """(the files of every folder listed anew, with their stats; the paths that were in
+        the previous listings and are gone). Incremental: folders whose mtime stood still
+        are not listed, so the cost is a stat per folder plus the changed folders' files."""
+        before = self._listings
+        relisted = self._walk_roots(incremental)
+        updated: Found = {}
+        gone: set[str] = set()
+        for directory in relisted:
+            updated.update(self._listings[directory].files)
+            if directory in before:
+                gone.update(before[directory].files.keys() - self._listings[directory].files.keys())
+        for directory in before.keys() - self._listings.keys():  # vanished, or unlistable now
+            gone.update(before[directory].files)
+        return updated, gone
+
+    def _walk_roots(self, incremental: bool) -> list[str]:
+        """Walk every watched folder, replacing `_listings`; returns the folders listed anew."""
         ignored = self._ignored_ids()
+        listings: dict[str, _Listing] = {}
+        relisted: list[str] = []
         for index, root in enumerate(self.roots):
             if os.path.isdir(root):
-                self._walk(index, root, ignored, found)
+                self._walk(index, root, ignored, listings, relisted, incremental)
             else:
                 self._problem(root, "does not exist or is not a folder (yet?)")
-        return found
+        self._listings = listings  # folders gone since are forgotten
+        return relisted
 
     def _problem(self, directory: str, why: str | None) -> None:
         """Warn once per new reason that `directory` cannot be watched; note its recovery."""
@@ -185,22 +244,46 @@ class Scanner:
             self._problems[directory] = why
             log.warning("watched folder %s %s; looking again at every rescan", directory, why)
 
-    def scan_dir(self, directory: str) -> dict[str, tuple[int, os.stat_result]]:
+    def scan_dir(self, directory: str) -> Found:
         """The matching files under one folder (after an event on a folder moved in)."""
-        found: dict[str, tuple[int, os.stat_result]] = {}
+        found: Found = {}
         index = self.root_index(os.path.join(directory, "x"))
         if index is not None and self._dir_allowed(index, directory):
-            self._walk(index, directory, self._ignored_ids(), found)
+            listings: dict[str, _Listing] = {}
+            self._walk(index, directory, self._ignored_ids(), listings, [], False)
+            for listing in listings.values():
+                found.update(listing.files)
         return found
 
     def _walk(self, index: int, directory: str, ignored: set[tuple[int, int]],
-              found: dict[str, tuple[int, os.stat_result]]) -> None:
+              listings: dict[str, _Listing], relisted: list[str], incremental: bool) -> None:
+        try:
+            # Stat before listing: a change during the listing then shows as a new mtime.
+            mtime_ns = os.stat(directory).st_mtime_ns
+        except OSError as error:
+            self._problem(directory, f"cannot be listed ({error.strerror or error})")
+            return
+        listing = self._listings.get(directory) if incremental else None
+        if listing is None or listing.mtime_ns != mtime_ns:
+            listing = self._list(index, directory, ignored, mtime_ns)
+            if listing is None:
+                return
+            relisted.append(directory)
+        listings[directory] = listing
+        for subfolder in listing.subfolders:
+            self._walk(index, subfolder, ignored, listings, relisted, incremental)
+
+    def _list(self, index: int, directory: str, ignored: set[tuple[int, int]],
+              mtime_ns: int) -> _Listing | None:
         try:
             entries = list(os.scandir(directory))
         except OSError as error:  # vanished, or no permission: the next rescan tries again
             self._problem(directory, f"cannot be listed ({error.strerror or error})")
-            return
+            return None
         self._problem(directory, None)
+        self.folders_listed += 1
+        files: Found = {}
+        subfolders = []
         for entry in entries:
             try:
                 # Never follow symlinked folders (loops); symlinked files are fine.
@@ -212,13 +295,15 @@ class Scanner:
                         continue
                     if self._claimed_by_inner(index, entry.path):
                         continue
-                    self._walk(index, entry.path, ignored, found)
-                elif self._matches(index, entry.name) and entry.path not in found:
+                    subfolders.append(entry.path)
+                elif self._matches(index, entry.name):
                     st = entry.stat()
                     if stat.S_ISREG(st.st_mode):  # a FIFO or device would block a reader
-                        found[entry.path] = (index, st)
+                        files[entry.path] = (index, FileStat(st.st_size, st.st_mtime_ns))
             except OSError:
                 continue  # removed between listing and stat
+        trusted = time.time() - mtime_ns / 1e9 > DIR_MTIME_TRUST_S
+        return _Listing(mtime_ns if trusted else None, files, subfolders)
 
     def _claimed_by_inner(self, index: int, directory: str) -> bool:
         # A nested watched folder is walked under its own settings, not its parent's.
@@ -302,6 +387,7 @@ class FileWatcher:
         discovery: str = "auto",
         settle_s: float = 10.0,
         rescan_interval_s: float = 30.0,
+        full_rescan_interval_s: float = 300.0,
         truncated_after_s: float = 120.0,
         polling_interval_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -312,26 +398,37 @@ class FileWatcher:
             ignore_dirs = [*ignore_dirs, config.output_dir, config.models_dir]
             discovery, settle_s = config.discovery, config.settle_seconds
             rescan_interval_s = config.rescan_interval_seconds
+            full_rescan_interval_s = config.full_rescan_interval_seconds
             truncated_after_s = config.truncated_after_seconds
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.scanner = Scanner(watch, ignore_dirs)
         self.discovery = discovery
         self.settle_s = settle_s
         self.rescan_interval_s = rescan_interval_s
+        self.full_rescan_interval_s = max(full_rescan_interval_s, rescan_interval_s)
         self.truncated_after_s = max(truncated_after_s, settle_s)
-        # watchdog's PollingObserver snapshots the tree: often enough to see arrivals quickly,
-        # rarely enough to stay cheap on a network share.
+        # Where no events come (a network share), incremental rescans stand in for them: often
+        # enough to see arrivals quickly; they cost a stat per folder.
         self.polling_interval_s = polling_interval_s or max(
             1.0, min(settle_s / 2, rescan_interval_s)
         )
         self.clock = clock
         self.modes: dict[str, Mode] = {}
         self.rescans = 0
+        self.full_rescans = 0
         self.header_reads = 0
         self._tracks: dict[str, _Track] = {}
+        # The tracks not yet reported (new, changed or still being written), in the order they
+        # became so: every loop turn looks at these only. Looking at every track instead made
+        # an idle daemon's CPU grow with the number of finished tomograms (issue 18).
+        self._unreported: dict[str, None] = {}
+        # Files reported bad (truncated, say): an incremental rescan re-stats them, since a
+        # resumed transfer appends without changing the folder's mtime.
+        self._reported_bad: set[str] = set()
         self._dirty: set[str] = set()
         self._lock = threading.Lock()
         self._next_rescan_s = float("-inf")
+        self._next_full_rescan_s = float("-inf")
         self._observers: dict[Mode, Observer] = {}
         self._scheduled: set[str] = set()
 
@@ -341,8 +438,7 @@ class FileWatcher:
 
     def _observer(self, mode: Mode) -> Observer:
         if mode not in self._observers:
-            observer = (PollingObserver(timeout=self.polling_interval_s) if mode == "polling"
-                        else Observer())
+            observer = Observer()
             observer.daemon = True
             observer.start()
             self._observers[mode] = observer
@@ -354,10 +450,13 @@ class FileWatcher:
             if root in self._scheduled or not os.path.isdir(root):
                 continue
             mode = discovery_mode(root, self.discovery)
+            # Polling needs no observer: incremental rescans every polling_interval_s see
+            # what watchdog's PollingObserver would, at a stat per folder instead of per file.
             try:
-                self._observer(mode).schedule(
-                    _Hints(self.hint), root, recursive=self.scanner.folders[index].recursive
-                )
+                if mode == "events":
+                    self._observer(mode).schedule(
+                        _Hints(self.hint), root, recursive=self.scanner.folders[index].recursive
+                    )
             except OSError as error:  # e.g. inotify watch limit: rescans still find everything
                 log.warning("cannot watch %s for events (%s); relying on rescans", root, error)
                 mode = "polling"
@@ -398,12 +497,15 @@ class FileWatcher:
             self._apply_hints(dirty, now_s)
             self._restat_pending(now_s)
         ready = []
-        for path, track in self._tracks.items():
-            if track.reported is None:
-                candidate = self._evaluate(path, track, now_s)
-                if candidate is not None:
-                    track.reported = candidate
-                    ready.append(candidate)
+        for path in list(self._unreported):
+            track = self._tracks[path]
+            candidate = self._evaluate(path, track, now_s)
+            if candidate is not None:
+                track.reported = candidate
+                del self._unreported[path]
+                if not candidate.ok:
+                    self._reported_bad.add(path)
+                ready.append(candidate)
         return ready
 
     def all_ready(self) -> list[Candidate]:
@@ -420,25 +522,33 @@ class FileWatcher:
     @property
     def pending(self) -> int:
         """Files seen but not yet ready (being written, or settling)."""
-        return sum(1 for t in self._tracks.values() if t.reported is None)
+        return len(self._unreported)
 
     def _rescan(self, now_s: float) -> None:
         self._schedule_roots()  # folders created since start
-        found = self.scanner.scan()
-        for path in list(self._tracks):
-            if path not in found:
-                del self._tracks[path]
-        for path, (index, st) in found.items():
+        full = now_s >= self._next_full_rescan_s
+        updated, gone = self.scanner.changes(incremental=not full)
+        for path in gone:
+            self._forget(path)
+        if full:  # a track from an event whose folder no listing holds any more
+            for path in self._tracks.keys() - updated.keys():
+                self._forget(path)
+            self.full_rescans += 1
+            self._next_full_rescan_s = now_s + self.full_rescan_interval_s
+        for path, (index, st) in updated.items():
             self._update(path, index, st, now_s)
+        self._restat(list(self._reported_bad), now_s)
         self.rescans += 1
-        self._next_rescan_s = now_s + self.rescan_interval_s
+        polling = any(mode == "polling" for mode in self.modes.values())
+        self._next_rescan_s = now_s + (self.polling_interval_s if polling
+                                       else self.rescan_interval_s)
 
     def _apply_hints(self, dirty: set[str], now_s: float) -> None:
         for path in dirty:
             try:
                 st = os.stat(path)
             except OSError:
-                self._tracks.pop(path, None)  # deleted or moved away
+                self._forget(path)  # deleted or moved away
                 continue
             if os.path.isdir(path):
                 for sub, (index, sub_st) in self.scanner.scan_dir(path).items():
@@ -450,23 +560,33 @@ class FileWatcher:
 
     def _restat_pending(self, now_s: float) -> None:
         # Settling needs time, not events (NFS sends none): re-stat files not yet ready.
-        for path, track in list(self._tracks.items()):
-            if track.reported is None:
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    del self._tracks[path]
-                    continue
-                self._update(path, track.index, st, now_s)
+        self._restat(list(self._unreported), now_s)
+
+    def _restat(self, paths: list[str], now_s: float) -> None:
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                self._forget(path)
+                continue
+            self._update(path, self._tracks[path].index, st, now_s)
 
     def _update(self, path: str, index: int, st: os.stat_result, now_s: float) -> None:
         track = self._tracks.get(path)
         if track is None:
             self._tracks[path] = _Track(index, st.st_size, st.st_mtime_ns, now_s)
+            self._unreported[path] = None
         elif (track.size, track.mtime_ns) != (st.st_size, st.st_mtime_ns):
             track.size, track.mtime_ns, track.since_s = st.st_size, st.st_mtime_ns, now_s
             track.index = index
             track.reported = None  # changed: a new version of the file, to be reported again
+            self._unreported[path] = None
+            self._reported_bad.discard(path)
+
+    def _forget(self, path: str) -> None:
+        self._tracks.pop(path, None)
+        self._unreported.pop(path, None)
+        self._reported_bad.discard(path)
 
     def _read_header(self, path: str, track: _Track) -> None:
         track.header_size = track.size

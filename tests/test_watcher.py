@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def test_backlog_present_at_start_is_found_and_junk_is_ignored(tmp_path, mrc_byt
     assert sorted(c.rel_output for c in found) == ["a", "sub/b", "sub/deeper/C"]
 
 
-def test_polling_mode_finds_new_files(tmp_path, mrc_bytes):
+def test_polling_mode_finds_new_files_by_incremental_rescans(tmp_path, mrc_bytes):
     root = tmp_path / "in"
     root.mkdir()
     with _watcher(root, discovery="polling", polling_interval_s=0.2) as watcher:
@@ -131,7 +132,49 @@ def test_polling_mode_finds_new_files(tmp_path, mrc_bytes):
         (root / "TS_04.mrc").write_bytes(mrc_bytes)
         found = _poll_until(watcher, 1)
     assert [c.rel_output for c in found] == ["TS_04"] and found[0].ok
-    assert watcher.rescans == 1
+    # Only the first rescan was full: the file was found by incremental ones.
+    assert watcher.rescans > 1 and watcher.full_rescans == 1
+
+
+def _age(folder: Path, seconds: float = 3600.0) -> None:
+    """Backdate a folder's mtime: a listing of a folder changed just now is not trusted."""
+    past = time.time() - seconds
+    os.utime(folder, (past, past))
+
+
+def test_incremental_scans_list_only_folders_whose_mtime_changed(tmp_path, mrc_bytes):
+    root = tmp_path / "in"
+    for session in ("s1", "s2"):
+        (root / session).mkdir(parents=True)
+        (root / session / "TS_01.mrc").write_bytes(mrc_bytes)
+        _age(root / session)
+    _age(root)
+    scanner = Scanner([WatchFolder(path=root)])
+    updated, gone = scanner.changes(incremental=True)  # nothing listed before: all of it
+    assert len(updated) == 2 and not gone and scanner.folders_listed == 3
+    assert scanner.changes(incremental=True) == ({}, set())
+    assert scanner.folders_listed == 3  # a stat per folder, no listing, no stat per file
+    (root / "s2" / "TS_02.mrc").write_bytes(mrc_bytes)
+    (root / "s1" / "TS_01.mrc").unlink()
+    updated, gone = scanner.changes(incremental=True)
+    assert sorted(Path(p).name for p in updated) == ["TS_01.mrc", "TS_02.mrc"]  # s2's files
+    assert gone == {str(root / "s1" / "TS_01.mrc")} and scanner.folders_listed == 5
+    # Changed less than DIR_MTIME_TRUST_S ago: listed again, in case a second change fell
+    # within the same tick of the file system's clock.
+    scanner.changes(incremental=True)
+    assert scanner.folders_listed == 7
+    _age(root / "s1", 1800)
+    _age(root / "s2", 1800)
+    scanner.changes(incremental=True)
+    assert scanner.folders_listed == 9
+    assert scanner.changes(incremental=True) == ({}, set()) and scanner.folders_listed == 9
+    shutil.rmtree(root / "s2")  # a vanished folder's files are gone
+    _age(root, 60)
+    updated, gone = scanner.changes(incremental=True)
+    assert not updated and {Path(p).name for p in gone} == {"TS_01.mrc", "TS_02.mrc"}
+    # A full scan lists every folder whatever its mtime.
+    scanner.changes(incremental=False)
+    assert scanner.folders_listed == 12
 
 
 def test_periodic_rescan_finds_files_without_any_observer(tmp_path, mrc_bytes):

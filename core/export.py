@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .atomic import fsync_dir
 from .classes import ClassSpec
 from .filaments import Filament
+from .imod import write_filament_model, write_particle_model
 from .particles import ParticleTable
 from .segmentation import Segmentation
 from .volume import release_pages, write_mrc
@@ -58,6 +59,9 @@ def _file_names(stem: str, classes: list[ClassSpec]) -> dict[str, str]:
     for spec in classes:
         if spec.is_filament:
             names[f"filaments:{spec.name}"] = f"{stem}_{spec.name}_filaments.star"
+    for spec in classes:
+        if spec.is_particle or spec.is_filament:
+            names[f"imod:{spec.name}"] = f"{stem}_{spec.name}.mod"
     names["preview"] = f"{stem}_preview.png"
     names["summary"] = f"{stem}_summary.json"
     return names
@@ -178,6 +182,13 @@ def _write_files(files: dict[str, Path], seg: Segmentation, tomogram: np.ndarray
         if spec.is_filament:
             write_filament_star(files[f"filaments:{spec.name}"], seg.filaments.get(spec.name, []),
                                 seg.stem, seg.labels.shape, seg.voxel_size_a)
+    for spec in seg.classes:  # for 3dmod: imod.py
+        if spec.is_particle:
+            write_particle_model(files[f"imod:{spec.name}"], tables[spec.name], spec,
+                                 seg.labels.shape, seg.voxel_size_a)
+        elif spec.is_filament:
+            write_filament_model(files[f"imod:{spec.name}"], seg.filaments.get(spec.name, []),
+                                 spec, seg.labels.shape, seg.voxel_size_a)
     write_preview(files["preview"], seg.labels, seg.classes, tomogram)
 
 

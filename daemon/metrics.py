@@ -121,6 +121,10 @@ class Metrics:
             "Rescans of the watched folders (every rescan_interval_seconds, more often when "
             "polling; most list only the folders whose mtime changed): a flat line means "
             "discovery has stopped.", registry=r)
+        self.discovery_unchecked = Gauge(
+            "tomolive_discovery_unchecked",
+            "Files found complete but not yet checked against their results (a start-up "
+            "backlog is checked discovery_batch_seconds per loop turn).", registry=r)
         self.queue_length = Gauge(
             "tomolive_queue_length", "Tomograms waiting in the queue.", registry=r)
         self.in_progress = Gauge(

@@ -235,6 +235,7 @@ class Service:
         self.metrics.set_queue(len(self.queue), len(self.in_flight),
                                self.queue.oldest_enqueued_s())
         self.metrics.set_paused_workers(self.pool.paused_counts())
+        self.metrics.discovery_unchecked.set(len(self._unchecked))
         self.notifier.status(self._status_text())
         self.notifier.watchdog()
 

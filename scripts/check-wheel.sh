@@ -15,9 +15,15 @@ python3 -m venv "$work/venv"
     | grep -v "^WARNING: Location" || true
 cd "$work"  # away from the source tree, so only the installed package can be imported
 "$work/venv/bin/python" - <<'PY'
-import tomolive.core.pipeline, tomolive.daemon.service  # noqa: F401
+import tomolive.core.pipeline, tomolive.daemon.service, tomolive.interop.napari  # noqa: F401
+from importlib.metadata import entry_points
+from importlib.resources import files
 from tomolive.core.model import default_bundle_path, load_bundle
 bundle = load_bundle(default_bundle_path())
 print(f"wheel ok: default model {bundle.meta.name} v{bundle.meta.version} from {default_bundle_path()}")
+# The napari plugin manifest ships and its entry point names it.
+(plugin,) = [e for e in entry_points(group="napari.manifest") if e.name == "tomolive"]
+assert files("tomolive.interop").joinpath("napari.yaml").is_file(), plugin.value
+print(f"wheel ok: napari manifest {plugin.value}")
 PY
 "$work/venv/bin/tomolive" --version

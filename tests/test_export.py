@@ -10,10 +10,12 @@ import stat
 import time
 import types
 
+import imodmodel
 import mrcfile
 import numpy as np
 import pytest
 import starfile
+from imodmodel.models import ImodModel
 from PIL import Image
 from scipy.spatial.transform import Rotation
 from tomolive.core import export
@@ -25,6 +27,7 @@ from tomolive.core.export import (
     write_outputs,
 )
 from tomolive.core.filaments import Filament
+from tomolive.core.imod import imod_xyz_to_voxels
 from tomolive.core.particles import ParticleTable
 from tomolive.core.segmentation import Segmentation
 
@@ -68,6 +71,7 @@ def test_writes_exactly_the_contract_files(tmp_path):
     assert {p.name for p in paths.values()} == {
         "TS_01_labels.mrc", "TS_01_microtubule_mask.mrc", "TS_01_ribosome.star",
         "TS_01_gold.star", "TS_01_particles.csv", "TS_01_microtubule_filaments.star",
+        "TS_01_microtubule.mod", "TS_01_ribosome.mod", "TS_01_gold.mod",
         "TS_01_preview.png", "TS_01_summary.json",
     }
     assert [p.name for p in tmp_path.iterdir()] == ["TS_01"]  # no temporary folder left
@@ -129,6 +133,37 @@ def test_filament_star(tmp_path):
     for tilt, psi, d in zip(df.rlnAngleTilt, df.rlnAnglePsi, dirs_xyz, strict=True):
         z_axis = Rotation.from_euler("ZYZ", [0, tilt, psi], degrees=True).inv().as_matrix()[:, 2]
         assert abs(np.dot(z_axis, d)) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_imod_models_read_back_by_imodmodel_give_the_same_points(tmp_path):
+    seg = _segmentation()
+    write_outputs(tmp_path, seg)
+    paths = output_paths(tmp_path, "TS_01", seg.classes)
+    # Particles: one scattered object named after the class, a point per particle, in IMOD's
+    # convention (x, y + 0.5 from a voxel centre; z on the slice).
+    ribosomes = imodmodel.read(paths["imod:ribosome"])
+    expected_zyx = seg.particles["ribosome"].zyx
+    assert np.allclose(ribosomes[["x", "y", "z"]].to_numpy(),
+                       expected_zyx[:, ::-1] + [0.5, 0.5, 0.0], atol=0.01)
+    assert np.allclose(imod_xyz_to_voxels(ribosomes[["x", "y", "z"]].to_numpy()), expected_zyx,
+                       atol=0.01)
+    model = ImodModel.from_file(paths["imod:ribosome"])
+    assert (model.header.xmax, model.header.ymax, model.header.zmax) == SHAPE[::-1]
+    assert model.header.pixelsize == pytest.approx(VOXEL_A / 10) and model.header.units == -9
+    (obj,) = model.objects
+    assert obj.header.name == "ribosome" and obj.header.flags.scattered
+    assert obj.header.pdrawsize == round(default_class("ribosome").diameter_nm * 10 / VOXEL_A / 2)
+    # Filaments: one open contour per filament, points in order.
+    tubes = imodmodel.read(paths["imod:microtubule"])
+    for contour_id, filament in enumerate(seg.filaments["microtubule"]):
+        points = tubes[tubes.contour_id == contour_id][["x", "y", "z"]].to_numpy()
+        assert np.allclose(imod_xyz_to_voxels(points), filament.points_zyx, atol=0.01)
+    (tube_obj,) = ImodModel.from_file(paths["imod:microtubule"]).objects
+    assert tube_obj.header.flags.open and not tube_obj.header.flags.scattered
+    assert len(tube_obj.contours) == 2
+    # A class without particles is an object with no contours: still a valid model.
+    (gold_obj,) = ImodModel.from_file(paths["imod:gold"]).objects
+    assert gold_obj.header.name == "gold" and gold_obj.contours == []
 
 
 def test_relion_angles_for_random_directions():
@@ -242,7 +277,7 @@ def test_published_folder_and_files_honour_the_umask(tmp_path, umask, folder_mod
     assert fnmatch.fnmatch(seen_during_write[0], ".TS_01.tmp-*")
     assert stat.S_IMODE(folder.stat().st_mode) == folder_mode
     files = list(folder.iterdir())
-    assert len(files) == 8
+    assert len(files) == 11
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == file_mode, path.name
 

@@ -1,0 +1,1 @@
+"""Adapters that let other tools open tomolive's results (napari; more to come: copick)."""

@@ -34,12 +34,22 @@ from .faults import (
     explain_death,
     fault_backoff_s,
 )
+from .messages import (
+    Job,
+    JobAbandoned,
+    JobDone,
+    JobFailed,
+    MayPublish,
+    Progress,
+    WorkerReady,
+    WorkerReport,
+)
 from .metrics import Metrics, MetricsServer
 from .models import ModelRegistry, ServingModel
 from .notify import SystemdNotifier
 from .scheduler import QueueItem, WorkQueue
 from .watcher import FileWatcher
-from .workers import Job, WorkerPool
+from .workers import WorkerPool
 
 log = logging.getLogger("tomolive.service")
 
@@ -432,18 +442,22 @@ class Service:
 
     # --- worker messages ----------------------------------------------------------------------
 
-    def _handle(self, message: tuple) -> None:
-        kind, job_id = message[0], message[1]
-        if kind == "progress":
-            self.pool.beat(job_id, message[2])
-        elif kind == "may_publish":
-            self.pool.reply_publish(job_id, self._may_publish(job_id))
-        elif kind == "done":
-            self._job_done(job_id, message[2], message[3])
-        elif kind == "failed":
-            self._job_failed(job_id, message[2], message[3], device_fault=message[4])
-        elif kind == "abandoned":
-            self._abandon_job(job_id, message[2])
+    def _handle(self, message: WorkerReport) -> None:
+        if isinstance(message, Progress):
+            self.pool.beat(message.job_id, message.stage)
+        elif isinstance(message, MayPublish):
+            self.pool.reply_publish(message.job_id, self._may_publish(message.job_id))
+        elif isinstance(message, JobDone):
+            self._job_done(message.job_id, message.summary, message.device_memory_bytes)
+        elif isinstance(message, JobFailed):
+            self._job_failed(message.job_id, message.error, message.category,
+                             device_fault=message.device_fault)
+        elif isinstance(message, JobAbandoned):
+            self._abandon_job(message.job_id, message.reason)
+        elif isinstance(message, WorkerReady):
+            log.debug("worker w%d ready (pid %d)", message.index, message.pid)
+        else:  # a kind added to messages.py but not here: say so rather than drop it
+            log.error("unhandled worker message %r", message)
 
     def _may_publish(self, job_id: int) -> bool:
         flight = self.in_flight.get(job_id)

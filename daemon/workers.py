@@ -20,12 +20,24 @@ import queue
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.volume import DEFAULT_MAX_MODEL_VOXELS, DEFAULT_VOXEL_SIZE_BOUNDS_A
 from .logs import configure_logging, one_line
+from .messages import (
+    Job,
+    JobAbandoned,
+    JobDone,
+    JobFailed,
+    MayPublish,
+    Progress,
+    PublishReply,
+    RunJob,
+    Stop,
+    WorkerReady,
+    WorkerReport,
+)
 
 log = logging.getLogger("tomolive.workers")
 
@@ -35,23 +47,6 @@ PUBLISH_REPLY_TIMEOUT_S = 120.0
 # to prove the pipeline moves, cheap next to the work.
 PROGRESS_BEAT_INTERVAL_S = 1.0
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass
-class Job:
-    """One tomogram for one worker; plain data so that it pickles across processes."""
-
-    job_id: int
-    path: str
-    out_parent: str
-    stem: str  # the output folder's name under out_parent (daemon/naming.py)
-    model_path: str
-    model_sha256: str
-    voxel_size_a: float | None = None
-    inference: dict[str, Any] = field(default_factory=dict)
-    # Plausibility bounds from the configuration.
-    voxel_size_bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A
-    max_model_voxels: int = DEFAULT_MAX_MODEL_VOXELS
 
 
 @dataclass
@@ -118,7 +113,7 @@ class WorkerPool:
         worker.job = job
         worker.job_started_monotonic = worker.last_beat_monotonic = time.monotonic()
         worker.stage = "queued"
-        worker.inbox.put(("job", asdict(job)))
+        worker.inbox.put(RunJob(job))
 
     def beat(self, job_id: int, stage: str) -> None:
         """A progress beat from inside the pipeline of `job_id`."""
@@ -178,7 +173,7 @@ class WorkerPool:
     def reply_publish(self, job_id: int, allowed: bool) -> None:
         worker = self.worker_of(job_id)
         if worker is not None:
-            worker.inbox.put(("publish", job_id, allowed))
+            worker.inbox.put(PublishReply(job_id, allowed))
 
     def finish(self, job_id: int) -> tuple[WorkerHandle, Job, float] | None:
         """Mark the worker running `job_id` idle; returns it, the job and busy seconds."""
@@ -188,10 +183,10 @@ class WorkerPool:
         job, worker.job = worker.job, None
         return worker, job, time.monotonic() - worker.job_started_monotonic
 
-    def messages(self, timeout_s: float) -> list[tuple]:
+    def messages(self, timeout_s: float) -> list[WorkerReport]:
         """Everything the workers said, waiting at most `timeout_s` for the first message."""
         readers = {w.reports: w for w in self.workers if w.reports is not None}
-        found: list[tuple] = []
+        found: list[WorkerReport] = []
         for reader in mp_connection.wait(list(readers), timeout_s):
             worker = readers[reader]
             try:
@@ -225,7 +220,7 @@ class WorkerPool:
         for worker in self.workers:
             if worker.process is not None and worker.process.is_alive():
                 with contextlib.suppress(Exception):
-                    worker.inbox.put(("stop",))
+                    worker.inbox.put(Stop())
         for worker in self.workers:
             if worker.process is not None:
                 worker.process.join(timeout=10)
@@ -253,7 +248,7 @@ class _Reports:
     def __init__(self, connection: Any) -> None:
         self.connection = connection
 
-    def put(self, message: tuple) -> None:
+    def put(self, message: WorkerReport) -> None:
         self.connection.send(message)
 
 
@@ -271,13 +266,14 @@ def worker_main(device: str, index: int, inbox: Any, report_pipe: Any,
         torch.set_num_threads(threads)
     outbox = _Reports(report_pipe)
     runner = _JobRunner(device, inbox, outbox)
-    outbox.put(("ready", index, os.getpid()))
+    outbox.put(WorkerReady(index, os.getpid()))
     while True:
         message = inbox.get()
-        if message[0] == "stop":
+        if isinstance(message, Stop):
             return
-        if message[0] == "job":
-            runner.run(Job(**message[1]))
+        if isinstance(message, RunJob):
+            runner.run(message.job)
+        # A PublishReply here answers a job already given up on (its wait timed out): moot.
 
 
 def _die_with_parent() -> None:
@@ -306,7 +302,7 @@ class _JobRunner:
         try:
             summary = self._segment(job)
         except PublishRefused as refused:
-            self.outbox.put(("abandoned", job.job_id, str(refused)))
+            self.outbox.put(JobAbandoned(job.job_id, str(refused)))
         except Exception as error:  # recorded with its category; the worker goes on
             category = classify_error(error)
             message = one_line(error)
@@ -315,9 +311,9 @@ class _JobRunner:
                 message = f"{job.path}: {type(error).__name__}: {message}"
             elif job.path not in message:  # an OSError from the output side names its file
                 message = f"{job.path}: {message}"
-            self.outbox.put(("failed", job.job_id, message, category, is_device_error(error)))
+            self.outbox.put(JobFailed(job.job_id, message, category, is_device_error(error)))
         else:
-            self.outbox.put(("done", job.job_id, summary, _device_memory_bytes(self.device)))
+            self.outbox.put(JobDone(job.job_id, summary, _device_memory_bytes(self.device)))
 
     def _segment(self, job: Job) -> dict[str, Any]:
         from ..core.infer import InferenceOptions
@@ -340,7 +336,7 @@ class _JobRunner:
         return _read_summary(out_dir, seg.stem)
 
     def _beat(self, job_id: int, stage: str) -> None:
-        self.outbox.put(("progress", job_id, stage))
+        self.outbox.put(Progress(job_id, stage))
 
     def _progress_beats(self, job_id: int) -> Callable[[str, float], None]:
         """A pipeline progress callback that proves progress to the main process: at every
@@ -368,18 +364,18 @@ class _JobRunner:
         return self._model[1], self._model[2]
 
     def _ask_to_publish(self, job: Job) -> None:
-        self.outbox.put(("may_publish", job.job_id))
+        self.outbox.put(MayPublish(job.job_id))
         deadline = time.monotonic() + PUBLISH_REPLY_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
                 message = self.inbox.get(timeout=1.0)
             except queue.Empty:
                 continue
-            if message[0] == "publish" and message[1] == job.job_id:
-                if not message[2]:
+            if isinstance(message, PublishReply) and message.job_id == job.job_id:
+                if not message.allowed:
                     raise PublishRefused(f"{job.path}: lease lost, result not published")
                 return
-            if message[0] == "stop":
+            if isinstance(message, Stop):
                 raise PublishRefused(f"{job.path}: stopping, result not published")
         raise PublishRefused(f"{job.path}: no answer from the daemon, result not published")
 

@@ -3,8 +3,8 @@
 Creates N small MRC files in folders of 100 and marks each as finished (a summary naming its
 fingerprint, as the daemon itself writes), starts the real daemon (`tomolive run`) with the
 default discovery settings (events, or polling with --discovery polling; a rescan every 30 s,
-a full one every 300 s), waits until its start-up discovery is over (two rescans and no file
-left unchecked, from /metrics, then --warmup seconds), then measures the CPU seconds of the
+a full one every 300 s), waits until its start-up discovery is over (two rescans, no file
+pending or unchecked, from /metrics, then --warmup seconds), then measures the CPU seconds of the
 daemon and its worker processes over a window, from /proc. Last, it drops one new tomogram
 into a new session folder and times how long the daemon takes to report it (its "ok" or
 failure line in the log), to show that a cheap idle daemon still finds new work. Prints JSON.
@@ -127,8 +127,9 @@ def main() -> None:
         try:
             rescans = "tomolive_discovery_rescans_total"
             wait_for(lambda: metric(log_path, rescans) >= 2
+                     and metric(log_path, "tomolive_discovery_pending") == 0
                      and metric(log_path, "tomolive_discovery_unchecked") == 0, 3600,
-                     "start-up discovery (two rescans, every file checked)")
+                     "start-up discovery (two rescans, every file judged and checked)")
             startup_s = time.monotonic() - started
             time.sleep(args.warmup)
             rescans_before = metric(log_path, rescans)

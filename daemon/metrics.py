@@ -121,6 +121,10 @@ class Metrics:
             "Rescans of the watched folders (every rescan_interval_seconds, more often when "
             "polling; most list only the folders whose mtime changed): a flat line means "
             "discovery has stopped.", registry=r)
+        self.discovery_pending = Gauge(
+            "tomolive_discovery_pending",
+            "Files seen but not yet judged complete (being written, settling, or a start-up "
+            "backlog whose headers are read discovery_batch_seconds per loop turn).", registry=r)
         self.discovery_unchecked = Gauge(
             "tomolive_discovery_unchecked",
             "Files found complete but not yet checked against their results (a start-up "

@@ -246,6 +246,7 @@ class Service:
                                self.queue.oldest_enqueued_s())
         self.metrics.set_paused_workers(self.pool.paused_counts())
         self.metrics.discovery_unchecked.set(len(self._unchecked))
+        self.metrics.discovery_pending.set(self.watcher.pending)
         self.notifier.status(self._status_text())
         self.notifier.watchdog()
 

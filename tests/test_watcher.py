@@ -306,3 +306,18 @@ def test_a_missing_watched_folder_is_warned_about_once_and_its_return_noted(tmp_
     scanner.scan()
     assert [(r.levelname, r.getMessage()) for r in caplog.records][1:] == [
         ("INFO", f"watched folder {missing} can be listed again")]
+
+
+def test_a_settling_backlog_is_judged_a_budget_at_a_time(tmp_path, mrc_bytes):
+    # Judging a file reads its header: a huge backlog settling at once must not hold one loop
+    # turn (no heartbeats, no watchdog pings). A zero budget still judges one file per call.
+    root = tmp_path / "in"
+    root.mkdir()
+    for name in ("a.mrc", "b.mrc", "c.mrc"):
+        (root / name).write_bytes(mrc_bytes)
+    watcher = _watcher(root, evaluate_budget_s=0.0, settle_s=1.0)
+    assert watcher.poll(now_s=0.0) == [] and watcher.pending == 3  # found, not settled yet
+    found = [watcher.poll(now_s=10.0) for _ in range(4)]
+    assert [len(batch) for batch in found] == [1, 1, 1, 0]
+    assert sorted(c.path.name for batch in found for c in batch) == ["a.mrc", "b.mrc", "c.mrc"]
+    assert watcher.pending == 0

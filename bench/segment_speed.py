@@ -141,13 +141,13 @@ class _RssSampler(threading.Thread):
 
 
 def run_once(tomogram: Path, model: Path, device: str, voxel_size_a: float | None,
-             threads: int | None) -> dict[str, Any]:
+             threads: int | None, precision: str = "auto") -> dict[str, Any]:
     """One `segment_file` run in this (fresh) process: timings and memory."""
     if threads is not None:
         torch.set_num_threads(threads)
     rss_before_kib = _status_kib("VmRSS")
     bundle = load_bundle(model)
-    options = SegmentOptions(inference=InferenceOptions(device=device),
+    options = SegmentOptions(inference=InferenceOptions(device=device, precision=precision),
                              voxel_size_a=voxel_size_a)
     t0 = time.perf_counter()
     network = prepare_network(bundle, device)
@@ -178,6 +178,7 @@ def run_once(tomogram: Path, model: Path, device: str, voxel_size_a: float | Non
         "sampled_rss_peak_by_stage_mib": {k: round(v / 1024, 1)
                                           for k, v in sampler.stage_peak_kib.items()},
         "torch_threads": torch.get_num_threads(),
+        "precision_used": (summary.get("settings") or {}).get("precision_used"),
     }
 
 
@@ -206,6 +207,7 @@ def summarize(runs: list[dict[str, Any]], shape: tuple[int, int, int], model: Pa
     out: dict[str, Any] = {
         "shape_zyx": list(shape),
         "device": device,
+        "precision_used": runs[0].get("precision_used"),
         "device_name": device_name(resolve_device(device)),
         "torch_threads": runs[0]["torch_threads"],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -246,7 +248,7 @@ def summarize(runs: list[dict[str, Any]], shape: tuple[int, int, int], model: Pa
 
 def _child(args: argparse.Namespace) -> None:
     result = run_once(Path(args.child_tomogram), Path(args.child_model), args.device,
-                      args.voxel_size, args.threads)
+                      args.voxel_size, args.threads, args.precision)
     print("RESULT " + json.dumps(result))
 
 
@@ -255,6 +257,8 @@ def main() -> None:
     parser.add_argument("--shape", nargs=3, type=int, default=[200, 512, 512],
                         metavar=("Z", "Y", "X"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="inference precision (InferenceOptions.precision)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default=None, help="bundle (default: the shipped model)")
     parser.add_argument("--voxel-size", type=float, default=None,
@@ -288,7 +292,7 @@ def main() -> None:
         for i in range(args.repeats):
             cmd = [sys.executable, __file__, "--child-tomogram", str(tomogram),
                    "--child-model", str(model), "--device", args.device,
-                   "--voxel-size", str(voxel_a)]
+                   "--voxel-size", str(voxel_a), "--precision", args.precision]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -12,7 +12,7 @@
 #                precision, and on the CPU in float32: the share of label voxels that agree
 #   tests        the suite's device-sensitive tests (inference, model, pipeline mapping)
 #   peak         bench/peak.py: the device's attainable FLOP/s
-#   speed_*      bench/segment_speed.py on SHAPE in float32 and in bfloat16
+#   speed        bench/segment_speed.py --compare-precision on SHAPE: float32 and bfloat16
 #   daemon_*     bench/daemon_throughput.py with one and two workers per GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,11 +72,9 @@ PY
 step peak
 "$py" bench/peak.py --device "$device" > "$work/peak.json"
 
-for precision in float32 bfloat16; do
-    step "segment_speed $precision"
-    "$py" bench/segment_speed.py --shape $shape --device "$device" --precision "$precision" \
-        --repeats 1 --peak-json "$work/peak.json" --scratch "$work" > "$work/speed_$precision.json"
-done
+step "segment_speed, float32 against bfloat16"
+"$py" bench/segment_speed.py --shape $shape --device "$device" --compare-precision \
+    --repeats 1 --peak-json "$work/peak.json" --scratch "$work" > "$work/speed.json"
 
 if [ "$device" = cpu ]; then devices=cpu; else devices=${device#cuda:}; fi
 for workers in 1 2; do

@@ -141,7 +141,8 @@ class _RssSampler(threading.Thread):
 
 
 def run_once(tomogram: Path, model: Path, device: str, voxel_size_a: float | None,
-             threads: int | None, precision: str = "auto") -> dict[str, Any]:
+             threads: int | None, precision: str = "auto",
+             labels_copy: Path | None = None) -> dict[str, Any]:
     """One `segment_file` run in this (fresh) process: timings and memory."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -161,6 +162,8 @@ def run_once(tomogram: Path, model: Path, device: str, voxel_size_a: float | Non
                                     progress=sampler.progress)
         end_to_end_s = time.perf_counter() - start
         summary = json.loads(next(out_dir.glob("*summary*.json")).read_text())
+        if labels_copy is not None:  # for --compare-precision's label agreement
+            np.save(labels_copy, seg.labels)
     sampled_kib = sampler.stop()
     return {
         "timings_s": {k: summary["timings_s"].get(k, 0.0) for k in STAGES},
@@ -248,7 +251,8 @@ def summarize(runs: list[dict[str, Any]], shape: tuple[int, int, int], model: Pa
 
 def _child(args: argparse.Namespace) -> None:
     result = run_once(Path(args.child_tomogram), Path(args.child_model), args.device,
-                      args.voxel_size, args.threads, args.precision)
+                      args.voxel_size, args.threads, args.precision,
+                      Path(args.child_labels) if args.child_labels else None)
     print("RESULT " + json.dumps(result))
 
 
@@ -271,6 +275,10 @@ def main() -> None:
     parser.add_argument("--scratch", default=None, help="folder for the temporary MRC")
     parser.add_argument("--child-tomogram", help=argparse.SUPPRESS)
     parser.add_argument("--child-model", help=argparse.SUPPRESS)
+    parser.add_argument("--child-labels", help=argparse.SUPPRESS)
+    parser.add_argument("--compare-precision", action="store_true",
+                        help="run float32 and bfloat16 alternately; report both and their "
+                             "ratios (speed, memory, label agreement)")
     args = parser.parse_args()
     if args.child_tomogram:
         _child(args)
@@ -288,26 +296,69 @@ def main() -> None:
         shape = tuple(args.shape)
         tomogram = tmp / "bench.mrc"
         made = write_tomogram(tomogram, shape, voxel_a, args.tile_yx)
-        runs = []
+        # --compare-precision: float32 and bfloat16 alternate run by run, so that a change in
+        # the machine's load touches both alike.
+        precisions = ["float32", "bfloat16"] if args.compare_precision else [args.precision]
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in precisions}
         for i in range(args.repeats):
-            cmd = [sys.executable, __file__, "--child-tomogram", str(tomogram),
-                   "--child-model", str(model), "--device", args.device,
-                   "--voxel-size", str(voxel_a), "--precision", args.precision]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                sys.exit(f"run {i + 1} failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
-            runs.append(json.loads(lines[-1][len("RESULT "):]))
-            print(f"run {i + 1}/{args.repeats}: {runs[-1]['end_to_end_s']:.1f} s",
-                  file=sys.stderr)
+            for precision in precisions:
+                labels_copy = tmp / f"labels-{precision}.npy" if i == 0 else None
+                runs[precision].append(_run_child(tomogram, model, voxel_a, precision, args,
+                                                  labels_copy))
+                print(f"run {i + 1}/{args.repeats} {precision}: "
+                      f"{runs[precision][-1]['end_to_end_s']:.1f} s", file=sys.stderr)
         if args.peak_json:
             peak = json.loads(Path(args.peak_json).read_text())
         else:
             peak = measure_peak(args.device, threads=args.threads)
-        result = summarize(runs, shape, model, kind, args.device, peak, made)
+        results = {p: summarize(runs[p], shape, model, kind, args.device, peak, made)
+                   for p in precisions}
+        if args.compare_precision:
+            result = {**results, "fast_vs_float32": _comparison(
+                results["float32"], results["bfloat16"],
+                np.load(tmp / "labels-float32.npy"), np.load(tmp / "labels-bfloat16.npy"))}
+        else:
+            result = results[args.precision]
     print(json.dumps(result, indent=2))
+
+
+def _run_child(tomogram: Path, model: Path, voxel_a: float, precision: str,
+               args: argparse.Namespace, labels_copy: Path | None) -> dict[str, Any]:
+    """One run in a fresh process (its memory high-water mark is its own)."""
+    cmd = [sys.executable, __file__, "--child-tomogram", str(tomogram),
+           "--child-model", str(model), "--device", args.device,
+           "--voxel-size", str(voxel_a), "--precision", precision]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if labels_copy is not None:
+        cmd += ["--child-labels", str(labels_copy)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"{precision} run failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _comparison(exact: dict[str, Any], fast: dict[str, Any], exact_labels: np.ndarray,
+                fast_labels: np.ndarray) -> dict[str, Any]:
+    """The issue's figures: speed ratios (fast over float32), memory, and label agreement."""
+    def inference_voxels_per_s(result: dict[str, Any]) -> float:
+        return np.prod(result["model_grid_shape_zyx"]) / result["stages_s"]["inference"]["median"]
+
+    def peak_mib(result: dict[str, Any]) -> float:
+        return max(max(result["memory_mib"]["vm_hwm_mib"]),
+                   max(result["memory_mib"]["sampled_rss_peak_mib"]))
+
+    return {
+        "precision_used": fast["precision_used"],
+        "inference_speed_ratio": round(inference_voxels_per_s(fast)
+                                       / inference_voxels_per_s(exact), 3),
+        "end_to_end_speed_ratio": round(exact["end_to_end_s"]["median"]
+                                        / fast["end_to_end_s"]["median"], 3),
+        "non_inference_fraction_fast": fast["non_inference_fraction"]["median"],
+        "peak_memory_ratio": round(peak_mib(fast) / peak_mib(exact), 3),
+        "label_voxels_agreeing": float((exact_labels == fast_labels).mean()),
+    }
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ against the folder of the configuration file (or the current folder when there i
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..core.volume import DEFAULT_MAX_MODEL_VOXELS, DEFAULT_VOXEL_SIZE_BOUNDS_A
 
 DEFAULT_PATTERNS = ["*.mrc", "*.rec"]
+
+
+@functools.lru_cache(maxsize=64)
+def patterns_regex(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """A watched folder's file patterns as one case-insensitive regex (`TS_01.MRC` matches
+    `*.mrc`): the one place that says which names the patterns pick up. One regex, not
+    fnmatch pattern by pattern: a full rescan of 100,000 files spent half its time there."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns),
+                      re.IGNORECASE)
 DEFAULT_METRICS_PORT = 9847
 
 

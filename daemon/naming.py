@@ -14,13 +14,12 @@ The folder name is also the lease and failure-record key (`claims.lease_key`), s
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import DEFAULT_PATTERNS
+from .config import DEFAULT_PATTERNS, patterns_regex
 
 
 def output_stem(path: Path, out_parent: Path | None,
@@ -62,13 +61,14 @@ def _has_sibling_input(path: Path, patterns: Sequence[str]) -> bool:
         if rest and not any(ch in rest for ch in "*?["):
             literal.extend({rest, rest.lower(), rest.upper()})
         else:
-            wildcard.append(pattern.lower())
+            wildcard.append(pattern)
     names = {f"{path.stem}.{ext}" for ext in literal}
     if wildcard:
+        matches = patterns_regex(tuple(wildcard)).match
         try:
             prefix = path.stem + "."
-            names.update(n for n in os.listdir(path.parent) if n.startswith(prefix)
-                         and any(fnmatch.fnmatchcase(n.lower(), p) for p in wildcard))
+            names.update(n for n in os.listdir(path.parent)
+                         if n.startswith(prefix) and matches(n))
         except OSError:
             pass
     names.discard(path.name)

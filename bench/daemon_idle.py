@@ -33,6 +33,11 @@ import yaml
 from tomolive.core.fingerprint import input_fingerprint
 from tomolive.core.volume import write_mrc
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the test harness's waiting helper, as bench/attack.py uses it
+
+from tests.daemon_harness import wait_until  # noqa: E402
+
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process and its children still running, in seconds."""
@@ -79,16 +84,6 @@ def metric(log_path: Path, name: str) -> float:
     return float(match.group(1)) if match else float("nan")
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> float:
-    """Seconds until `predicate()` held; raises after `timeout_s`."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout_s:
-            raise SystemExit(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.1)
-    return time.monotonic() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--files", type=int, default=1000)
@@ -126,7 +121,7 @@ def main() -> None:
                                    str(root / "config.yaml")], stdout=log, stderr=log)
         try:
             rescans = "tomolive_discovery_rescans_total"
-            wait_for(lambda: metric(log_path, rescans) >= 2
+            wait_until(lambda: metric(log_path, rescans) >= 2
                      and metric(log_path, "tomolive_discovery_pending") == 0
                      and metric(log_path, "tomolive_discovery_unchecked") == 0, 3600,
                      "start-up discovery (two rescans, every file judged and checked)")
@@ -142,8 +137,9 @@ def main() -> None:
             new = root / "incoming" / "new_session" / "TS_new.mrc"
             new.parent.mkdir(exist_ok=True)
             write_mrc(new, np.zeros((32, 64, 64), np.float32), 10.0)
-            found_s = wait_for(lambda: "TS_new.mrc" in log_path.read_text(), 600,
-                               "the new tomogram")
+            written = time.monotonic()
+            wait_until(lambda: "TS_new.mrc" in log_path.read_text(), 600, "the new tomogram")
+            found_s = time.monotonic() - written
         finally:
             daemon.terminate()
             daemon.wait(timeout=60)

@@ -24,13 +24,10 @@ from pathlib import Path
 
 import yaml
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the test harness's waiting helper, as bench/attack.py uses it
 
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > end:
-            raise SystemExit(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.2)
+from tests.daemon_harness import wait_until  # noqa: E402
 
 
 def main() -> None:
@@ -65,7 +62,7 @@ def main() -> None:
             daemon = subprocess.Popen([sys.executable, "-m", "tomolive", "run", "--config",
                                        str(root / "config.yaml")], stdout=log, stderr=log)
             try:
-                wait_for(lambda: "tomolive serving" in log_path.read_text(), 600, "the daemon")
+                wait_until(lambda: "tomolive serving" in log_path.read_text(), 600, "the daemon")
                 for i in range(args.tomograms):  # staged next door, renamed in: whole at once
                     shutil.copy(staging / "t.mrc", staging / f"TS_{i:02d}.mrc")
                 dropped = time.monotonic()
@@ -73,7 +70,7 @@ def main() -> None:
                     (staging / f"TS_{i:02d}.mrc").rename(incoming / f"TS_{i:02d}.mrc")
                 summaries = [outputs / f"TS_{i:02d}" / f"TS_{i:02d}_summary.json"
                              for i in range(args.tomograms)]
-                wait_for(lambda: all(p.exists() for p in summaries), args.timeout,
+                wait_until(lambda: all(p.exists() for p in summaries), args.timeout,
                          "every summary")
                 wall_s = time.monotonic() - dropped
             finally:

@@ -29,6 +29,7 @@ import torch
 from tomolive.core.infer import InferenceOptions, prepare_network
 from tomolive.core.model import ModelBundle, default_bundle_path, load_bundle
 from tomolive.core.pipeline import SegmentOptions, segment_file
+from tomolive.core.result_folder import read_summary
 
 # Label value i + 1 of the truth volumes is TRUTH_CLASSES[i] (validation README).
 TRUTH_CLASSES = ("membrane", "microtubule", "actin", "ribosome", "gold")
@@ -124,7 +125,7 @@ def segment_and_score(name: str, args: argparse.Namespace, bundle: ModelBundle, 
     scores = run_scorer(args.validation_dir / "score.py", folder, truth_stem)
     score_s = time.perf_counter() - start
     # The summary's stages include the write and the total, which seg.timings_s lacks.
-    summary = json.loads((out_dir / f"{seg.stem}_summary.json").read_text())
+    summary = read_summary(out_dir)
     record = tomogram_record(name, scores, names, segment_s, score_s, summary["timings_s"])
     record["remapped_labels"] = folder != out_dir
     return record

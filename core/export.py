@@ -1,11 +1,12 @@
 """Writing one tomogram's results: the output folder of DESIGN.md's contract, published atomically.
 
-Everything is written into `out_parent/.STEM.tmp-XXXX` (summary last), then that folder is
-renamed to `out_parent/STEM`: readers see the whole folder or none of it. An existing
-`out_parent/STEM` is renamed aside first and deleted after the new one is in place. Any failure
-removes the temporary folder and leaves an existing result untouched. Folders are created
-0777 and files 0666, both less the process umask (0755/0644 under the default 022), so that
-other users (and a daemon running as another user) can read the results.
+Everything is written into a temporary folder beside it (summary last; the names are
+core.result_folder's), then that folder is renamed to `out_parent/STEM`: readers see the whole
+folder or none of it. An existing `out_parent/STEM` is renamed aside first and deleted after
+the new one is in place. Any failure removes the temporary folder and leaves an existing
+result untouched. Folders are created 0777 and files 0666, both less the process umask
+(0755/0644 under the default 022), so that other users (and a daemon running as another
+user) can read the results.
 
 Coordinates: tables hold float (z, y, x) voxel positions on the input grid; files use x, y, z.
 STAR files are RELION 5 style (`data_particles`, `rlnTomoName`, `rlnCoordinateX/Y/Z` in pixels
@@ -23,7 +24,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from . import result_folder
 from .atomic import fsync_dir
 from .classes import ClassSpec
 from .filaments import Filament
@@ -63,7 +64,7 @@ def _file_names(stem: str, classes: list[ClassSpec]) -> dict[str, str]:
         if spec.is_particle or spec.is_filament:
             names[f"imod:{spec.name}"] = f"{stem}_{spec.name}.mod"
     names["preview"] = f"{stem}_preview.png"
-    names["summary"] = f"{stem}_summary.json"
+    names["summary"] = result_folder.summary_name(stem)
     return names
 
 
@@ -81,8 +82,8 @@ NAME_MAX_BYTES = 255
 def check_output_names(input_path: str | Path, stem: str, classes: list[ClassSpec]) -> None:
     """Raise ValueError naming the input when an output name would be too long to create:
     found before reading the tomogram, not as `[Errno 36]` about a temporary file after it."""
-    # The temporary and the set-aside folders (`.STEM.tmp-` / `.STEM.old-` + 8 hex digits).
-    names = [*_file_names(stem, classes).values(), f".{stem}.tmp-{'0' * 8}"]
+    # The temporary and the set-aside folders are longer than the stem (core.result_folder).
+    names = [*_file_names(stem, classes).values(), result_folder.longest_folder_name(stem)]
     longest = max(names, key=lambda name: len(os.fsencode(name)))
     size = len(os.fsencode(longest))
     if size > NAME_MAX_BYTES:
@@ -134,13 +135,13 @@ def write_outputs(
 
 
 def _make_temporary_folder(out_parent: Path, stem: str) -> Path:
-    """A new empty `out_parent/.STEM.tmp-XXXXXXXX` (the pattern daemon.service cleans up).
+    """A new empty temporary folder for `stem` (core.result_folder names it and recovers it).
 
     Not tempfile.mkdtemp: it always makes 0700, so published results were unreadable to
     everyone else whatever the umask. os.mkdir with 0o777 lets the umask decide.
     """
     for _ in range(100):
-        tmp = out_parent / f".{stem}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = out_parent / result_folder.temporary_folder_name(stem, result_folder.new_token())
         try:
             os.mkdir(tmp, 0o777)
         except FileExistsError:  # another writer drew the same name: draw again
@@ -196,7 +197,8 @@ def _publish(tmp: Path, final: Path) -> Path:
     """Rename `tmp` to `final`; an existing `final` is moved aside first, then deleted."""
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        old = final.with_name(result_folder.set_aside_folder_name(final.name,
+                                                                  result_folder.new_token()))
         os.rename(final, old)
     try:
         os.rename(tmp, final)

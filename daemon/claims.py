@@ -34,6 +34,7 @@ from filelock import SoftFileLease, Timeout
 
 from ..core.atomic import atomic_write_text
 from ..core.fingerprint import input_fingerprint
+from ..core.result_folder import read_summary, summary_name
 
 __all__ = [
     "FailureRecords",
@@ -485,13 +486,6 @@ class FailureRecords:
 
 
 # -- done markers and status -------------------------------------------------------------------
-def read_summary(out_folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The parsed `STEM_summary.json` of a tomogram's output folder, None if absent or torn."""
-    folder = Path(out_folder)
-    record = _read_json(folder / f"{folder.name}_summary.json")
-    return record if record and "_raw_sha256" not in record else None
-
-
 def is_done(out_folder: str | os.PathLike[str], model_sha256: str | None, fingerprint: str) -> bool:
     """Done: the summary exists, names this input fingerprint and (unless None) this model."""
     summary = read_summary(out_folder)
@@ -505,10 +499,10 @@ def is_done(out_folder: str | os.PathLike[str], model_sha256: str | None, finger
 def _summaries(output_dir: Path) -> list[Path]:
     found = []
     for root, dirs, files in os.walk(output_dir):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .tomolive, .STEM.tmp-*
-        name = os.path.basename(root)
-        if f"{name}_summary.json" in files:
-            found.append(Path(root, f"{name}_summary.json"))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .tomolive, unfinished results
+        marker = summary_name(os.path.basename(root))
+        if marker in files:
+            found.append(Path(root, marker))
     return found
 
 

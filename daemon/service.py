@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import glob
 import logging
 import shutil
 import signal
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.fingerprint import input_fingerprint
+from ..core.result_folder import recover_interrupted_publish
 from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, is_done, lease_key
 from .config import Config, ConfigError, load_config
 from .faults import (
@@ -346,7 +346,7 @@ class Service:
             parent = (root / target.parent).resolve()
             # A lease file is shared state anyone could write: never clean outside the folder.
             if target.name and not target.is_absolute() and parent.is_relative_to(root):
-                _remove_temporary_outputs(parent, target.name)
+                recover_interrupted_publish(parent, target.name)
             self._release(lease)
             log.info("cleaned up after a crashed holder of %s", target or lease.key)
 
@@ -417,7 +417,7 @@ class Service:
         return True
 
     def _start(self, worker: Any, item: QueueItem, lease: Lease, fingerprint: str) -> None:
-        _remove_temporary_outputs(item.out_parent, item.stem)  # ours: we hold the lease
+        recover_interrupted_publish(item.out_parent, item.stem)  # ours: we hold the lease
         model = self.registry.current
         job = Job(job_id=self._next_job_id, path=str(item.path),
                   out_parent=str(item.out_parent), stem=item.stem,
@@ -513,7 +513,7 @@ class Service:
         if not self._still_ours(flight):
             log.warning("%s (after losing the lease; not counted)", error)
             return
-        _remove_temporary_outputs(flight.item.out_parent, flight.item.stem)
+        recover_interrupted_publish(flight.item.out_parent, flight.item.stem)
         if category != INPUT:
             self._not_the_tomograms_fault(flight, error, category, disk_full)
             return
@@ -662,7 +662,7 @@ class Service:
         if flight is None:
             return
         if self._still_ours(flight):
-            _remove_temporary_outputs(flight.item.out_parent, flight.item.stem)
+            recover_interrupted_publish(flight.item.out_parent, flight.item.stem)
             self._release(flight.lease)
         log.warning("%s: abandoned (%s)", flight.item.path, reason)
 
@@ -764,25 +764,6 @@ def _resolve_devices(config: Config) -> list[str]:
     if not gpus:
         return ["cpu"] * config.cpu_workers
     return [gpu for gpu in gpus for _ in range(config.workers_per_gpu)]
-
-
-def _remove_temporary_outputs(out_parent: Path, stem: str) -> None:
-    """Clean up after a killed worker (call only while holding the tomogram's lease).
-
-    core.export builds `.STEM.tmp-*` and, when replacing a result, moves the old folder to
-    `.STEM.old-*` just before renaming the new one in: a worker killed between the two renames
-    leaves no `STEM`, and the old result is put back rather than deleted.
-    """
-    if not out_parent.is_dir():
-        return
-    final = out_parent / stem
-    for old in sorted(out_parent.glob(f".{glob.escape(stem)}.old-*")):
-        if not final.exists():
-            old.rename(final)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-    for leftover in out_parent.glob(f".{glob.escape(stem)}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _summary_line(summary: dict[str, Any], item: QueueItem, device: str) -> str:

@@ -191,7 +191,9 @@ def _cosine_ramp(n: int) -> torch.Tensor:
 
 
 def _network_multiple(network: nn.Module) -> int:
-    return int(getattr(network, "size_multiple", 16))
+    # The network's own rule (core.model.UNet25D.size_multiple); a torch.compile wrapper
+    # forwards the attribute to the module it wraps.
+    return int(network.size_multiple)
 
 
 def _uses_channels_last(network: nn.Module) -> bool:

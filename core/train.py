@@ -43,6 +43,7 @@ from scipy import ndimage
 from torch import nn
 
 from .classes import ClassSpec, default_class
+from .errors import one_line
 from .model import BundleMeta, ModelBundle, UNet25D, architecture_dict
 from .preprocess import DEFAULT_RECIPE, apply_recipe, validate_recipe
 from .resample import GridMap, fourier_rescale, grid_for
@@ -221,7 +222,7 @@ def load_class_overrides(yaml_path: str | Path) -> dict[str, dict[str, Any]]:
     except OSError as exc:
         raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise ValueError(f"{path}: not valid YAML ({one_line(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -655,7 +656,7 @@ def calibrate_batchnorm(network: nn.Module, parts: list[_Part], in_slices: int,
     norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or not parts:
         return
-    multiple = 2 ** (network.arch["levels"] - 1)
+    multiple = network.size_multiple
     was_training = network.training
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -677,7 +678,7 @@ def validation_dice(
 ) -> dict[str, float]:
     """Dice per class over the annotated voxels of all validation parts. Classes without
     truth voxels there are left out (a fixed set for a run, so scores compare over time)."""
-    multiple = 2 ** (network.arch["levels"] - 1)
+    multiple = network.size_multiple
     n = len(class_names) + 1
     inter, pred_n, true_n = np.zeros(n), np.zeros(n), np.zeros(n)
     was_training = network.training

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import one_line
 from ..core.fingerprint import input_fingerprint
 from ..core.pipeline import segment_file
 from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, is_done, lease_key
@@ -106,7 +107,7 @@ def _segment_leased(path: Path, out_parent: Path, bundle: Any, network: Any, opt
         print(f"tomolive: {error}", file=sys.stderr)
         return True  # someone else owns it now: not our failure
     except (ValueError, OSError, RuntimeError, MemoryError) as error:
-        message = " ".join(str(error).split())
+        message = one_line(error)
         category = classify_error(error)
         if category == INPUT:
             failures.record_failure(lease.key, fingerprint, message, rel_output)

@@ -33,6 +33,7 @@ from typing import Any
 from filelock import SoftFileLease, Timeout
 
 from ..core.atomic import atomic_write_text
+from ..core.errors import one_line
 from ..core.fingerprint import input_fingerprint
 from ..core.result_folder import read_summary, summary_name
 
@@ -429,7 +430,7 @@ class FailureRecords:
             if record is None or record.get("fingerprint") != fingerprint:
                 record = {"attempts": 0, "hosts": [], "fingerprint": fingerprint}
             record[counter] = int(record.get(counter, 0)) + 1
-            record["last_error"] = " ".join(str(error).split())  # one line
+            record["last_error"] = one_line(error)
             record["last_category"] = category
             record["target"] = target or record.get("target", "")
             if self.host not in record["hosts"]:

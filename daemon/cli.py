@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .. import __version__
-from .logs import configure_logging, one_line, printable
+from ..core.errors import one_line, printable
+from .logs import configure_logging
 from .naming import output_stem
 
 EXIT_OK = 0
@@ -160,16 +161,17 @@ class _StageProgress:
         return self.update
 
     def update(self, stage: str, fraction: float) -> None:
-        from ..core.pipeline import STAGES
+        from ..core.stages import STAGES
 
         position = STAGES.index(stage) if stage in STAGES else 0
-        overall = 100.0 * (position + fraction) / len(STAGES)
+        inference = STAGES.index("inference")
         if stage == "inference":  # by far the longest stage: give it most of the bar
             overall = 30.0 + 55.0 * fraction
-        elif position > STAGES.index("inference"):
-            overall = 85.0 + 15.0 * (position - 4 + fraction) / (len(STAGES) - 4)
+        elif position > inference:
+            after = len(STAGES) - inference - 1
+            overall = 85.0 + 15.0 * (position - inference - 1 + fraction) / after
         else:
-            overall = 30.0 * (position + fraction) / 4
+            overall = 30.0 * (position + fraction) / inference
         self.bar.set_postfix_str(stage)
         self.bar.n = min(100.0, round(overall, 1))
         self.bar.refresh()

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.errors import one_line
 from ..core.volume import DEFAULT_VOXEL_SIZE_BOUNDS_A
 
 log = logging.getLogger("tomolive.models")
@@ -195,7 +196,7 @@ class ModelRegistry:
         except Exception as error:  # any failure means: not this file, keep serving
             if cached is not None:
                 cached.unlink(missing_ok=True)
-            self._reject(path, stat, " ".join(str(error).split()) or type(error).__name__)
+            self._reject(path, stat, one_line(error))
             return None
         final = self.cache_dir / f"{bundle.sha256}{BUNDLE_SUFFIX}"
         cached.replace(final)

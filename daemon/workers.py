@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import one_line
 from ..core.result_folder import read_summary
-from .logs import configure_logging, one_line
+from .logs import configure_logging
 from .messages import (
     Job,
     JobAbandoned,

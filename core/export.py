@@ -8,13 +8,7 @@ result untouched. Folders are created 0777 and files 0666, both less the process
 (0755/0644 under the default 022), so that other users (and a daemon running as another
 user) can read the results.
 
-Coordinates: tables hold float (z, y, x) voxel positions on the input grid; files use x, y, z.
-STAR files are RELION 5 style (`data_particles`, `rlnTomoName`, `rlnCoordinateX/Y/Z` in pixels
-= the same 0-based voxel indices as the CSV, and `rlnCenteredCoordinateX/Y/ZAngst` =
-(coordinate - size / 2) * voxel size). Filament points carry `rlnHelicalTubeID` (1-based per
-filament), `rlnHelicalTrackLengthAngst`, and `rlnAngleTilt`/`rlnAnglePsi` that put the particle's
-Z axis along the filament (RELION's helical convention; the twist `rlnAngleRot` is left out):
-direction (x, y, z) = (-sin(tilt) cos(psi), sin(tilt) sin(psi), cos(tilt)).
+The STAR and CSV tables' columns and coordinate conventions are core.star's.
 """
 
 from __future__ import annotations
@@ -32,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from . import result_folder
+from . import result_folder, star
 from .atomic import fsync_dir
 from .classes import ClassSpec
 from .filaments import Filament
@@ -41,7 +35,6 @@ from .particles import ParticleTable
 from .segmentation import Segmentation
 from .volume import release_pages, write_mrc
 
-STAR_VERSION = "# version 50001"  # RELION 5
 PREVIEW_MAX_PX = 1200
 PREVIEW_MIN_PX = 480  # small test volumes are enlarged (nearest) so the preview stays readable
 OVERLAY_ALPHA = 0.5
@@ -212,99 +205,21 @@ def _publish(tmp: Path, final: Path) -> Path:
     return final
 
 
-# ---- STAR and CSV ------------------------------------------------------------------------------
-
-def _star_text(block: str, columns: dict[str, list[str]]) -> str:
-    lines = [STAR_VERSION, "", f"data_{block}", "", "loop_"]
-    lines += [f"_{name} #{i}" for i, name in enumerate(columns, start=1)]
-    lines += [" ".join(row) for row in zip(*columns.values(), strict=True)]
-    return "\n".join(lines) + "\n\n"
-
-
-# A STAR value that starts like this would be read as syntax, not as a string.
-_STAR_RESERVED_STARTS = ("_", "#", "$", "'", '"', ";", "data_", "loop_", "save_", "global_",
-                         "stop_")
-
-
-def _star_string(value: str) -> str:
-    """A string as one STAR value: control characters (a newline would end the row) and
-    quotes (which STAR readers disagree on) become `_`; quoted when it holds whitespace or
-    would otherwise read as syntax."""
-    value = "".join(c if c.isprintable() and c not in "'\"" else "_" for c in value)
-    if value and not any(c.isspace() for c in value) and \
-            not value.lower().startswith(_STAR_RESERVED_STARTS):
-        return value
-    return f'"{value}"'
-
-
-def _fmt(values: np.ndarray, digits: int) -> list[str]:
-    return [f"{v:.{digits}f}" for v in np.asarray(values, dtype=np.float64)]
-
-
-def _coordinate_columns(
-    zyx: np.ndarray, stem: str, shape_zyx: tuple[int, ...], voxel_size_a: float
-) -> dict[str, list[str]]:
-    columns = {"rlnTomoName": [_star_string(stem)] * len(zyx)}
-    for axis, k in (("X", 2), ("Y", 1), ("Z", 0)):
-        columns[f"rlnCoordinate{axis}"] = _fmt(zyx[:, k], 3)
-    for axis, k in (("X", 2), ("Y", 1), ("Z", 0)):
-        centred = (zyx[:, k] - shape_zyx[k] / 2.0) * voxel_size_a
-        columns[f"rlnCenteredCoordinate{axis}Angst"] = _fmt(centred, 3)
-    return columns
-
+# ---- STAR and CSV (their text is core.star's) -------------------------------------------------
 
 def write_particle_star(
     path: Path, table: ParticleTable, stem: str, shape_zyx: tuple[int, ...], voxel_size_a: float
 ) -> None:
-    """One particle class as a RELION 5 style STAR file (block `particles`)."""
-    columns = _coordinate_columns(table.zyx, stem, shape_zyx, voxel_size_a)
-    columns["rlnAutopickFigureOfMerit"] = _fmt(table.score, 5)
-    _write_text(path, _star_text("particles", columns))
+    _write_text(path, star.particle_star_text(table, stem, shape_zyx, voxel_size_a))
 
 
 def write_particle_csv(path: Path, tables: list[ParticleTable]) -> None:
-    """All particles: `class,x,y,z,score`, 0-based input-grid voxel coordinates."""
-    lines = ["class,x,y,z,score"]
-    for table in tables:
-        for (z, y, x), score in zip(table.zyx, table.score, strict=True):
-            lines.append(f"{table.class_name},{x:.3f},{y:.3f},{z:.3f},{score:.5f}")
-    _write_text(path, "\n".join(lines) + "\n")
+    _write_text(path, star.particle_csv_text(star.table_rows(tables)))
 
 
-def relion_tilt_psi_deg(directions_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """RELION tilt and psi (degrees) that align a particle's Z axis with each unit direction."""
-    d = np.asarray(directions_zyx, dtype=np.float64)
-    dz, dy, dx = d[:, 0], d[:, 1], d[:, 2]
-    tilt = np.degrees(np.arccos(np.clip(dz, -1.0, 1.0)))
-    psi = np.degrees(np.arctan2(dy, -dx))
-    return tilt, psi
-
-
-def write_filament_star(
-    path: Path,
-    filaments: list[Filament],
-    stem: str,
-    shape_zyx: tuple[int, ...],
-    voxel_size_a: float,
-) -> None:
-    """Points along every filament of one class, one `rlnHelicalTubeID` (1-based) per filament."""
-    zyx = np.concatenate([f.points_zyx for f in filaments]) if filaments else np.zeros((0, 3))
-    dirs = np.concatenate([f.directions_zyx for f in filaments]) if filaments else np.zeros((0, 3))
-    tube = np.concatenate([np.full(len(f), i, dtype=np.int64)
-                           for i, f in enumerate(filaments, start=1)] or [np.zeros(0, np.int64)])
-    track = np.concatenate([_track_length(f.points_zyx) for f in filaments] or [np.zeros(0)])
-    columns = _coordinate_columns(zyx, stem, shape_zyx, voxel_size_a)
-    columns["rlnHelicalTubeID"] = [str(int(t)) for t in tube]
-    columns["rlnHelicalTrackLengthAngst"] = _fmt(track * voxel_size_a, 2)
-    tilt, psi = relion_tilt_psi_deg(dirs)
-    columns["rlnAngleTilt"] = _fmt(tilt, 3)
-    columns["rlnAnglePsi"] = _fmt(psi, 3)
-    _write_text(path, _star_text("particles", columns))
-
-
-def _track_length(points_zyx: np.ndarray) -> np.ndarray:
-    steps = np.linalg.norm(np.diff(points_zyx, axis=0), axis=1)
-    return np.concatenate([[0.0], np.cumsum(steps)])
+def write_filament_star(path: Path, filaments: list[Filament], stem: str,
+                        shape_zyx: tuple[int, ...], voxel_size_a: float) -> None:
+    _write_text(path, star.filament_star_text(filaments, stem, shape_zyx, voxel_size_a))
 
 
 # ---- preview -----------------------------------------------------------------------------------

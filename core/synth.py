@@ -39,11 +39,11 @@ float voxel indices (0-based), like the segmentation outputs.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,7 @@ from scipy.spatial import cKDTree
 
 from .atomic import atomic_path
 from .classes import SYNTH_CLASS_NAMES
+from .star import particle_csv_text
 
 Progress = Callable[[str, float], None]  # (stage name, fraction of that stage done in 0..1)
 
@@ -754,8 +755,5 @@ def write_synth(
     if labels_path is not None:
         write_mrc(labels_path, result.labels.astype(np.int8, copy=False), result.voxel_size_a)
     if particles_csv is not None:
-        with atomic_path(particles_csv) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["class", "x", "y", "z"])
-            for name, x, y, z in result.particles:
-                writer.writerow([name, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}"])
+        with atomic_path(particles_csv) as tmp:
+            Path(tmp).write_text(particle_csv_text(result.particles, with_score=False))

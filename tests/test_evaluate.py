@@ -1,4 +1,4 @@
-"""core.evaluate: Dice, one-to-one particle matching, particle CSV reading, files."""
+"""core.evaluate: Dice, one-to-one particle matching, files; core.star's particle CSV reader."""
 
 from __future__ import annotations
 
@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 from tomolive.core.classes import SYNTH_CLASS_NAMES, default_class
 from tomolive.core.evaluate import (
-    ParticleCsvError,
     dice_per_class,
     evaluate,
     evaluate_files,
     format_table,
     match_particles,
     particle_radii_vox,
-    read_particle_csv,
 )
+from tomolive.core.star import ParticleCsvError, read_particle_csv
 from tomolive.core.volume import write_mrc
 
 NAMES = ["a", "b", "c"]

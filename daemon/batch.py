@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import one_line
-from ..core.fingerprint import input_fingerprint
 from ..core.pipeline import segment_file
-from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, is_done, lease_key
+from . import claim_sequence
+from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, lease_key
 from .faults import INPUT, classify_error
 from .holds import stage_hold, with_progress, with_publish_hook
 from .naming import output_stem
@@ -57,28 +57,26 @@ def segment_with_claims(paths: list[Path], out_dir: Path, bundle: Any, network: 
         progressed = False
         for path in list(pending):
             rel_output = rel_outputs[path]
-            key = lease_key(rel_output)
-            fingerprint = input_fingerprint(path)
-            out_parent = (out_dir / rel_output).parent
-            if is_done(out_dir / rel_output, None, fingerprint) or \
-                    failures.is_quarantined(key, fingerprint):
-                pending.remove(path)
-                continue
-            lease = leases.try_claim(key, rel_output)
-            if lease is None:
+            work = claim_sequence.Work(path, out_dir / rel_output, lease_key(rel_output),
+                                       rel_output)
+            claim = claim_sequence.claim(work, leases, failures)
+            if claim.status == claim_sequence.HELD:
                 waiting_since.setdefault(path, time.monotonic())
                 if time.monotonic() - waiting_since[path] > deadline_per_wait_s:
                     print(f"{path}: leased by another live worker; left to it", file=sys.stderr)
                     pending.remove(path)
                 continue
-            progressed = True
             pending.remove(path)
-            if is_done(out_dir / rel_output, None, fingerprint):
-                # Published and released by someone else between our check and our claim.
-                leases.release(lease)
+            progressed = True
+            if claim.status == claim_sequence.GONE:
+                print(f"tomolive: error: {path}: no such file (removed while queued)",
+                      file=sys.stderr)
+                failed += 1
+            if claim.lease is None:  # gone, done or quarantined
                 continue
-            failed += not _segment_leased(path, out_parent, bundle, network, options, leases,
-                                          lease, failures, fingerprint, rel_output)
+            failed += not _segment_leased(path, work.out_folder.parent, bundle, network, options,
+                                          leases, claim.lease, failures, claim.fingerprint,
+                                          rel_output)
         if pending and not progressed:
             time.sleep(min(2.0, lease_seconds / 4))  # watch the other leases' heartbeats
     return 1 if failed else 0

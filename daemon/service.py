@@ -23,7 +23,8 @@ from typing import Any
 
 from ..core.fingerprint import input_fingerprint
 from ..core.result_folder import recover_interrupted_publish
-from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, is_done, lease_key
+from . import claim_sequence
+from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, lease_key
 from .config import Config, ConfigError, load_config
 from .faults import (
     ENVIRONMENT,
@@ -329,7 +330,7 @@ class Service:
             status = "unreadable"
         else:
             self._unreadable_warned.pop(item.path, None)
-        if status in ("quarantined", "unreadable"):
+        if status in (claim_sequence.QUARANTINED, "unreadable"):
             self._parked[item.path] = item
             return
         self._parked.pop(item.path, None)
@@ -355,21 +356,15 @@ class Service:
             self._queue_or_park(item)
 
     def _status_of(self, item: QueueItem) -> tuple[str | None, str | None]:
-        """(why no work is needed now: 'gone', 'done' or 'quarantined'; None when it is, and
-        the input's fingerprint). Raises OSError when the shared folder cannot be read."""
-        try:
-            fingerprint = input_fingerprint(item.path)
-        except FileNotFoundError:
-            return "gone", None
+        """claim_sequence.needed for `item`. Raises OSError when the shared folder cannot be
+        read."""
+        return claim_sequence.needed(_work(item), self.failures, self._wanted_model_sha256())
+
+    def _wanted_model_sha256(self) -> str | None:
         # Re-segmentation items exist only with resegment_on_model_change; with it, a result
         # of another model is not done.
-        wanted_sha = (self.registry.current.sha256 if self.registry.current and
-                      self.config.resegment_on_model_change else None)
-        if is_done(item.out_parent / item.stem, wanted_sha, fingerprint):
-            return "done", fingerprint
-        if self.failures.is_quarantined(item.key, fingerprint):
-            return "quarantined", fingerprint
-        return None, fingerprint
+        current = self.registry.current
+        return current.sha256 if current and self.config.resegment_on_model_change else None
 
     def _dispatch(self) -> None:
         idle = self.pool.idle_workers()
@@ -386,33 +381,29 @@ class Service:
                 self.queue.defer(item.path, self.config.rescan_interval_seconds)
 
     def _claim_and_start(self, item: QueueItem, worker: Any) -> bool:
-        status, _ = self._status_of(item)
-        if status is not None:
-            self.queue.remove(item.path)
-            if status == "quarantined":
-                self._parked[item.path] = item
-            return False
-        if item.path.stat().st_mtime_ns != item.mtime_ns:
+        def unchanged() -> bool:
             # Written to since the watcher judged it complete (a retry, or a quarantined file
             # whose transfer resumed): only the watcher may say it is complete again, and it
             # reports the new version once it is.
-            self.queue.remove(item.path)
-            log.info("%s changed since it was found complete; waiting until it is again",
-                     item.path)
-            return False
-        lease = self.leases.try_claim(item.key, item.rel_output)
-        if lease is None:
+            return item.path.stat().st_mtime_ns == item.mtime_ns
+
+        claim = claim_sequence.claim(_work(item), self.leases, self.failures,
+                                     self._wanted_model_sha256(), unchanged)
+        if claim.status == claim_sequence.HELD:
             return False  # another daemon works on it; its lease is watched on later passes
+        if claim.status is not None:
+            self.queue.remove(item.path)
+            if claim.status == claim_sequence.QUARANTINED:
+                self._parked[item.path] = item
+            elif claim.status == claim_sequence.CHANGED:
+                log.info("%s changed since it was found complete; waiting until it is again",
+                         item.path)
+            return False
+        assert claim.lease is not None and claim.fingerprint is not None
         try:
-            # Finished by someone else between our check and the claim?
-            status, fingerprint = self._status_of(item)
-            if status is not None:
-                self._release(lease)
-                self.queue.remove(item.path)
-                return False
-            self._start(worker, item, lease, fingerprint)
+            self._start(worker, item, claim.lease, claim.fingerprint)
         except BaseException:
-            self._release(lease)
+            self._release(claim.lease)
             raise
         return True
 
@@ -764,6 +755,10 @@ def _resolve_devices(config: Config) -> list[str]:
     if not gpus:
         return ["cpu"] * config.cpu_workers
     return [gpu for gpu in gpus for _ in range(config.workers_per_gpu)]
+
+
+def _work(item: QueueItem) -> claim_sequence.Work:
+    return claim_sequence.Work(item.path, item.out_parent / item.stem, item.key, item.rel_output)
 
 
 def _summary_line(summary: dict[str, Any], item: QueueItem, device: str) -> str:

@@ -27,7 +27,7 @@ from .classes import ClassSpec
 from .star import ParticleTables, read_particle_csv
 
 
-def _confusion(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
+def confusion_matrix(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
     """(n+1) x (n+1) voxel counts [pred, truth], slab by slab; values outside 0..n count as 0."""
     k = n_classes + 1
     counts = np.zeros(k * k, dtype=np.int64)
@@ -41,12 +41,25 @@ def _confusion(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarra
     return counts.reshape(k, k)
 
 
+def where_truth_goes(conf: np.ndarray, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """For each truth class, the fractions of its voxels predicted as each class (background
+    included), from a `confusion_matrix`: where a class's misses go."""
+    names = ["background", *class_names]
+    result = {}
+    for t, truth_name in enumerate(names[1:], start=1):
+        total = int(conf[:, t].sum())
+        if total:
+            result[truth_name] = {names[p]: round(float(conf[p, t]) / total, 4)
+                                  for p in range(len(names)) if conf[p, t]}
+    return result
+
+
 def dice_per_class(pred: np.ndarray, truth: np.ndarray,
                    class_names: Sequence[str]) -> dict[str, float]:
     """Dice of label i (1..n) = class_names[i-1]; NaN where the class is in neither volume."""
     if pred.shape != truth.shape:
         raise ValueError(f"dice_per_class: shapes differ: pred {pred.shape}, truth {truth.shape}")
-    conf = _confusion(pred, truth, len(class_names))
+    conf = confusion_matrix(pred, truth, len(class_names))
     return {name: _dice_from(conf, i) for i, name in enumerate(class_names, start=1)}
 
 
@@ -135,7 +148,7 @@ def evaluate(
     if pred_labels.shape != truth_labels.shape:
         raise ValueError(f"evaluate: label shapes differ: pred {pred_labels.shape}, "
                          f"truth {truth_labels.shape}")
-    conf = _confusion(pred_labels, truth_labels, len(class_names))
+    conf = confusion_matrix(pred_labels, truth_labels, len(class_names))
     dice = {name: _dice_from(conf, i) for i, name in enumerate(class_names, start=1)}
     defined = [d for d in dice.values() if not math.isnan(d)]
     voxels = {name: {"pred": int(conf[i, :].sum()), "truth": int(conf[:, i].sum())}

@@ -780,6 +780,15 @@ class _Schedule:
         return self.base_lr * (_FINAL_LR_FACTOR + (1.0 - _FINAL_LR_FACTOR) * cosine)
 
 
+def _initial_network(arch: dict[str, Any], seed: int) -> UNet25D:
+    """The network with its random initial weights drawn from `seed`. torch draws them from its
+    global generator; fork_rng gives it back as it was, so core leaves the caller's random
+    state alone (the weights are the same as after a torch.manual_seed(seed))."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet25D(arch["in_slices"], arch["n_classes"], arch["base_width"], arch["levels"])
+
+
 def train(
     sources: Sequence[TrainingSource],
     class_specs: Sequence[ClassSpec],
@@ -801,7 +810,6 @@ def train(
         raise ValueError("training needs at least one tomogram with labels")
     class_specs = list(class_specs)
     names = [c.name for c in class_specs]
-    torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
     device = _resolve_device(options.device)
 
@@ -824,7 +832,7 @@ def train(
                         options.validation_fraction, options.patch_px, str(device))
         for s in sources
     ]
-    network = UNet25D(arch["in_slices"], arch["n_classes"], arch["base_width"], arch["levels"])
+    network = _initial_network(arch, options.seed)
     if init_bundle is not None:
         network.load_state_dict(init_bundle.state_dict, strict=True)
     network = network.to(device).train()

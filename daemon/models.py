@@ -51,7 +51,7 @@ def smoke_test(bundle: Any) -> None:
     arch = bundle.meta.architecture
     # A patch of the size inference uses, not the smallest the network accepts: a bundle
     # that only fails at real sizes (memory, shapes) must fail here, not on every tomogram.
-    multiple = 2 ** (int(arch["levels"]) - 1)
+    multiple = network.size_multiple
     side = max(SMOKE_PATCH_PX // multiple, 2) * multiple
     stack = torch.from_numpy(
         np.random.default_rng(0).standard_normal((1, int(arch["in_slices"]), side, side))

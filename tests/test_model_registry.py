@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 
-from tests.daemon_harness import write_tiny_model
 from tomolive.daemon.models import ModelRegistry
+
+from .daemon_harness import write_tiny_model
 
 
 def _registry(tmp_path, **kwargs):

@@ -7,9 +7,10 @@ import os
 import signal
 
 import pytest
-from tests.daemon_harness import wait_until
 from tomolive.daemon.messages import WorkerReady
 from tomolive.daemon.workers import WorkerPool
+
+from .daemon_harness import wait_until
 
 
 def _ready_pids(pool: WorkerPool, wanted: int, timeout_s: float = 120.0) -> set[int]:

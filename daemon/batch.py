@@ -22,6 +22,7 @@ from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, lease_key
 from .faults import INPUT, classify_error
 from .holds import stage_hold, with_progress, with_publish_hook
 from .naming import output_stem
+from .result_lines import tomogram_done_line
 
 log = logging.getLogger("tomolive.batch")
 
@@ -118,9 +119,7 @@ def _segment_leased(path: Path, out_parent: Path, bundle: Any, network: Any, opt
         beat.join()
         if not lost.is_set():
             leases.release(lease)
-    from .cli import summary_line
-
-    print(summary_line(seg.stem, seg.timings_s, seg.particles, seg.filaments, folder))
+    print(tomogram_done_line(seg, folder))
     return True
 
 

@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .. import __version__
-from ..core.errors import one_line, printable
+from ..core.errors import one_line
 from .logs import configure_logging
 from .naming import output_stem
+from .result_lines import tomogram_done_line
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -133,17 +134,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             failures += 1
             print(f"tomolive: error: {one_line(error)}", file=sys.stderr)
             continue
-        print(summary_line(seg.stem, seg.timings_s, seg.particles, seg.filaments, out_dir))
+        print(tomogram_done_line(seg, out_dir))
     return EXIT_FAILED if failures else EXIT_OK
-
-
-def summary_line(stem, timings_s, particles, filaments, out_dir) -> str:
-    """The one line per tomogram that users and journald see."""
-    total = sum(timings_s.values())
-    counts = [f"{name}={len(table.zyx)}" for name, table in particles.items()]
-    counts += [f"{name}_filaments={len(found)}" for name, found in filaments.items()]
-    stages = " ".join(f"{k}={v:.1f}s" for k, v in timings_s.items())
-    return printable(f"{stem}: done in {total:.1f}s ({stages}) {' '.join(counts)} -> {out_dir}")
 
 
 class _StageProgress:

@@ -48,6 +48,7 @@ from .messages import (
 from .metrics import Metrics, MetricsServer
 from .models import ModelRegistry, ServingModel
 from .notify import SystemdNotifier
+from .result_lines import served_line
 from .scheduler import QueueItem, WorkQueue
 from .watcher import FileWatcher
 from .workers import WorkerPool
@@ -485,7 +486,8 @@ class Service:
         self._faults_in_a_row.pop(flight.item.path, None)
         self._device_faults_in_a_row.pop(worker.index, None)
         self._model_tracks.setdefault(flight.model.sha256, ModelTrack()).successes += 1
-        log.info("%s", _summary_line(summary, flight.item, f"{worker.device} w{worker.index}"))
+        device = f"{worker.device} w{worker.index}"
+        log.info("%s", served_line(summary, flight.item.path.name, device, flight.item.resegment))
 
     def _job_failed(self, job_id: int, error: str, category: str = INPUT,
                     disk_full: bool = False, device_fault: bool = False) -> None:
@@ -759,16 +761,3 @@ def _resolve_devices(config: Config) -> list[str]:
 
 def _work(item: QueueItem) -> claim_sequence.Work:
     return claim_sequence.Work(item.path, item.out_parent / item.stem, item.key, item.rel_output)
-
-
-def _summary_line(summary: dict[str, Any], item: QueueItem, device: str) -> str:
-    timings = summary.get("timings_s", {})
-    counts = summary.get("counts", {})
-    parts = [f"{name}={n}" for name, n in (counts.get("particles") or {}).items()]
-    parts += [f"{name}_filaments={n}" for name, n in (counts.get("filaments") or {}).items()]
-    stages = " ".join(f"{k}={float(v):.1f}s" for k, v in timings.items() if k != "total")
-    model = summary.get("model", {})
-    return (f"{item.path.name}: ok in {float(timings.get('total', 0)):.1f}s on {device} "
-            f"({stages}) {' '.join(parts)} confidence={summary.get('confidence', 0):.2f} "
-            f"model={model.get('name')} v{model.get('version')}"
-            f"{' (re-segmented)' if item.resegment else ''}")

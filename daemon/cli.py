@@ -416,7 +416,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         try:
             bundle = load_bundle(path, tuple(config.voxel_size_bounds_a))
             if args.action == "validate":
-                from .models import smoke_test
+                from .model_registry import smoke_test
 
                 smoke_test(bundle)
         except (BundleError, ValueError, OSError) as error:

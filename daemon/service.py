@@ -46,7 +46,7 @@ from .messages import (
     WorkerReport,
 )
 from .metrics import Metrics, MetricsServer
-from .models import ModelRegistry, ServingModel
+from .model_registry import ModelRegistry, ServingModel
 from .notify import SystemdNotifier
 from .result_lines import served_line
 from .scheduler import QueueItem, WorkQueue

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from tomolive.daemon.models import ModelRegistry
+from tomolive.daemon.model_registry import ModelRegistry
 
 from .daemon_harness import write_tiny_model
 

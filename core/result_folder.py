@@ -97,3 +97,15 @@ def recover_interrupted_publish(out_parent: str | os.PathLike[str], stem: str) -
             shutil.rmtree(old, ignore_errors=True)
     for leftover in out_parent.glob(f"{pattern}{TEMPORARY_INFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def is_done(out_folder: str | os.PathLike[str], model_sha256: str | None,
+            fingerprint: str) -> bool:
+    """Done: the summary exists and names this input fingerprint (core.fingerprint) and,
+    unless `model_sha256` is None, this model."""
+    summary = read_summary(out_folder)
+    if summary is None:
+        return False
+    if (summary.get("input") or {}).get("fingerprint") != fingerprint:
+        return False
+    return model_sha256 is None or (summary.get("model") or {}).get("sha256") == model_sha256

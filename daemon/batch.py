@@ -1,7 +1,8 @@
 """`tomolive segment --claim`: drain a backlog beside running daemons, without double work.
 
-The same leases and failure records as the daemon (daemon/claims.py): a tomogram is skipped
-when it is done, quarantined or leased by someone alive; a lease whose heartbeat stands still
+The same leases and failure records as the daemon (daemon/leases.py,
+daemon/failure_records.py), taken through daemon/claim_sequence.py: a tomogram is skipped when
+it is done, quarantined or leased by someone alive; a lease whose heartbeat stands still
 for the lease duration is broken and the work taken over. A side thread advances our heartbeat
 while the pipeline runs, and the result is published only if the lease is still ours.
 """
@@ -18,9 +19,10 @@ from typing import Any
 from ..core.errors import one_line
 from ..core.pipeline import segment_file
 from . import claim_sequence
-from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, lease_key
+from .failure_records import FailureRecords
 from .faults import INPUT, classify_error
 from .holds import stage_hold, with_progress, with_publish_hook
+from .leases import Lease, LeaseLost, LeaseManager, lease_key
 from .naming import output_stem
 from .result_lines import tomogram_done_line
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.fingerprint import input_fingerprint
-from .claims import FailureRecords, Lease, LeaseManager, is_done
+from ..core.result_folder import is_done
+from .failure_records import FailureRecords
+from .leases import Lease, LeaseManager
 
 log = logging.getLogger(__name__)
 

@@ -485,7 +485,7 @@ def _add_retry(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_retry(args: argparse.Namespace) -> int:
-    from .claims import FailureRecords
+    from .failure_records import FailureRecords
 
     if not args.all and not args.stem:
         raise CommandError("give a tomogram STEM or --all")

@@ -8,7 +8,7 @@ holds this input's result keeps its name, so a sibling that arrives later never 
 so never re-segments, a finished tomogram; and a result that belongs to another input is never
 taken over.
 
-The folder name is also the lease and failure-record key (`claims.lease_key`), so the daemon,
+The folder name is also the lease and failure-record key (`leases.lease_key`), so the daemon,
 `tomolive status`, batch jobs and `tomolive segment` all call `output_stem`.
 """
 

@@ -24,8 +24,8 @@ from typing import Any
 from ..core.fingerprint import input_fingerprint
 from ..core.result_folder import recover_interrupted_publish
 from . import claim_sequence
-from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, lease_key
 from .config import Config, ConfigError, load_config
+from .failure_records import FailureRecords
 from .faults import (
     ENVIRONMENT,
     FULL_DISK_FREE_BYTES,
@@ -35,6 +35,7 @@ from .faults import (
     explain_death,
     fault_backoff_s,
 )
+from .leases import Lease, LeaseLost, LeaseManager, lease_key
 from .messages import (
     Job,
     JobAbandoned,

@@ -8,7 +8,8 @@ import json
 from tomolive.core.fingerprint import input_fingerprint
 from tomolive.core.result_folder import summary_path
 from tomolive.daemon import claim_sequence
-from tomolive.daemon.claims import FailureRecords, LeaseManager, lease_key
+from tomolive.daemon.failure_records import FailureRecords
+from tomolive.daemon.leases import LeaseManager, lease_key
 
 
 def _setup(tmp_path):

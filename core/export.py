@@ -364,6 +364,7 @@ def _write_summary(
         "class_fractions": seg.class_fractions,
         "counts": counts,
         "confidence": seg.confidence,
+        "uncertain_fraction": seg.uncertain_fraction,
         "cleanup_removed_fraction": seg.cleanup_removed_fraction,
         "warnings": seg.warnings,
         "files": files,

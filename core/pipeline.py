@@ -21,7 +21,7 @@ from .cleanup import clean_labels
 from .export import check_output_names, write_outputs
 from .filaments import Filament, trace_filaments
 from .fingerprint import input_fingerprint
-from .infer import InferenceOptions, predict, prepare_network
+from .infer import InferenceOptions, Prediction, predict, prepare_network
 from .model import ModelBundle
 from .particles import ParticleTable, find_particles
 from .preprocess import apply_recipe
@@ -169,6 +169,7 @@ def segment(
                    for name, found in filaments.items()},
         class_fractions=_class_fractions(labels, classes),
         confidence=_specimen_confidence(prediction.confidence),
+        uncertain_fraction=_uncertain_fraction(prediction),
         cleanup_removed_fraction=removed_fraction,
         warnings=[*(volume.header.notes if volume.header is not None else ()),
                   *_cleanup_warnings(removed_fraction)],
@@ -275,12 +276,28 @@ def _class_fractions(labels: np.ndarray, classes: list) -> dict[str, float]:
             for i, spec in enumerate(classes)}
 
 
+def _central(per_z: np.ndarray) -> np.ndarray:
+    """The central slices (the specimen) of a [z, ...] array: `_CONFIDENCE_Z_MARGIN` off each
+    end, all of it when too thin for that."""
+    n_z = per_z.shape[0]
+    margin = int(n_z * _CONFIDENCE_Z_MARGIN)
+    return per_z[margin:n_z - margin] if n_z - 2 * margin > 0 else per_z
+
+
 def _specimen_confidence(confidence_u8: np.ndarray) -> float:
     """Mean max class probability over the central slices (the specimen), in 0..1."""
-    n_z = confidence_u8.shape[0]
-    margin = int(n_z * _CONFIDENCE_Z_MARGIN)
-    central = confidence_u8[margin:n_z - margin] if n_z - 2 * margin > 0 else confidence_u8
-    return float(central.mean(dtype=np.float64) / 255.0)
+    return float(_central(confidence_u8).mean(dtype=np.float64) / 255.0)
+
+
+def _uncertain_fraction(prediction: Prediction) -> float:
+    """The model-fit signal over the central slices (core.infer.FIT_CANDIDATE_PROB): the share
+    of the voxels where the model sees something at which it cannot decide; NaN when it sees
+    nothing there."""
+    if prediction.candidates_per_z is None or prediction.uncertain_per_z is None:
+        return float("nan")
+    candidates = int(_central(prediction.candidates_per_z).sum())
+    uncertain = int(_central(prediction.uncertain_per_z).sum())
+    return uncertain / candidates if candidates else float("nan")
 
 
 def _points_to_input(zyx_model: np.ndarray, grid: GridMap, beam_axis: int) -> np.ndarray:

@@ -24,6 +24,9 @@ class Segmentation:
     filaments: dict[str, list[Filament]] = field(default_factory=dict)  # input-grid voxels
     class_fractions: dict[str, float] = field(default_factory=dict)
     confidence: float = float("nan")  # mean max class probability inside the specimen, 0..1
+    # The model-fit signal (core.infer.FIT_CANDIDATE_PROB): of the specimen's voxels where the
+    # model sees something, the share where it cannot decide; high when the model does not fit.
+    uncertain_fraction: float = float("nan")
     # Per class: the fraction of the network's voxels that cleanup's own rules removed.
     cleanup_removed_fraction: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # one line each, for the summary

@@ -42,6 +42,9 @@ FAULT_CATEGORIES = ("environment", "internal")  # daemon/faults.py; "input" fail
 DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
                       600.0, 1200.0, 1800.0, 3600.0)
 # Mean max class probability inside the specimen, 0..1; finest where models usually sit.
+# The model-fit signal, 0..1: the shipped model read 0.06-0.08 on its own kind of data and
+# 0.22-0.28 where it failed (issue 21 note); finest between.
+UNCERTAIN_BUCKETS = (0.02, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.4, 0.5, 1.0)
 CONFIDENCE_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99,
                       1.0)
 
@@ -174,6 +177,17 @@ class Metrics:
             "Confidence of the last finished tomogram (see tomolive_tomogram_confidence_ratio).",
             registry=r)
         self.last_confidence.set(math.nan)
+        self.uncertain = Histogram(
+            "tomolive_tomogram_uncertain_ratio",
+            "Per tomogram, the model-fit signal: of the specimen voxels where the model sees "
+            "a foreground class (probability > 0.2), the share where no class reaches 0.6. "
+            "High when the model does not fit the data.",
+            buckets=UNCERTAIN_BUCKETS, registry=r)
+        self.last_uncertain = Gauge(
+            "tomolive_last_tomogram_uncertain_ratio",
+            "The model-fit signal of the last finished tomogram "
+            "(see tomolive_tomogram_uncertain_ratio).", registry=r)
+        self.last_uncertain.set(math.nan)
         self.model_info = _InfoCollector(
             "tomolive_model", "The model bundle serving now (value 1 on its labels).")
         r.register(self.model_info)
@@ -312,6 +326,7 @@ class Metrics:
                 self.filaments.labels(name).inc(_non_negative(n))
         self._set_class_fractions(summary.get("class_fractions") or {})
         self._observe_confidence(summary.get("confidence"))
+        self._observe_uncertain(summary.get("uncertain_fraction"))
 
     def tomogram_failed(self, quarantined: bool = False) -> None:
         """Count a failed attempt, or the tomogram being quarantined after the last one."""
@@ -353,6 +368,13 @@ class Metrics:
             return
         self.confidence.observe(value)
         self.last_confidence.set(value)
+
+    def _observe_uncertain(self, fraction: Any) -> None:
+        value = _finite_or_none(fraction)
+        if value is None:  # the model saw nothing in the specimen: no measurement
+            return
+        self.uncertain.observe(value)
+        self.last_uncertain.set(value)
 
     # --- models ----------------------------------------------------------------------------
 

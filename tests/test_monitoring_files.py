@@ -79,7 +79,7 @@ def test_promtool_check_config_accepts_the_example() -> None:
 def test_the_required_alerts_exist() -> None:
     names = {rule["alert"] for rule in alert_rules()}
     assert {"TomoliveDown", "TomoliveNotKeepingUp", "TomoliveFailureRate", "TomoliveNoSuccess",
-            "TomoliveConfidenceDrop"} <= names
+            "TomoliveConfidenceDrop", "TomoliveModelDoesNotFit"} <= names
     for rule in alert_rules():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
@@ -193,6 +193,19 @@ tests:
       - {eval_time: 1190m, alertname: TomoliveConfidenceDrop, exp_alerts: []}
       - eval_time: 1335m
         alertname: TomoliveConfidenceDrop
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: gpu1}
+
+  - interval: 1m
+    input_series:   # one tomogram per 10 min: fitting (0.07) for 2 h, then not (0.25)
+      - series: 'tomolive_tomogram_uncertain_ratio_count{instance="gpu1"}'
+        values: '0+0.1x240'
+      - series: 'tomolive_tomogram_uncertain_ratio_sum{instance="gpu1"}'
+        values: '0+0.007x120 0.84+0.025x119'
+    alert_rule_test:
+      - {eval_time: 115m, alertname: TomoliveModelDoesNotFit, exp_alerts: []}
+      - eval_time: 200m
+        alertname: TomoliveModelDoesNotFit
         exp_alerts:
           - exp_labels: {severity: warning, instance: gpu1}
 

@@ -44,6 +44,12 @@ STAR_VERSION = "# version 50001"  # RELION 5
 PREVIEW_MAX_PX = 1200
 PREVIEW_MIN_PX = 480  # small test volumes are enlarged (nearest) so the preview stays readable
 OVERLAY_ALPHA = 0.5
+# The sweep through z (STEM_sweep.webp) is for a web page: few frames, small, lossy. 32 frames of
+# at most 320 px at WebP quality 70 stay well under a few hundred kB for any input size.
+SWEEP_FRAMES = 32
+SWEEP_MAX_PX = 320
+SWEEP_FRAME_MS = 120
+SWEEP_QUALITY = 70
 
 
 def _file_names(stem: str, classes: list[ClassSpec]) -> dict[str, str]:
@@ -63,13 +69,14 @@ def _file_names(stem: str, classes: list[ClassSpec]) -> dict[str, str]:
         if spec.is_particle or spec.is_filament:
             names[f"imod:{spec.name}"] = f"{stem}_{spec.name}.mod"
     names["preview"] = f"{stem}_preview.png"
+    names["sweep"] = f"{stem}_sweep.webp"
     names["summary"] = f"{stem}_summary.json"
     return names
 
 
 def output_paths(out_parent: str | Path, stem: str, classes: list[ClassSpec]) -> dict[str, Path]:
     """Every file `write_outputs` writes for `stem`, keyed 'labels', 'mask:<class>',
-    'star:<class>', 'particles_csv', 'filaments:<class>', 'preview', 'summary'."""
+    'star:<class>', 'particles_csv', 'filaments:<class>', 'preview', 'sweep', 'summary'."""
     folder = Path(out_parent) / stem
     return {key: folder / name for key, name in _file_names(stem, classes).items()}
 
@@ -190,6 +197,7 @@ def _write_files(files: dict[str, Path], seg: Segmentation, tomogram: np.ndarray
             write_filament_model(files[f"imod:{spec.name}"], seg.filaments.get(spec.name, []),
                                  spec, seg.labels.shape, seg.voxel_size_a)
     write_preview(files["preview"], seg.labels, seg.classes, tomogram)
+    write_sweep(files["sweep"], seg.labels, seg.classes, tomogram)
 
 
 def _publish(tmp: Path, final: Path) -> Path:
@@ -212,7 +220,7 @@ def _publish(tmp: Path, final: Path) -> Path:
 
 # ---- STAR and CSV ------------------------------------------------------------------------------
 
-def _star_text(block: str, columns: dict[str, list[str]]) -> str:
+def star_text(block: str, columns: dict[str, list[str]]) -> str:
     lines = [STAR_VERSION, "", f"data_{block}", "", "loop_"]
     lines += [f"_{name} #{i}" for i, name in enumerate(columns, start=1)]
     lines += [" ".join(row) for row in zip(*columns.values(), strict=True)]
@@ -224,7 +232,7 @@ _STAR_RESERVED_STARTS = ("_", "#", "$", "'", '"', ";", "data_", "loop_", "save_"
                          "stop_")
 
 
-def _star_string(value: str) -> str:
+def star_string(value: str) -> str:
     """A string as one STAR value: control characters (a newline would end the row) and
     quotes (which STAR readers disagree on) become `_`; quoted when it holds whitespace or
     would otherwise read as syntax."""
@@ -242,7 +250,7 @@ def _fmt(values: np.ndarray, digits: int) -> list[str]:
 def _coordinate_columns(
     zyx: np.ndarray, stem: str, shape_zyx: tuple[int, ...], voxel_size_a: float
 ) -> dict[str, list[str]]:
-    columns = {"rlnTomoName": [_star_string(stem)] * len(zyx)}
+    columns = {"rlnTomoName": [star_string(stem)] * len(zyx)}
     for axis, k in (("X", 2), ("Y", 1), ("Z", 0)):
         columns[f"rlnCoordinate{axis}"] = _fmt(zyx[:, k], 3)
     for axis, k in (("X", 2), ("Y", 1), ("Z", 0)):
@@ -257,7 +265,7 @@ def write_particle_star(
     """One particle class as a RELION 5 style STAR file (block `particles`)."""
     columns = _coordinate_columns(table.zyx, stem, shape_zyx, voxel_size_a)
     columns["rlnAutopickFigureOfMerit"] = _fmt(table.score, 5)
-    _write_text(path, _star_text("particles", columns))
+    _write_text(path, star_text("particles", columns))
 
 
 def write_particle_csv(path: Path, tables: list[ParticleTable]) -> None:
@@ -297,7 +305,7 @@ def write_filament_star(
     tilt, psi = relion_tilt_psi_deg(dirs)
     columns["rlnAngleTilt"] = _fmt(tilt, 3)
     columns["rlnAnglePsi"] = _fmt(psi, 3)
-    _write_text(path, _star_text("particles", columns))
+    _write_text(path, star_text("particles", columns))
 
 
 def _track_length(points_zyx: np.ndarray) -> np.ndarray:
@@ -402,6 +410,58 @@ def _legend(image: Image.Image, classes: list[ClassSpec]) -> Image.Image:
     return out
 
 
+# ---- sweep through z ---------------------------------------------------------------------------
+
+def sweep_planes(nz: int, frames: int = SWEEP_FRAMES) -> list[int]:
+    """The z planes a sweep shows: `frames` evenly spaced ones (every plane when fewer)."""
+    if nz <= frames:
+        return list(range(nz))
+    return sorted({int(round(z)) for z in np.linspace(0, nz - 1, frames)})
+
+
+def sweep_frames(labels: np.ndarray, classes: list[ClassSpec], tomogram: np.ndarray | None,
+                 frames: int = SWEEP_FRAMES, max_px: int = SWEEP_MAX_PX) -> list[Image.Image]:
+    """xy planes from top to bottom with the classes overlaid, at most `max_px` on a side.
+
+    One plane is read at a time (a memmap stays mostly unmapped); the contrast comes from the
+    central plane so that it does not flicker from frame to frame.
+    """
+    nz, ny, nx = labels.shape
+    palette = np.zeros((len(classes) + 1, 3), dtype=np.float32)
+    for i, spec in enumerate(classes, start=1):
+        palette[i] = _rgb(spec.color)
+    if tomogram is not None:
+        centre = np.asarray(tomogram[nz // 2], dtype=np.float32)
+        lo, hi = np.percentile(centre, [1, 99])
+        release_pages(tomogram)
+    scale = min(1.0, max_px / max(ny, nx))
+    size = (max(1, round(nx * scale)), max(1, round(ny * scale)))
+    images = []
+    for z in sweep_planes(nz, frames):
+        if tomogram is None:
+            gray = np.zeros((ny, nx), dtype=np.float32)
+        else:
+            plane = np.asarray(tomogram[z], dtype=np.float32)
+            release_pages(tomogram)
+            gray = np.clip((plane - lo) * (255.0 / (hi - lo) if hi > lo else 0.0), 0, 255)
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+        lab = np.asarray(labels[z])
+        sel = lab > 0
+        rgb[sel] = (1 - OVERLAY_ALPHA) * rgb[sel] + OVERLAY_ALPHA * palette[lab[sel]]
+        image = Image.fromarray(rgb.astype(np.uint8))
+        images.append(image.resize(size, Image.BILINEAR) if scale < 1.0 else image)
+    return images
+
+
+def write_sweep(path: Path, labels: np.ndarray, classes: list[ClassSpec],
+                tomogram: np.ndarray | None) -> None:
+    """An animated WebP sweeping through z (top to bottom) with the classes overlaid: what the
+    session page shows per tomogram. Downsampled and lossy: a few hundred kB at most."""
+    images = sweep_frames(labels, classes, tomogram)
+    images[0].save(path, format="WEBP", save_all=True, append_images=images[1:],
+                   duration=SWEEP_FRAME_MS, loop=0, quality=SWEEP_QUALITY, method=4)
+
+
 # ---- summary -----------------------------------------------------------------------------------
 
 def jsonable(value: Any) -> Any:
@@ -446,6 +506,11 @@ def _write_summary(
         "timings_s": timings_s,
         "class_fractions": seg.class_fractions,
         "counts": counts,
+        # Total traced length per filament class: what the session page and index show.
+        "filament_length_nm": {
+            s.name: sum(float(_track_length(f.points_zyx)[-1]) for f in
+                        seg.filaments.get(s.name, []) if len(f.points_zyx)) * seg.voxel_size_a / 10
+            for s in seg.classes if s.is_filament},
         "confidence": seg.confidence,
         "cleanup_removed_fraction": seg.cleanup_removed_fraction,
         "warnings": seg.warnings,

@@ -43,6 +43,8 @@ __all__ = [
     "input_fingerprint",
     "is_done",
     "lease_key",
+    "read_failures",
+    "read_running",
     "read_summary",
     "status_snapshot",
 ]
@@ -197,30 +199,31 @@ class LeaseManager:
         return self.lease_dir / f"{key}.lease"
 
     # -- claiming ---------------------------------------------------------------------------
-    def try_claim(self, key: str, target: str = "") -> Lease | None:
+    def try_claim(self, key: str, target: str = "", device: str = "") -> Lease | None:
         """Claim `key` (a `lease_key`); None while another live daemon holds it.
 
         Call it again later for a held key: that is how staleness is observed. `target` (the
-        relative output path) is stored for `tomolive status`.
+        relative output path) and `device` (the worker's, e.g. "cuda:0") are stored for
+        `tomolive status` and the session page.
         """
         self.lease_dir.mkdir(parents=True, exist_ok=True)
-        lease = self._create(key, target)
+        lease = self._create(key, target, device)
         if lease is not None:
             self._seen.pop(key, None)
             return lease
         holder = _read_json(self.lease_path(key))
         if holder is None:  # released meanwhile: try once more
-            return self._create(key, target)
+            return self._create(key, target, device)
         if not self._is_stale(key, holder):
             return None
-        return self._break_and_claim(key, target, holder)
+        return self._break_and_claim(key, target, holder, device)
 
     def holder(self, key: str) -> dict[str, Any] | None:
         """The lease record of whoever holds `key` now, or None."""
         return _read_json(self.lease_path(key))
 
-    def _new_record(self, target: str) -> dict[str, Any]:
-        return {
+    def _new_record(self, target: str, device: str = "") -> dict[str, Any]:
+        record = {
             "host": self.host,
             "pid": self.pid,
             "boot_id": self.boot,
@@ -230,10 +233,13 @@ class LeaseManager:
             "target": target,
             "lease_seconds": self.lease_s,
         }
+        if device:  # optional: readers of older leases see no device
+            record["device"] = device
+        return record
 
-    def _create(self, key: str, target: str) -> Lease | None:
+    def _create(self, key: str, target: str, device: str = "") -> Lease | None:
         """Atomic exclusive create: temp file + link (fails if the lease exists)."""
-        record = self._new_record(target)
+        record = self._new_record(target, device)
         path = self.lease_path(key)
         tmp = self.lease_dir / f".{key}.{record['token']}.tmp"
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -290,7 +296,8 @@ class LeaseManager:
             and not _pid_alive(pid)
         )
 
-    def _break_and_claim(self, key: str, target: str, stale: dict[str, Any]) -> Lease | None:
+    def _break_and_claim(self, key: str, target: str, stale: dict[str, Any],
+                         device: str = "") -> Lease | None:
         """Move the stale lease aside and claim; one breaker at a time, across hosts."""
         path = self.lease_path(key)
         try:
@@ -315,7 +322,7 @@ class LeaseManager:
                     self.reclaims += 1
                     if self.on_reclaim is not None:
                         self.on_reclaim(key, stale)
-                lease = self._create(key, target)
+                lease = self._create(key, target, device)
         except Timeout:
             return None
         self._seen.pop(key, None)
@@ -528,26 +535,8 @@ def status_snapshot(output_dir: str | os.PathLike[str], newest: int = 10) -> dic
             "model_version": model.get("version"),
             "counts": summary.get("counts"),
         })
-    running = []
-    lease_dir = output_dir / STATE_DIR / "leases"
-    for path in sorted(lease_dir.glob("*.lease")) if lease_dir.is_dir() else []:
-        record = _read_json(path) or {}
-        running.append({
-            "key": path.stem,
-            "target": record.get("target"),
-            "host": record.get("host"),
-            "pid": record.get("pid"),
-            "started": record.get("started"),
-            "heartbeat": _heartbeat(lease_dir, path.stem, record),
-            "last_beat_age_s": _last_beat_age_s(lease_dir, path.stem, record),
-        })
-    failed, quarantined = [], []
-    for key, record in FailureRecords(output_dir).all().items():
-        entry = {"key": key, "target": record.get("target"), "attempts": record.get("attempts"),
-                 "faults": record.get("faults", 0),
-                 "category": record.get("last_category", "input"),
-                 "last_error": record.get("last_error"), "hosts": record.get("hosts")}
-        (quarantined if record.get("quarantined") else failed).append(entry)
+    running = read_running(output_dir)
+    failed, quarantined = read_failures(output_dir)
     return {
         "output_dir": str(output_dir),
         "counts": {"done": len(summaries), "running": len(running), "failed": len(failed),
@@ -557,3 +546,37 @@ def status_snapshot(output_dir: str | os.PathLike[str], newest: int = 10) -> dic
         "quarantined": quarantined,
         "newest": newest_results,
     }
+
+
+def read_running(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The tomograms being segmented now: one entry per lease, with host, device (where the
+    holder recorded it), pid, start and heartbeat."""
+    running = []
+    lease_dir = Path(output_dir) / STATE_DIR / "leases"
+    for path in sorted(lease_dir.glob("*.lease")) if lease_dir.is_dir() else []:
+        record = _read_json(path) or {}
+        running.append({
+            "key": path.stem,
+            "target": record.get("target"),
+            "host": record.get("host"),
+            "device": record.get("device"),
+            "pid": record.get("pid"),
+            "started": record.get("started"),
+            "heartbeat": _heartbeat(lease_dir, path.stem, record),
+            "last_beat_age_s": _last_beat_age_s(lease_dir, path.stem, record),
+        })
+    return running
+
+
+def read_failures(output_dir: str | os.PathLike[str]
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(failed, quarantined): the failure records, each with its one-line last error."""
+    failed, quarantined = [], []
+    for key, record in FailureRecords(Path(output_dir)).all().items():
+        entry = {"key": key, "target": record.get("target"), "attempts": record.get("attempts"),
+                 "faults": record.get("faults", 0),
+                 "category": record.get("last_category", "input"),
+                 "last_error": record.get("last_error"), "hosts": record.get("hosts"),
+                 "updated": record.get("updated")}
+        (quarantined if record.get("quarantined") else failed).append(entry)
+    return failed, quarantined

@@ -400,7 +400,7 @@ class Service:
             log.info("%s changed since it was found complete; waiting until it is again",
                      item.path)
             return False
-        lease = self.leases.try_claim(item.key, item.rel_output)
+        lease = self.leases.try_claim(item.key, item.rel_output, worker.device)
         if lease is None:
             return False  # another daemon works on it; its lease is watched on later passes
         try:

@@ -34,6 +34,7 @@ from .faults import (
     explain_death,
     fault_backoff_s,
 )
+from .gallery import Gallery, SessionPages
 from .messages import (
     Job,
     JobAbandoned,
@@ -135,6 +136,7 @@ class Service:
         self.leases = LeaseManager(config.output_dir, config.lease_seconds,
                                    on_reclaim=lambda key, old: self._on_reclaim(key, old))
         self.failures = FailureRecords(config.output_dir, config.max_attempts)
+        self.gallery = Gallery(config.output_dir)
         from ..core.model import default_bundle_path
 
         self.registry = ModelRegistry(
@@ -163,8 +165,10 @@ class Service:
         self.pool = WorkerPool(self.devices, threads_per_cpu_worker=self._cpu_threads())
         try:
             if self.config.metrics.enabled:
+                pages = SessionPages(self.config.output_dir, local_state=self._page_state)
                 server = MetricsServer(self.metrics, self.config.metrics.host,
-                                       self.config.metrics.port, health=self.healthy)
+                                       self.config.metrics.port, health=self.healthy,
+                                       pages=pages)
                 log.info("metrics on %s/metrics", server.url)
             self._switch_model_if_needed(force=True)
             self._sweep_stale_leases()  # a crash of ours before this start leaves no trace
@@ -495,6 +499,22 @@ class Service:
         self._device_faults_in_a_row.pop(worker.index, None)
         self._model_tracks.setdefault(flight.model.sha256, ModelTrack()).successes += 1
         log.info("%s", _summary_line(summary, flight.item, f"{worker.device} w{worker.index}"))
+        self._add_to_gallery(flight.item.out_parent / flight.item.stem)
+
+    def _add_to_gallery(self, folder: Path) -> None:
+        """The session gallery and dataset index (daemon/gallery.py) after a publish. Under a
+        second at 5,000 tomograms; a failure is logged and never fails the tomogram."""
+        try:
+            seconds = self.gallery.add(folder)
+        except Exception as error:  # noqa: BLE001 (a side product: the result is published)
+            log.warning("%s: gallery and index not updated: %s", folder, error)
+            return
+        log.debug("gallery updated in %.3fs", seconds)
+
+    def _page_state(self) -> dict[str, Any]:
+        """This daemon's own part of the session page (called from the HTTP thread: reads
+        sizes only)."""
+        return {"host": self.host, "waiting": len(self.queue)}
 
     def _job_failed(self, job_id: int, error: str, category: str = INPUT,
                     disk_full: bool = False, device_fault: bool = False) -> None:

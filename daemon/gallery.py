@@ -59,6 +59,7 @@ PAGE_SIZE = 50  # tomograms per page, live and static
 PARTICLE_ROWS_SHOWN = 500  # the per-tomogram page's table; the CSV link has all of them
 STATIC_DIR = ".gallery"  # OUT/.gallery/: static per-tomogram and archive pages
 ROWS_FILE = "rows.jsonl"
+RATE_MIN_SPAN_S = 600.0  # throughput per hour is shown once today's first is this old
 TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -104,6 +105,8 @@ def row_from_summary(summary: dict[str, Any], rel: str, mtime_s: float = 0.0) ->
         "filament_length_nm": dict(summary.get("filament_length_nm") or {}),
         "colors": {str(c.get("name")): str(c.get("color", "#ffffff"))
                    for c in summary.get("classes") or [] if isinstance(c, dict)},
+        "fractions": {str(k): _number(v) for k, v in
+                      (summary.get("class_fractions") or {}).items()},
         "confidence": _number(summary.get("confidence")),
         "cleanup_removed_fraction": {k: _number(v) for k, v in removed.items()}
         if isinstance(removed, dict) else {},
@@ -398,10 +401,12 @@ def throughput_today(rows: list[dict[str, Any]], now_s: float | None = None) -> 
                                                         microsecond=0).timestamp()
     today = [r for r in rows if (r.get("finished_s") or 0) >= midnight]
     seconds = [r["seconds"] for r in today if r.get("seconds") is not None]
-    hours = max((now_s - min(r["finished_s"] for r in today)) / 3600, 1 / 60) if today else 0
+    span_s = now_s - min(r["finished_s"] for r in today) if today else 0.0
+    # A rate over a few minutes is noise (two tomograms a second apart are not 7,200/h).
+    per_hour = len(today) / (span_s / 3600) if span_s >= RATE_MIN_SPAN_S else None
     return {"count": len(today),
             "mean_seconds": sum(seconds) / len(seconds) if seconds else None,
-            "per_hour": len(today) / hours if today else 0.0}
+            "per_hour": per_hour}
 
 
 def _page_rows(rows: list[dict[str, Any]], page: int, page_size: int

@@ -266,20 +266,24 @@ def _fmt(value: Any, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def index_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """(column names, rows of strings) of the dataset index, oldest tomogram first."""
-    particles = _class_names(rows, "particles")
-    filaments = _class_names(rows, "filaments")
-    lengths = _class_names(rows, "filament_length_nm")
-    header = (["stem", "folder", "input_path", "voxel_size_a", "model", "model_version",
-               "model_sha256"]
-              + [f"particles_{c}" for c in particles] + [f"filaments_{c}" for c in filaments]
-              + [f"filament_length_nm_{c}" for c in lengths]
-              + ["confidence", "seconds", "finished_utc"])
-    table = []
-    for row in rows:
-        table.append(
-            [row["stem"], row["rel"], str(row.get("input_path") or ""),
+def _columns(rows: list[dict[str, Any]]) -> tuple[tuple[str, ...], ...]:
+    """The class names of each per-class column group, in order of first appearance."""
+    return (tuple(_class_names(rows, "particles")), tuple(_class_names(rows, "filaments")),
+            tuple(_class_names(rows, "filament_length_nm")))
+
+
+def _header(columns: tuple[tuple[str, ...], ...]) -> list[str]:
+    particles, filaments, lengths = columns
+    return (["stem", "folder", "input_path", "voxel_size_a", "model", "model_version",
+             "model_sha256"]
+            + [f"particles_{c}" for c in particles] + [f"filaments_{c}" for c in filaments]
+            + [f"filament_length_nm_{c}" for c in lengths]
+            + ["confidence", "seconds", "finished_utc"])
+
+
+def _cells(row: dict[str, Any], columns: tuple[tuple[str, ...], ...]) -> list[str]:
+    particles, filaments, lengths = columns
+    return ([row["stem"], row["rel"], str(row.get("input_path") or ""),
              _fmt(row.get("voxel_size_a"), 3), str(row.get("model") or ""),
              str(row.get("model_version") or ""), str(row.get("model_sha256") or "")]
             + [str((row.get("particles") or {}).get(c, "")) for c in particles]
@@ -287,16 +291,6 @@ def index_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
             + [_fmt((row.get("filament_length_nm") or {}).get(c), 1) for c in lengths]
             + [_fmt(row.get("confidence"), 4), _fmt(row.get("seconds"), 2),
                str(row.get("finished_utc") or "")])
-    return header, table
-
-
-def index_csv_text(rows: list[dict[str, Any]]) -> str:
-    header, table = index_table(rows)
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(table)
-    return out.getvalue()
 
 
 def _star_label(column: str) -> str:
@@ -307,14 +301,51 @@ def _star_label(column: str) -> str:
     return "tomolive" + "".join(part[:1].upper() + part[1:] for part in column.split("_"))
 
 
+class IndexTables:
+    """index.csv and index.star text for a list of rows. Each row is formatted once and kept
+    (for as long as the row object and the set of class columns stay the same): with 5,000
+    tomograms an update formats one row and joins the others' text, instead of quoting
+    80,000 values again."""
+
+    def __init__(self) -> None:
+        # rel -> (the row formatted, its columns, its CSV line, its STAR values)
+        self._formatted: dict[str, tuple[dict[str, Any], tuple, str, list[str]]] = {}
+
+    def _row(self, row: dict[str, Any], columns: tuple) -> tuple[str, list[str]]:
+        cached = self._formatted.get(row["rel"])
+        if cached is not None and cached[0] is row and cached[1] == columns:
+            return cached[2], cached[3]
+        cells = _cells(row, columns)
+        line = io.StringIO()
+        csv.writer(line, lineterminator="\n").writerow(cells)
+        # Empty in the CSV; in STAR a value cannot be empty: `-`.
+        star = [star_string(v) if v else "-" for v in cells]
+        self._formatted[row["rel"]] = (row, columns, line.getvalue(), star)
+        return line.getvalue(), star
+
+    def texts(self, rows: list[dict[str, Any]]) -> tuple[str, str]:
+        """(index.csv, index.star) text, one line per row in the order given."""
+        columns = _columns(rows)
+        header = _header(columns)
+        formatted = [self._row(row, columns) for row in rows]
+        head = io.StringIO()
+        csv.writer(head, lineterminator="\n").writerow(header)
+        csv_text = head.getvalue() + "".join(line for line, _ in formatted)
+        # core.export's STAR writer takes columns: the cached values, transposed.
+        star_columns = {_star_label(name): list(values) for name, values in
+                        zip(header, zip(*(star for _, star in formatted), strict=True)
+                            if formatted else [()] * len(header), strict=True)}
+        return csv_text, star_text("tomograms", star_columns)
+
+
+def index_csv_text(rows: list[dict[str, Any]]) -> str:
+    """The dataset index as CSV (no cache: for one-off use and tests)."""
+    return IndexTables().texts(rows)[0]
+
+
 def index_star_text(rows: list[dict[str, Any]]) -> str:
-    """The dataset index as a STAR table (block `tomograms`), through core.export's writer;
-    an empty value is written as RELION's `<NA>`-free placeholder `-`."""
-    header, table = index_table(rows)
-    columns = {_star_label(name): [star_string(v) if v else "-" for v in column]
-               for name, column in zip(header, zip(*table, strict=True) if table
-                                        else [()] * len(header), strict=True)}
-    return star_text("tomograms", {k: list(v) for k, v in columns.items()})
+    """The dataset index as a STAR table (block `tomograms`), through core.export's writer."""
+    return IndexTables().texts(rows)[1]
 
 
 # ---- rendering ---------------------------------------------------------------------------------
@@ -627,11 +658,13 @@ def write_static_pages(output_dir: Path, rows: list[dict[str, Any]],
     _write_atomic(output_dir / "index.html", html)
 
 
-def write_index_files(output_dir: Path, rows: list[dict[str, Any]]) -> None:
+def write_index_files(output_dir: Path, rows: list[dict[str, Any]],
+                      tables: IndexTables | None = None) -> None:
     """`OUT/index.csv` and `OUT/index.star`, one row per tomogram, oldest first. Rewritten
-    whole (5,000 rows format in milliseconds) so that class columns stay one set."""
-    _write_atomic(output_dir / "index.csv", index_csv_text(rows))
-    _write_atomic(output_dir / "index.star", index_star_text(rows))
+    whole (from rows formatted once, in `tables`) so that class columns stay one set."""
+    csv_text, star = (tables or IndexTables()).texts(rows)
+    _write_atomic(output_dir / "index.csv", csv_text)
+    _write_atomic(output_dir / "index.star", star)
 
 
 class Gallery:
@@ -642,6 +675,7 @@ class Gallery:
     def __init__(self, output_dir: str | os.PathLike[str], page_size: int = PAGE_SIZE) -> None:
         self.output_dir = Path(output_dir)
         self.index = RowIndex(self.output_dir)
+        self.tables = IndexTables()
         self.page_size = page_size
 
     def add(self, folder: str | os.PathLike[str]) -> float:
@@ -656,7 +690,7 @@ class Gallery:
                 append_row(self.output_dir, row)
             self.index.refresh()
             rows = self.index.rows()
-            write_index_files(self.output_dir, rows)
+            write_index_files(self.output_dir, rows, self.tables)
             position = self.index.position(row["rel"])
             write_static_pages(self.output_dir, rows, [] if position is None else [position],
                                self.page_size)

@@ -235,19 +235,26 @@ def append_row(output_dir: Path, row: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def rebuild_rows(output_dir: str | os.PathLike[str]) -> int:
-    """Rewrite the row cache from every summary in the output folder (oldest first); returns
-    the number of rows. Slow for thousands of tomograms: run when the cache is missing."""
+def rebuild_rows(output_dir: str | os.PathLike[str], replace: bool = False) -> int:
+    """Write the row cache from every summary in the output folder (oldest first), unless it
+    exists by the time the lock is ours (`replace` rewrites it anyway); returns the number of
+    rows written. Slow for thousands of tomograms: for a missing cache.
+
+    The walk runs under the lock: a row appended during an unlocked walk would be lost when
+    the rebuilt file replaced the one it was appended to."""
     output_dir = Path(output_dir)
-    rows = []
-    for summary_path in _summaries(output_dir):
-        row = row_for_folder(output_dir, summary_path.parent)
-        if row is not None:
-            rows.append(row)
-    rows.sort(key=lambda r: r["finished_s"])
-    text = "".join(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in rows)
+    path = gallery_state_dir(output_dir) / ROWS_FILE
     with _rows_lock(output_dir):
-        atomic_write_text(gallery_state_dir(output_dir) / ROWS_FILE, text)
+        if path.exists() and not replace:
+            return 0
+        rows = []
+        for summary_path in _summaries(output_dir):
+            row = row_for_folder(output_dir, summary_path.parent)
+            if row is not None:
+                rows.append(row)
+        rows.sort(key=lambda r: r["finished_s"])
+        atomic_write_text(path, "".join(json.dumps(r, separators=(",", ":"), allow_nan=False)
+                                        + "\n" for r in rows))
     log.info("gallery: row cache rebuilt from %d summaries", len(rows))
     return len(rows)
 

@@ -40,8 +40,9 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import jinja2
+from PIL import Image
 
-from ..core.atomic import atomic_write_text
+from ..core.atomic import atomic_path, atomic_write_text
 from ..core.export import star_string, star_text
 from .claims import (
     STATE_DIR,
@@ -59,6 +60,8 @@ PAGE_SIZE = 50  # tomograms per page, live and static
 PARTICLE_ROWS_SHOWN = 500  # the per-tomogram page's table; the CSV link has all of them
 STATIC_DIR = ".gallery"  # OUT/.gallery/: static per-tomogram and archive pages
 ROWS_FILE = "rows.jsonl"
+THUMBS_DIR = "thumbs"  # OUT/.gallery/thumbs/KEY.webp: what the lists show, not the preview
+THUMB_MAX_PX = 320  # a 1200 px preview is ~1 MB; fifty of them would make a page slow to load
 RATE_MIN_SPAN_S = 600.0  # throughput per hour is shown once today's first is this old
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -371,6 +374,10 @@ class LiveLinks:
         return f"/files/{quote(rel)}/{quote(name)}"
 
     @staticmethod
+    def thumb(row: dict[str, Any]) -> str:
+        return "/thumb/" + quote(row["rel"])  # the preview itself where no thumbnail exists
+
+    @staticmethod
     def page(n: int) -> str:
         return f"/?page={n}"
 
@@ -383,6 +390,7 @@ class StaticLinks:
     `OUT/.gallery/` (depth 1). Relative, so the folder can be opened anywhere (file://)."""
 
     depth: int
+    output_dir: Path | None = None  # to look for thumbnails; without it, previews are shown
     refresh_s = 30  # a static page reloads itself to pick up new tomograms
 
     @property
@@ -395,6 +403,12 @@ class StaticLinks:
 
     def file(self, rel: str, name: str) -> str:
         return f"{self._up}{quote(rel)}/{quote(name)}"
+
+    def thumb(self, row: dict[str, Any]) -> str:
+        name = f"{THUMBS_DIR}/{lease_key(row['rel'])}.webp"
+        if self.output_dir is not None and (self.output_dir / STATIC_DIR / name).is_file():
+            return name if self.depth else f"{STATIC_DIR}/{name}"
+        return self.file(row["rel"], row["preview"])
 
     def page(self, n: int) -> str:
         name = f"page-{n:04d}.html"
@@ -552,6 +566,18 @@ class SessionPages:
                               state=state, version=self._version(state),
                               output_dir=self.output_dir)
 
+    def thumbnail(self, raw_rel: str) -> Path | None:
+        """The file `/thumb/REL` serves: the tomogram's thumbnail, else its preview."""
+        folder = result_folder(self.output_dir, raw_rel)
+        if folder is None:
+            return None
+        rel = Path(os.path.relpath(folder, self.output_dir)).as_posix()
+        thumb = _inside(thumbnail_path(self.output_dir, rel), self.output_dir)
+        if thumb is not None and thumb.is_file():
+            return thumb
+        preview = _inside(folder / f"{folder.name}_preview.png", self.output_dir)
+        return preview if preview is not None and preview.is_file() else None
+
     def tomogram_html(self, raw_rel: str) -> str | None:
         """The page of one tomogram; None (404) unless `raw_rel` names a finished one."""
         folder = result_folder(self.output_dir, raw_rel)
@@ -634,6 +660,22 @@ def _write_atomic(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
+def thumbnail_path(output_dir: Path, rel: str) -> Path:
+    return Path(output_dir) / STATIC_DIR / THUMBS_DIR / f"{lease_key(rel)}.webp"
+
+
+def write_thumbnail(output_dir: Path, row: dict[str, Any]) -> None:
+    """A small WebP of the tomogram's preview for the lists (atomically, as every file here)."""
+    if not row.get("preview"):
+        return
+    with Image.open(Path(output_dir) / row["rel"] / row["preview"]) as image:
+        image.thumbnail((THUMB_MAX_PX, THUMB_MAX_PX))
+        path = thumbnail_path(output_dir, row["rel"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            image.convert("RGB").save(tmp, format="WEBP", quality=80)
+
+
 def write_static_tomogram(output_dir: Path, row: dict[str, Any]) -> None:
     folder = output_dir / row["rel"]
     summary = read_summary(folder)
@@ -654,12 +696,12 @@ def write_static_pages(output_dir: Path, rows: list[dict[str, Any]],
     today = throughput_today(rows)
     for k in sorted({p // page_size + 1 for p in changed_positions}):
         chunk = rows[(k - 1) * page_size:k * page_size][::-1]
-        html = render_session(chunk, links=StaticLinks(depth=1), page=k, pages=len(archive),
+        html = render_session(chunk, links=StaticLinks(1, output_dir), page=k, pages=len(archive),
                               total=len(rows), today=today, state=None, version="",
                               output_dir=output_dir, archive=archive)
         _write_atomic(output_dir / STATIC_DIR / f"page-{k:04d}.html", html)
     newest = rows[-page_size:][::-1]
-    html = render_session(newest, links=StaticLinks(depth=0), page=0, pages=len(archive),
+    html = render_session(newest, links=StaticLinks(0, output_dir), page=0, pages=len(archive),
                           total=len(rows), today=today, state=None, version="",
                           output_dir=output_dir, archive=archive)
     _write_atomic(output_dir / "index.html", html)
@@ -691,6 +733,7 @@ class Gallery:
         row = row_for_folder(self.output_dir, Path(folder))
         if row is None:
             raise FileNotFoundError(f"{folder}: no readable summary; not added to the gallery")
+        write_thumbnail(self.output_dir, row)
         self.index.refresh()  # builds the cache from the summaries if it is missing
         with _rows_lock(self.output_dir):
             if self.index.get(row["rel"]) != row:  # the rebuild may have read it already

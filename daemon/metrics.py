@@ -511,7 +511,8 @@ def _page_number(query: str) -> int:
 class _Handler(BaseHTTPRequestHandler):
     """GET /metrics (Prometheus text or OpenMetrics, by Accept header), GET /healthz and, when
     the server has session pages (daemon/gallery.py), the read-only session page: `/`,
-    `/api/session.json`, `/t/REL` and `/files/REL/NAME`. Nothing here changes state."""
+    `/api/session.json`, `/t/REL`, `/thumb/REL` and `/files/REL/NAME`. Nothing here changes
+    state."""
 
     server: _Server
     # HTTP/1.0 (the default): one request per connection, so stop() leaves no handler serving.
@@ -549,6 +550,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(200, html.encode(), _PAGE_TYPE)
         elif path.startswith("/files/"):
             self._send_file(result_file(pages.output_dir, path[len("/files/"):]))
+        elif path.startswith("/thumb/"):
+            self._send_file(pages.thumbnail(path[len("/thumb/"):]))
         else:
             return False
         return True

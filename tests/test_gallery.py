@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import starfile
+from PIL import Image
 from tomolive.core.classes import default_class
 from tomolive.core.export import write_outputs
 from tomolive.core.filaments import Filament
@@ -83,7 +84,10 @@ def test_index_files_and_static_gallery_after_each_publish(out):
     # Newest first; thumbnails and per-tomogram pages by relative links (file:// works).
     assert index_html.index("TS_02") < index_html.index("TS_01")
     assert "TS_00" not in index_html  # the newest page_size only; older ones on archive pages
-    assert 'src="TS_02/TS_02_preview.png"' in index_html
+    thumb = gallery.thumbnail_path(out, "TS_02")
+    assert f'src="{gallery.STATIC_DIR}/thumbs/{thumb.name}"' in index_html
+    with Image.open(thumb) as image:  # small, whatever the preview's size
+        assert image.format == "WEBP" and max(image.size) <= gallery.THUMB_MAX_PX
     pages = sorted(p.name for p in (out / gallery.STATIC_DIR).iterdir())
     assert "page-0001.html" in pages and "page-0002.html" in pages
     assert "TS_00" in (out / gallery.STATIC_DIR / "page-0001.html").read_text()
@@ -159,7 +163,7 @@ def test_session_page_routes(served):
     status, body, headers = get(server.url + "/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     html = body.decode()
-    assert "session1/TS_01" in html and "/files/session1/TS_01/TS_01_preview.png" in html
+    assert "session1/TS_01" in html and 'src="/thumb/session1/TS_01"' in html
     assert "waiting in the queue of here" in html
     status, body, _ = get(server.url + "/api/session.json?page=1")
     data = json.loads(body)
@@ -169,6 +173,12 @@ def test_session_page_routes(served):
     status, body, headers = get(server.url + "/files/session1/TS_01/TS_01_sweep.webp")
     assert status == 200 and headers["Content-Type"] == "image/webp"
     assert body == (out / "session1/TS_01/TS_01_sweep.webp").read_bytes()
+    status, body, headers = get(server.url + "/thumb/session1/TS_01")
+    assert status == 200 and headers["Content-Type"] == "image/webp"
+    assert body == gallery.thumbnail_path(out, "session1/TS_01").read_bytes()
+    gallery.thumbnail_path(out, "session1/TS_01").unlink()  # none (older results): the preview
+    status, body, headers = get(server.url + "/thumb/session1/TS_01")
+    assert status == 200 and headers["Content-Type"] == "image/png"
     assert get(server.url + "/metrics")[0] == 200 and get(server.url + "/healthz")[0] == 200
     assert get(server.url + "/t/session1/nothing")[0] == 404
 
@@ -209,6 +219,9 @@ ESCAPES = [
     "/t/../secret",
     "/t/session1/%2e%2e/%2e%2e",
     "/t/session1/linked",
+    "/thumb/../secret.txt",
+    "/thumb/%2e%2e/secret",
+    "/thumb/session1/linked",
 ]
 
 

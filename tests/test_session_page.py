@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import urllib.request
 from io import BytesIO
 from pathlib import Path
@@ -69,6 +70,7 @@ def browser(tmp_path):
 
 def _screenshot(driver, tmp_path: Path, name: str) -> Path:
     """Full-page screenshot into the tmp folder, copied to bench/screenshots/."""
+    driver.set_window_size(1400, 1000)  # measure the page, not the previous window
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1400, min(max(1000, int(height) + 200), 5000))
     path = tmp_path / f"{name}.png"
@@ -124,14 +126,28 @@ def test_session_page_in_a_browser(tmp_path, browser):
         assert [r.get_attribute("data-rel") for r in rows] == ["TS_02", "TS_01"]  # newest first
         assert browser.find_element(By.ID, "total").text == "2"
 
+        # One parked mid-inference (a stage hold): shown as running, with host and device.
+        d.hold("TS_03", "inference")
+        _drop_tomogram(d, "TS_03", seed=5)
+        d.wait_held("TS_03")
+        running = wait.until(lambda b: [e for e in b.find_elements(By.CSS_SELECTOR,
+                                                                   "#running tr")
+                                        if "TS_03" in e.text])
+        assert "cpu" in running[0].text and socket.gethostname() in running[0].text
+        _screenshot(browser, tmp_path, "session_running")
+        d.release("TS_03")
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, 'tr[data-rel="TS_03"]'))
+        assert not browser.find_elements(By.CSS_SELECTOR, "#running")
+
         # A corrupt file: its one-line reason appears on the page.
         (d.incoming / "broken.mrc").write_text("this is not a tomogram\n" * 100)
         reason = wait.until(lambda b: [e for e in b.find_elements(By.CSS_SELECTOR,
                                                                   "#failures td.reason")
                                        if "not an MRC file" in e.text])
         assert "broken.mrc" in reason[0].text
-        wait_until(lambda: _image_loaded(browser, 'tr[data-rel="TS_02"] img.thumb'), 30,
-                   "the second thumbnail")
+        for stem in ("TS_02", "TS_03"):
+            wait_until(lambda s=stem: _image_loaded(browser, f'tr[data-rel="{s}"] img.thumb'),
+                       30, f"the thumbnail of {stem}")
         _screenshot(browser, tmp_path, "session_updated")
 
         # The tomogram page: the animation loads, and it is one (more than one frame).
@@ -153,5 +169,16 @@ def test_session_page_in_a_browser(tmp_path, browser):
             browser.find_element(By.CSS_SELECTOR, f'.class-toggle[data-class="{name}"]').click()
             assert not [r for r in table if r.get_attribute("data-class") == name
                         and r.is_displayed()]
+
+        # The static copy in the output folder opens from disk, with its thumbnails.
+        browser.get((d.outputs / "index.html").as_uri())
+        rels = [r.get_attribute("data-rel")
+                for r in browser.find_elements(By.CSS_SELECTOR, "tr.tomogram")]
+        assert rels == ["TS_03", "TS_02", "TS_01"]
+        wait.until(lambda b: all(_image_loaded(b, f'tr[data-rel="{rel}"] img.thumb')
+                                 for rel in rels))
+        _screenshot(browser, tmp_path, "static_index")
+        browser.find_element(By.CSS_SELECTOR, 'tr[data-rel="TS_01"] a.stem').click()
+        wait.until(lambda b: _image_loaded(b, "#sweep"))
     finally:
         d.stop()

@@ -462,12 +462,13 @@ def throughput_today(rows: list[dict[str, Any]], now_s: float | None = None) -> 
 
 
 def _page_rows(rows: list[dict[str, Any]], page: int, page_size: int
-               ) -> tuple[list[dict[str, Any]], int]:
-    """The rows of 1-based `page`, newest first, and the number of pages."""
+               ) -> tuple[list[dict[str, Any]], int, int]:
+    """The rows of 1-based `page` (clamped to those there are), newest first; the page and
+    the number of pages."""
     pages = max(1, -(-len(rows) // page_size))
     page = min(max(1, page), pages)
     end = len(rows) - (page - 1) * page_size
-    return rows[max(0, end - page_size):end][::-1], pages
+    return rows[max(0, end - page_size):end][::-1], page, pages
 
 
 def render_session(rows_page: list[dict[str, Any]], *, links: Any, page: int, pages: int,
@@ -548,7 +549,7 @@ class SessionPages:
         self.index.refresh()
         rows = self.index.rows()
         state = self._state()
-        rows_page, pages = _page_rows(rows, page, self.page_size)
+        rows_page, page, pages = _page_rows(rows, page, self.page_size)
         return {"version": self._version(state), "total": len(rows), "page": page,
                 "pages": pages, "today": throughput_today(rows), "tomograms": rows_page,
                 **state}
@@ -557,11 +558,11 @@ class SessionPages:
         self.index.refresh()
         rows = self.index.rows()
         state = self._state()
-        rows_page, pages = _page_rows(rows, page, self.page_size)
+        rows_page, page, pages = _page_rows(rows, page, self.page_size)
         # A folder removed by hand since: say so rather than show a broken image.
         rows_page = [dict(row, missing=not (self.output_dir / row["rel"]).is_dir())
                      for row in rows_page]
-        return render_session(rows_page, links=LiveLinks, page=min(max(1, page), pages),
+        return render_session(rows_page, links=LiveLinks, page=page,
                               pages=pages, total=len(rows), today=throughput_today(rows),
                               state=state, version=self._version(state),
                               output_dir=self.output_dir)

@@ -285,3 +285,40 @@ def test_pages_are_served_while_a_tomogram_is_added(served):
     assert not errors
     assert "TS_02" in get(server.url + "/")[1].decode()
     assert os.path.exists(out / "index.html")
+
+
+def test_pages_newest_first_and_paginated(out):
+    g = gallery.Gallery(out)
+    for i in range(5):
+        g.add(publish(out, f"TS_{i:02d}"))
+    pages = gallery.SessionPages(out, page_size=2)
+    server = MetricsServer(Metrics(process_metrics=False), port=0, pages=pages)
+    try:
+        stems = {}
+        for page in (1, 2, 3, 99):
+            data = json.loads(get(f"{server.url}/api/session.json?page={page}")[1])
+            stems[page] = [row["stem"] for row in data["tomograms"]]
+            assert data["pages"] == 3 and data["page"] == min(page, 3)
+        assert stems == {1: ["TS_04", "TS_03"], 2: ["TS_02", "TS_01"], 3: ["TS_00"],
+                         99: ["TS_00"]}
+        html = get(f"{server.url}/?page=2")[1].decode()
+        assert 'href="/?page=1"' in html and 'href="/?page=3"' in html
+        assert "TS_02" in html and "TS_04" not in html
+        assert get(f"{server.url}/?page=abc")[0] == 200  # a bad number is page 1
+    finally:
+        server.stop()
+
+
+def test_nothing_but_get_is_answered(served):
+    """Read-only: no method that could change anything is served."""
+    import http.client
+
+    server, out = served
+    for method in ("POST", "PUT", "DELETE"):
+        connection = http.client.HTTPConnection(server.host, server.port, timeout=10)
+        try:
+            connection.request(method, "/files/session1/TS_01/TS_01_summary.json", body=b"x")
+            assert connection.getresponse().status == 501, method
+        finally:
+            connection.close()
+    assert (out / "session1/TS_01/TS_01_summary.json").read_text().startswith("{")

@@ -148,28 +148,29 @@ class RowIndex:
         self._order: list[str] | None = None  # rels in arrival order (cache of self._rows)
 
     def refresh(self) -> bool:
-        """Read new lines; True when the rows changed. Rebuilds a missing cache once."""
+        """Read new lines; True when the rows changed. A missing cache (never written, or
+        deleted to have it rebuilt) is rebuilt from the summaries."""
         try:
-            stat = os.stat(self.path)
+            handle = open(self.path, "rb")
         except FileNotFoundError:
-            if self._identity is not None or not self.output_dir.is_dir():
+            if not self.output_dir.is_dir():
                 return False
             rebuild_rows(self.output_dir)
             try:
-                stat = os.stat(self.path)
+                handle = open(self.path, "rb")
             except FileNotFoundError:
                 return False
-        with self._lock:
+        with handle, self._lock:
+            stat = os.fstat(handle.fileno())  # the file opened, even if replaced meanwhile
             identity = (stat.st_dev, stat.st_ino)
             if identity != self._identity or stat.st_size < self._offset:
-                # Replaced (a rebuild): read it again from the start.
+                # Another file (rebuilt): read it again from the start.
                 self._identity, self._offset, self._rows = identity, 0, {}
                 self._order = None
             if stat.st_size == self._offset:
                 return False
-            with open(self.path, "rb") as handle:
-                handle.seek(self._offset)
-                data = handle.read(stat.st_size - self._offset)
+            handle.seek(self._offset)
+            data = handle.read(stat.st_size - self._offset)
             end = data.rfind(b"\n") + 1  # a line still being appended waits for next time
             for line in data[:end].splitlines():
                 self._add_line(line)
@@ -241,23 +242,26 @@ def append_row(output_dir: Path, row: dict[str, Any]) -> None:
 def rebuild_rows(output_dir: str | os.PathLike[str], replace: bool = False) -> int:
     """Write the row cache from every summary in the output folder (oldest first), unless it
     exists by the time the lock is ours (`replace` rewrites it anyway); returns the number of
-    rows written. Slow for thousands of tomograms: for a missing cache.
-
-    The walk runs under the lock: a row appended during an unlocked walk would be lost when
-    the rebuilt file replaced the one it was appended to."""
+    rows written. Slow for thousands of tomograms: for a missing cache."""
     output_dir = Path(output_dir)
-    path = gallery_state_dir(output_dir) / ROWS_FILE
     with _rows_lock(output_dir):
-        if path.exists() and not replace:
+        if (gallery_state_dir(output_dir) / ROWS_FILE).exists() and not replace:
             return 0
-        rows = []
-        for summary_path in _summaries(output_dir):
-            row = row_for_folder(output_dir, summary_path.parent)
-            if row is not None:
-                rows.append(row)
-        rows.sort(key=lambda r: r["finished_s"])
-        atomic_write_text(path, "".join(json.dumps(r, separators=(",", ":"), allow_nan=False)
-                                        + "\n" for r in rows))
+        return _write_rows_from_summaries(output_dir)
+
+
+def _write_rows_from_summaries(output_dir: Path) -> int:
+    """The rebuild itself (call under `_rows_lock`: a row appended during an unlocked walk
+    would be lost when the rebuilt file replaced the one it was appended to)."""
+    rows = []
+    for summary_path in _summaries(output_dir):
+        row = row_for_folder(output_dir, summary_path.parent)
+        if row is not None:
+            rows.append(row)
+    rows.sort(key=lambda r: r["finished_s"])
+    atomic_write_text(gallery_state_dir(output_dir) / ROWS_FILE,
+                      "".join(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n"
+                              for r in rows))
     log.info("gallery: row cache rebuilt from %d summaries", len(rows))
     return len(rows)
 
@@ -735,8 +739,10 @@ class Gallery:
         if row is None:
             raise FileNotFoundError(f"{folder}: no readable summary; not added to the gallery")
         write_thumbnail(self.output_dir, row)
-        self.index.refresh()  # builds the cache from the summaries if it is missing
         with _rows_lock(self.output_dir):
+            if not self.index.path.exists():  # never written, or deleted to be rebuilt
+                _write_rows_from_summaries(self.output_dir)
+            self.index.refresh()
             if self.index.get(row["rel"]) != row:  # the rebuild may have read it already
                 append_row(self.output_dir, row)
             self.index.refresh()

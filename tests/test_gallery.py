@@ -322,3 +322,22 @@ def test_nothing_but_get_is_answered(served):
         finally:
             connection.close()
     assert (out / "session1/TS_01/TS_01_summary.json").read_text().startswith("{")
+
+
+def test_a_deleted_row_cache_is_rebuilt_by_a_running_reader_and_writer(out):
+    """README: delete rows.jsonl to have it rebuilt; a daemon already running must not carry
+    on with its old rows, nor start a cache of one row."""
+    g = gallery.Gallery(out)
+    for stem in ("TS_01", "TS_02"):
+        g.add(publish(out, stem))
+    reader = gallery.RowIndex(out)
+    reader.refresh()
+    reader.path.unlink()
+    publish(out, "TS_03")  # written by something that did not add it (segment --out)
+    assert reader.refresh()
+    assert sorted(r["stem"] for r in reader.rows()) == ["TS_01", "TS_02", "TS_03"]
+    reader.path.unlink()
+    g.add(publish(out, "TS_04"))
+    with open(out / "index.csv", newline="") as handle:
+        assert sorted(r["stem"] for r in csv.DictReader(handle)) == [
+            "TS_01", "TS_02", "TS_03", "TS_04"]

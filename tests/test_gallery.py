@@ -341,3 +341,38 @@ def test_a_deleted_row_cache_is_rebuilt_by_a_running_reader_and_writer(out):
     with open(out / "index.csv", newline="") as handle:
         assert sorted(r["stem"] for r in csv.DictReader(handle)) == [
             "TS_01", "TS_02", "TS_03", "TS_04"]
+
+
+HOSTILE_STEMS = ("a b", "it's", "$(touch PWNED)", '"dq" `touch PWNED`', "new\nline",
+                 "semi;colon & amp", "per%cent %a", "<img src=x onerror=alert(1)>", "a%2fb")
+
+
+def test_hostile_names_are_escaped_everywhere(out):
+    """File names come from whoever writes into the watched folder: every page, link and
+    index row keeps them as text."""
+    from urllib.parse import quote
+
+    g = gallery.Gallery(out)
+    for stem in HOSTILE_STEMS:
+        g.add(publish(out, stem))
+    pages = gallery.SessionPages(out)
+    server = MetricsServer(Metrics(process_metrics=False), port=0, pages=pages)
+    try:
+        html = get(server.url + "/")[1].decode()
+        assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+        for stem in HOSTILE_STEMS:
+            status, body, _ = get(f"{server.url}/t/{quote(stem)}")
+            assert status == 200, stem
+            assert b"<img src=x" not in body
+            status, body, _ = get(f"{server.url}/files/{quote(stem)}/{quote(stem)}_preview.png")
+            assert status == 200 and body[:4] == b"\x89PNG", stem
+            assert get(f"{server.url}/thumb/{quote(stem)}")[0] == 200, stem
+    finally:
+        server.stop()
+    static = (out / "index.html").read_text()
+    assert "<img src=x" not in static
+    with open(out / "index.csv", newline="") as handle:
+        assert sorted(r["stem"] for r in csv.DictReader(handle)) == sorted(HOSTILE_STEMS)
+    star = starfile.read(out / "index.star")
+    assert len(star) == len(HOSTILE_STEMS)
+    assert not list(out.parent.rglob("PWNED"))

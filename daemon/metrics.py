@@ -520,7 +520,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path, _, query = self.path.partition("?")
         pages = self.server.pages
-        if pages is not None and self._session_route(pages, path, query):
+        try:
+            if pages is not None and self._session_route(pages, path, query):
+                return
+        except (BrokenPipeError, ConnectionResetError):  # the browser went away: fine
+            return
+        except Exception:  # a page that cannot be built must not take the server with it
+            log.exception("session page %s", path)
+            self._reply(500, b"session page failed; see the daemon's log\n",
+                        "text/plain; charset=utf-8")
             return
         if path == "/metrics":
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))

@@ -376,3 +376,15 @@ def test_hostile_names_are_escaped_everywhere(out):
     star = starfile.read(out / "index.star")
     assert len(star) == len(HOSTILE_STEMS)
     assert not list(out.parent.rglob("PWNED"))
+
+
+def test_a_page_that_fails_answers_500_and_the_server_goes_on(served, monkeypatch):
+    server, out = served
+
+    def broken(page: int = 1) -> str:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server._server.pages, "session_html", broken)
+    assert get(server.url + "/")[0] == 500
+    assert get(server.url + "/metrics")[0] == 200
+    assert get(server.url + "/t/session1/TS_01")[0] == 200

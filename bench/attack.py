@@ -34,8 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the test harness drives the real daemon for us too
 
-from tomolive.daemon.claims import status_snapshot  # noqa: E402
 from tomolive.daemon.holds import HOLD_DIR_ENV  # noqa: E402
+from tomolive.daemon.status import status_snapshot  # noqa: E402
 
 from tests.daemon_harness import (  # noqa: E402
     Daemon,

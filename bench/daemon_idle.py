@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from tomolive.core.fingerprint import input_fingerprint
+from tomolive.core.result_folder import summary_path
 from tomolive.core.volume import write_mrc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def make_backlog(root: Path, count: int) -> None:
         done = outputs / folder.name / path.stem
         done.mkdir(parents=True, exist_ok=True)
         summary = {"input": {"fingerprint": input_fingerprint(path)}, "model": {}}
-        (done / f"{path.stem}_summary.json").write_text(json.dumps(summary))
+        summary_path(done).write_text(json.dumps(summary))
 
 
 def metric(log_path: Path, name: str) -> float:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import yaml
+from tomolive.core.result_folder import summary_path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the test harness's waiting helper, as bench/attack.py uses it
@@ -68,7 +69,7 @@ def main() -> None:
                 dropped = time.monotonic()
                 for i in range(args.tomograms):
                     (staging / f"TS_{i:02d}.mrc").rename(incoming / f"TS_{i:02d}.mrc")
-                summaries = [outputs / f"TS_{i:02d}" / f"TS_{i:02d}_summary.json"
+                summaries = [summary_path(outputs / f"TS_{i:02d}")
                              for i in range(args.tomograms)]
                 wait_until(lambda: all(p.exists() for p in summaries), args.timeout,
                          "every summary")

@@ -26,9 +26,11 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import torch
+from tomolive.core.evaluate import confusion_matrix, where_truth_goes
 from tomolive.core.infer import InferenceOptions, prepare_network
 from tomolive.core.model import ModelBundle, default_bundle_path, load_bundle
 from tomolive.core.pipeline import SegmentOptions, segment_file
+from tomolive.core.result_folder import read_summary
 
 # Label value i + 1 of the truth volumes is TRUTH_CLASSES[i] (validation README).
 TRUTH_CLASSES = ("membrane", "microtubule", "actin", "ribosome", "gold")
@@ -124,10 +126,21 @@ def segment_and_score(name: str, args: argparse.Namespace, bundle: ModelBundle, 
     scores = run_scorer(args.validation_dir / "score.py", folder, truth_stem)
     score_s = time.perf_counter() - start
     # The summary's stages include the write and the total, which seg.timings_s lacks.
-    summary = json.loads((out_dir / f"{seg.stem}_summary.json").read_text())
+    summary = read_summary(out_dir)
     record = tomogram_record(name, scores, names, segment_s, score_s, summary["timings_s"])
     record["remapped_labels"] = folder != out_dir
+    record["truth_voxels_predicted_as"] = truth_breakdown(folder, truth_stem)
     return record
+
+
+def truth_breakdown(folder: Path, truth_stem: Path) -> dict[str, dict[str, float]]:
+    """Where each truth class's voxels went (fractions per predicted class), on the labels
+    score.py scored: the error analysis issue 14 asks for, per tomogram."""
+    with mrcfile.open(folder / f"{folder.name}_labels.mrc", permissive=True) as mrc:
+        pred = np.asarray(mrc.data)
+        with mrcfile.open(f"{truth_stem}_labels.mrc", permissive=True) as truth:
+            conf = confusion_matrix(pred, np.asarray(truth.data), len(TRUTH_CLASSES))
+    return where_truth_goes(conf, TRUTH_CLASSES)
 
 
 def segment_inference_options(args: argparse.Namespace) -> InferenceOptions:

@@ -13,11 +13,9 @@ Conventions:
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,15 +24,10 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 from scipy.spatial import cKDTree
 
 from .classes import ClassSpec
-
-ParticleTables = dict[str, np.ndarray]
-
-
-class ParticleCsvError(ValueError):
-    """A particle table that cannot be read; the message starts with the file's path."""
+from .star import ParticleTables, read_particle_csv
 
 
-def _confusion(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
+def confusion_matrix(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
     """(n+1) x (n+1) voxel counts [pred, truth], slab by slab; values outside 0..n count as 0."""
     k = n_classes + 1
     counts = np.zeros(k * k, dtype=np.int64)
@@ -48,12 +41,25 @@ def _confusion(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarra
     return counts.reshape(k, k)
 
 
+def where_truth_goes(conf: np.ndarray, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """For each truth class, the fractions of its voxels predicted as each class (background
+    included), from a `confusion_matrix`: where a class's misses go."""
+    names = ["background", *class_names]
+    result = {}
+    for t, truth_name in enumerate(names[1:], start=1):
+        total = int(conf[:, t].sum())
+        if total:
+            result[truth_name] = {names[p]: round(float(conf[p, t]) / total, 4)
+                                  for p in range(len(names)) if conf[p, t]}
+    return result
+
+
 def dice_per_class(pred: np.ndarray, truth: np.ndarray,
                    class_names: Sequence[str]) -> dict[str, float]:
     """Dice of label i (1..n) = class_names[i-1]; NaN where the class is in neither volume."""
     if pred.shape != truth.shape:
         raise ValueError(f"dice_per_class: shapes differ: pred {pred.shape}, truth {truth.shape}")
-    conf = _confusion(pred, truth, len(class_names))
+    conf = confusion_matrix(pred, truth, len(class_names))
     return {name: _dice_from(conf, i) for i, name in enumerate(class_names, start=1)}
 
 
@@ -142,7 +148,7 @@ def evaluate(
     if pred_labels.shape != truth_labels.shape:
         raise ValueError(f"evaluate: label shapes differ: pred {pred_labels.shape}, "
                          f"truth {truth_labels.shape}")
-    conf = _confusion(pred_labels, truth_labels, len(class_names))
+    conf = confusion_matrix(pred_labels, truth_labels, len(class_names))
     dice = {name: _dice_from(conf, i) for i, name in enumerate(class_names, start=1)}
     defined = [d for d in dice.values() if not math.isnan(d)]
     voxels = {name: {"pred": int(conf[i, :].sum()), "truth": int(conf[:, i].sum())}
@@ -161,44 +167,6 @@ def evaluate(
                                     radius / 2.0)
             result["particles"][name] = {**stats, "max_distance": radius / 2.0}
     return _json_safe(result)
-
-
-def read_particle_csv(path: str | os.PathLike) -> ParticleTables:
-    """Read a `class,x,y,z[,score]` table (extra columns after z are ignored)."""
-    path = Path(path)
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except OSError as error:
-        raise ParticleCsvError(f"{path}: cannot read particle table: "
-                               f"{error.strerror or error}") from error
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise ParticleCsvError(f"{path}: not a CSV text file ({error})") from error
-    if not rows:
-        raise ParticleCsvError(f"{path}: empty file, expected a header 'class,x,y,z'")
-    header = [h.strip().lower() for h in rows[0]]
-    if header[:4] != ["class", "x", "y", "z"]:
-        raise ParticleCsvError(f"{path}: header is {','.join(rows[0])!r}, expected it to start "
-                               f"with 'class,x,y,z'")
-    tables: dict[str, list[tuple[float, float, float]]] = {}
-    for line_no, row in enumerate(rows[1:], start=2):
-        if not row or all(not cell.strip() for cell in row):
-            continue
-        if len(row) < 4 or len(row) > len(header):
-            raise ParticleCsvError(f"{path}: line {line_no} has {len(row)} columns, "
-                                   f"expected {len(header)}")
-        try:
-            xyz = tuple(float(v) for v in row[1:4])
-        except ValueError:
-            raise ParticleCsvError(f"{path}: line {line_no}: x, y, z must be numbers, got "
-                                   f"{','.join(row[1:4])!r}") from None
-        if not all(math.isfinite(v) for v in xyz):
-            raise ParticleCsvError(f"{path}: line {line_no}: coordinates are not finite")
-        name = row[0].strip()
-        if not name:
-            raise ParticleCsvError(f"{path}: line {line_no}: empty class name")
-        tables.setdefault(name, []).append(xyz)
-    return {k: np.array(v, dtype=np.float64).reshape(-1, 3) for k, v in tables.items()}
 
 
 def evaluate_files(

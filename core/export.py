@@ -1,19 +1,14 @@
 """Writing one tomogram's results: the output folder of DESIGN.md's contract, published atomically.
 
-Everything is written into `out_parent/.STEM.tmp-XXXX` (summary last), then that folder is
-renamed to `out_parent/STEM`: readers see the whole folder or none of it. An existing
-`out_parent/STEM` is renamed aside first and deleted after the new one is in place. Any failure
-removes the temporary folder and leaves an existing result untouched. Folders are created
-0777 and files 0666, both less the process umask (0755/0644 under the default 022), so that
-other users (and a daemon running as another user) can read the results.
+Everything is written into a temporary folder beside it (summary last; the names are
+core.result_folder's), then that folder is renamed to `out_parent/STEM`: readers see the whole
+folder or none of it. An existing `out_parent/STEM` is renamed aside first and deleted after
+the new one is in place. Any failure removes the temporary folder and leaves an existing
+result untouched. Folders are created 0777 and files 0666, both less the process umask
+(0755/0644 under the default 022), so that other users (and a daemon running as another
+user) can read the results.
 
-Coordinates: tables hold float (z, y, x) voxel positions on the input grid; files use x, y, z.
-STAR files are RELION 5 style (`data_particles`, `rlnTomoName`, `rlnCoordinateX/Y/Z` in pixels
-= the same 0-based voxel indices as the CSV, and `rlnCenteredCoordinateX/Y/ZAngst` =
-(coordinate - size / 2) * voxel size). Filament points carry `rlnHelicalTubeID` (1-based per
-filament), `rlnHelicalTrackLengthAngst`, and `rlnAngleTilt`/`rlnAnglePsi` that put the particle's
-Z axis along the filament (RELION's helical convention; the twist `rlnAngleRot` is left out):
-direction (x, y, z) = (-sin(tilt) cos(psi), sin(tilt) sin(psi), cos(tilt)).
+The STAR and CSV tables' columns and coordinate conventions are core.star's.
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from . import result_folder, star
 from .atomic import fsync_dir
 from .classes import ClassSpec
 from .filaments import Filament
@@ -41,7 +36,6 @@ from .particles import ParticleTable
 from .segmentation import Segmentation
 from .volume import release_pages, write_mrc
 
-STAR_VERSION = "# version 50001"  # RELION 5
 PREVIEW_MAX_PX = 1200
 PREVIEW_MIN_PX = 480  # small test volumes are enlarged (nearest) so the preview stays readable
 OVERLAY_ALPHA = 0.5
@@ -73,7 +67,7 @@ def _file_names(stem: str, classes: list[ClassSpec]) -> dict[str, str]:
             names[f"imod:{spec.name}"] = f"{stem}_{spec.name}.mod"
     names["preview"] = f"{stem}_preview.png"
     names["sweep"] = f"{stem}_sweep.webp"
-    names["summary"] = f"{stem}_summary.json"
+    names["summary"] = result_folder.summary_name(stem)
     return names
 
 
@@ -91,8 +85,8 @@ NAME_MAX_BYTES = 255
 def check_output_names(input_path: str | Path, stem: str, classes: list[ClassSpec]) -> None:
     """Raise ValueError naming the input when an output name would be too long to create:
     found before reading the tomogram, not as `[Errno 36]` about a temporary file after it."""
-    # The temporary and the set-aside folders (`.STEM.tmp-` / `.STEM.old-` + 8 hex digits).
-    names = [*_file_names(stem, classes).values(), f".{stem}.tmp-{'0' * 8}"]
+    # The temporary and the set-aside folders are longer than the stem (core.result_folder).
+    names = [*_file_names(stem, classes).values(), result_folder.longest_folder_name(stem)]
     longest = max(names, key=lambda name: len(os.fsencode(name)))
     size = len(os.fsencode(longest))
     if size > NAME_MAX_BYTES:
@@ -144,13 +138,13 @@ def write_outputs(
 
 
 def _make_temporary_folder(out_parent: Path, stem: str) -> Path:
-    """A new empty `out_parent/.STEM.tmp-XXXXXXXX` (the pattern daemon.service cleans up).
+    """A new empty temporary folder for `stem` (core.result_folder names it and recovers it).
 
     Not tempfile.mkdtemp: it always makes 0700, so published results were unreadable to
     everyone else whatever the umask. os.mkdir with 0o777 lets the umask decide.
     """
     for _ in range(100):
-        tmp = out_parent / f".{stem}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = out_parent / result_folder.temporary_folder_name(stem, result_folder.new_token())
         try:
             os.mkdir(tmp, 0o777)
         except FileExistsError:  # another writer drew the same name: draw again
@@ -207,7 +201,8 @@ def _publish(tmp: Path, final: Path) -> Path:
     """Rename `tmp` to `final`; an existing `final` is moved aside first, then deleted."""
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        old = final.with_name(result_folder.set_aside_folder_name(final.name,
+                                                                  result_folder.new_token()))
         os.rename(final, old)
     try:
         os.rename(tmp, final)
@@ -221,99 +216,21 @@ def _publish(tmp: Path, final: Path) -> Path:
     return final
 
 
-# ---- STAR and CSV ------------------------------------------------------------------------------
-
-def star_text(block: str, columns: dict[str, list[str]]) -> str:
-    lines = [STAR_VERSION, "", f"data_{block}", "", "loop_"]
-    lines += [f"_{name} #{i}" for i, name in enumerate(columns, start=1)]
-    lines += [" ".join(row) for row in zip(*columns.values(), strict=True)]
-    return "\n".join(lines) + "\n\n"
-
-
-# A STAR value that starts like this would be read as syntax, not as a string.
-_STAR_RESERVED_STARTS = ("_", "#", "$", "'", '"', ";", "data_", "loop_", "save_", "global_",
-                         "stop_")
-
-
-def star_string(value: str) -> str:
-    """A string as one STAR value: control characters (a newline would end the row) and
-    quotes (which STAR readers disagree on) become `_`; quoted when it holds whitespace or
-    would otherwise read as syntax."""
-    value = "".join(c if c.isprintable() and c not in "'\"" else "_" for c in value)
-    if value and not any(c.isspace() for c in value) and \
-            not value.lower().startswith(_STAR_RESERVED_STARTS):
-        return value
-    return f'"{value}"'
-
-
-def _fmt(values: np.ndarray, digits: int) -> list[str]:
-    return [f"{v:.{digits}f}" for v in np.asarray(values, dtype=np.float64)]
-
-
-def _coordinate_columns(
-    zyx: np.ndarray, stem: str, shape_zyx: tuple[int, ...], voxel_size_a: float
-) -> dict[str, list[str]]:
-    columns = {"rlnTomoName": [star_string(stem)] * len(zyx)}
-    for axis, k in (("X", 2), ("Y", 1), ("Z", 0)):
-        columns[f"rlnCoordinate{axis}"] = _fmt(zyx[:, k], 3)
-    for axis, k in (("X", 2), ("Y", 1), ("Z", 0)):
-        centred = (zyx[:, k] - shape_zyx[k] / 2.0) * voxel_size_a
-        columns[f"rlnCenteredCoordinate{axis}Angst"] = _fmt(centred, 3)
-    return columns
-
+# ---- STAR and CSV (their text is core.star's) -------------------------------------------------
 
 def write_particle_star(
     path: Path, table: ParticleTable, stem: str, shape_zyx: tuple[int, ...], voxel_size_a: float
 ) -> None:
-    """One particle class as a RELION 5 style STAR file (block `particles`)."""
-    columns = _coordinate_columns(table.zyx, stem, shape_zyx, voxel_size_a)
-    columns["rlnAutopickFigureOfMerit"] = _fmt(table.score, 5)
-    _write_text(path, star_text("particles", columns))
+    _write_text(path, star.particle_star_text(table, stem, shape_zyx, voxel_size_a))
 
 
 def write_particle_csv(path: Path, tables: list[ParticleTable]) -> None:
-    """All particles: `class,x,y,z,score`, 0-based input-grid voxel coordinates."""
-    lines = ["class,x,y,z,score"]
-    for table in tables:
-        for (z, y, x), score in zip(table.zyx, table.score, strict=True):
-            lines.append(f"{table.class_name},{x:.3f},{y:.3f},{z:.3f},{score:.5f}")
-    _write_text(path, "\n".join(lines) + "\n")
+    _write_text(path, star.particle_csv_text(star.table_rows(tables)))
 
 
-def relion_tilt_psi_deg(directions_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """RELION tilt and psi (degrees) that align a particle's Z axis with each unit direction."""
-    d = np.asarray(directions_zyx, dtype=np.float64)
-    dz, dy, dx = d[:, 0], d[:, 1], d[:, 2]
-    tilt = np.degrees(np.arccos(np.clip(dz, -1.0, 1.0)))
-    psi = np.degrees(np.arctan2(dy, -dx))
-    return tilt, psi
-
-
-def write_filament_star(
-    path: Path,
-    filaments: list[Filament],
-    stem: str,
-    shape_zyx: tuple[int, ...],
-    voxel_size_a: float,
-) -> None:
-    """Points along every filament of one class, one `rlnHelicalTubeID` (1-based) per filament."""
-    zyx = np.concatenate([f.points_zyx for f in filaments]) if filaments else np.zeros((0, 3))
-    dirs = np.concatenate([f.directions_zyx for f in filaments]) if filaments else np.zeros((0, 3))
-    tube = np.concatenate([np.full(len(f), i, dtype=np.int64)
-                           for i, f in enumerate(filaments, start=1)] or [np.zeros(0, np.int64)])
-    track = np.concatenate([_track_length(f.points_zyx) for f in filaments] or [np.zeros(0)])
-    columns = _coordinate_columns(zyx, stem, shape_zyx, voxel_size_a)
-    columns["rlnHelicalTubeID"] = [str(int(t)) for t in tube]
-    columns["rlnHelicalTrackLengthAngst"] = _fmt(track * voxel_size_a, 2)
-    tilt, psi = relion_tilt_psi_deg(dirs)
-    columns["rlnAngleTilt"] = _fmt(tilt, 3)
-    columns["rlnAnglePsi"] = _fmt(psi, 3)
-    _write_text(path, star_text("particles", columns))
-
-
-def _track_length(points_zyx: np.ndarray) -> np.ndarray:
-    steps = np.linalg.norm(np.diff(points_zyx, axis=0), axis=1)
-    return np.concatenate([[0.0], np.cumsum(steps)])
+def write_filament_star(path: Path, filaments: list[Filament], stem: str,
+                        shape_zyx: tuple[int, ...], voxel_size_a: float) -> None:
+    _write_text(path, star.filament_star_text(filaments, stem, shape_zyx, voxel_size_a))
 
 
 # ---- preview -----------------------------------------------------------------------------------
@@ -519,15 +436,20 @@ def _write_summary(
         "counts": counts,
         # Total traced length per filament class: what the session page and index show.
         "filament_length_nm": {
-            s.name: sum(float(_track_length(f.points_zyx)[-1]) for f in
-                        seg.filaments.get(s.name, []) if len(f.points_zyx)) * seg.voxel_size_a / 10
-            for s in seg.classes if s.is_filament},
+            s.name: sum(_polyline_length_vox(f.points_zyx) for f in seg.filaments.get(s.name, []))
+            * seg.voxel_size_a / 10 for s in seg.classes if s.is_filament},
         "confidence": seg.confidence,
         "cleanup_removed_fraction": seg.cleanup_removed_fraction,
         "warnings": seg.warnings,
         "files": files,
     }
     _write_text(path, json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
+
+
+def _polyline_length_vox(points_zyx: Any) -> float:
+    """Length of a traced filament in voxels (the sum of its steps)."""
+    points = np.asarray(points_zyx, dtype=np.float64)
+    return float(np.linalg.norm(np.diff(points, axis=0), axis=1).sum()) if len(points) > 1 else 0.0
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -10,11 +10,13 @@ import hashlib
 import os
 from pathlib import Path
 
-HEADER_BYTES = 1024
+# The MRC header: it holds the shape, mode and voxel size, so a rewrite that changes any of
+# them changes the fingerprint even when size and mtime happen to match.
+from .volume import HEADER_BYTES
 
 
 def input_fingerprint(path: str | os.PathLike[str]) -> str:
-    """`size-mtime_ns-sha256(first 1024 bytes)[:16]`: cheap (one stat, one small read)."""
+    """`size-mtime_ns-sha256(the header)[:16]`: cheap (one stat, one small read)."""
     path = Path(path)
     stat = path.stat()
     with path.open("rb") as handle:

@@ -31,6 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .export import jsonable
+from .specimen import SpecimenParams, build_specimen, render_specimen
+from .synth_result import SynthResult
+
 Progress = Callable[[str, float], None]
 
 # Physical constants (SI).
@@ -537,7 +541,7 @@ def simulate_tomogram(
     defocus_um: float | None = None,
     dose_e_per_a2: float | None = None,
     thickness_nm: float | None = None,
-) -> Any:
+) -> SynthResult:
     """A tomogram formed as a microscope does it, with its ground truth (a `SynthResult`).
 
     Parameters not given are drawn from their documented ranges (`SpecimenParams.sample`,
@@ -545,10 +549,6 @@ def simulate_tomogram(
     `oversample` > 1 simulates the specimen and tilt series on a finer grid and bins the
     images (Fourier crop) before reconstruction, as is done with real movies.
     """
-    from .export import jsonable
-    from .specimen import SpecimenParams, build_specimen, render_specimen
-    from .synth import SynthResult
-
     shape = tuple(int(s) for s in shape_zyx)
     params_seed, specimen_seed, noise_seed = np.random.SeedSequence(seed).spawn(3)
     params_rng = np.random.default_rng(params_seed)

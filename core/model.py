@@ -28,6 +28,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .classes import ClassSpec
+from .errors import one_line
 from .volume import DEFAULT_VOXEL_SIZE_BOUNDS_A, check_voxel_size
 
 FORMAT_VERSION = 1
@@ -498,7 +499,7 @@ def load_bundle(
     try:
         bundle = _parse_bundle(blob, path, voxel_size_bounds_a)
     except ValueError as exc:
-        message = " ".join(str(exc).split())  # one line
+        message = one_line(exc)
         kind = TruncatedBundle if isinstance(exc, _Truncated) else BundleError
         raise kind(f"{path}: {message}") from None
     return bundle

@@ -27,6 +27,7 @@ from .particles import ParticleTable, find_particles
 from .preprocess import apply_recipe
 from .resample import GridMap, fourier_rescale, grid_for, labels_to_input_refined
 from .segmentation import Segmentation
+from .stages import Progress
 from .volume import (
     DEFAULT_MAX_MODEL_VOXELS,
     DEFAULT_VOXEL_SIZE_BOUNDS_A,
@@ -38,12 +39,6 @@ from .volume import (
     thin_axis,
     to_canonical,
 )
-
-STAGES = ("read", "rescale", "preprocess", "inference", "cleanup", "particles", "filaments",
-          "write")
-
-# Progress callback: (stage name, fraction of that stage done in 0..1).
-Progress = Callable[[str, float], None]
 
 # The confidence signal ignores this fraction of slices at the top and the bottom of the
 # volume: they are mostly empty ice and reconstruction artefacts, where any model is unsure.

@@ -32,7 +32,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from .classes import SYNTH_CLASS_NAMES
-from .synth import fibonacci_sphere
+from .synth_result import fibonacci_sphere
 
 Progress = Callable[[str, float], None]
 

@@ -39,11 +39,11 @@ float voxel indices (0-based), like the segmentation outputs.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,8 @@ from scipy.spatial import cKDTree
 
 from .atomic import atomic_path
 from .classes import SYNTH_CLASS_NAMES
+from .star import particle_csv_text
+from .synth_result import SynthResult, fibonacci_sphere
 
 Progress = Callable[[str, float], None]  # (stage name, fraction of that stage done in 0..1)
 
@@ -73,19 +75,6 @@ CURVE_STEP_NM = 1.0  # filament centre lines are sampled every nm
 HIGHPASS_PERIOD_NM = 80.0
 LOWPASS_PASS_NM, LOWPASS_STOP_NM = 3.0, 2.0
 DEFAULT_NOISE_SIGMA = 1.3  # per-voxel noise std at 10 Å voxels, in protein-density units
-
-
-@dataclass
-class SynthResult:
-    """A synthetic tomogram and its ground truth, all on the same [z, y, x] grid."""
-
-    tomogram: np.ndarray  # float32; dense matter negative; mean 0, std 1
-    labels: np.ndarray  # int8; 0 background, i = class_names[i - 1]
-    particles: list[tuple[str, float, float, float]]  # (class, x, y, z) voxel indices
-    voxel_size_a: float
-    class_names: tuple[str, ...] = SYNTH_CLASS_NAMES
-    info: dict[str, Any] = field(default_factory=dict)  # object counts, noise, SNR, parameters
-    filaments: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (class, (n, 3) x y z)
 
 
 # --- scene (physical, voxel-size independent) ----------------------------------------------
@@ -227,15 +216,6 @@ class _Scene:
             self.objects.append(obj)
             placed += 1
         self.counts[kind] = self.counts.get(kind, 0) + placed
-
-
-def fibonacci_sphere(n: int) -> np.ndarray:
-    """n roughly evenly spaced unit vectors (z, y, x)."""
-    i = np.arange(n) + 0.5
-    z = 1.0 - 2.0 * i / n
-    r = np.sqrt(1.0 - z * z)
-    phi = i * math.pi * (3.0 - math.sqrt(5.0))
-    return np.stack([z, r * np.sin(phi), r * np.cos(phi)], axis=1)
 
 
 def _make_vesicle(scene: _Scene) -> tuple[_Shell, np.ndarray, np.ndarray] | None:
@@ -754,8 +734,5 @@ def write_synth(
     if labels_path is not None:
         write_mrc(labels_path, result.labels.astype(np.int8, copy=False), result.voxel_size_a)
     if particles_csv is not None:
-        with atomic_path(particles_csv) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["class", "x", "y", "z"])
-            for name, x, y, z in result.particles:
-                writer.writerow([name, f"{x:.3f}", f"{y:.3f}", f"{z:.3f}"])
+        with atomic_path(particles_csv) as tmp:
+            Path(tmp).write_text(particle_csv_text(result.particles, with_score=False))

@@ -43,6 +43,7 @@ from scipy import ndimage
 from torch import nn
 
 from .classes import ClassSpec, default_class
+from .errors import one_line
 from .model import BundleMeta, ModelBundle, UNet25D, architecture_dict
 from .preprocess import DEFAULT_RECIPE, apply_recipe, validate_recipe
 from .resample import GridMap, fourier_rescale, grid_for
@@ -221,7 +222,7 @@ def load_class_overrides(yaml_path: str | Path) -> dict[str, dict[str, Any]]:
     except OSError as exc:
         raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise ValueError(f"{path}: not valid YAML ({one_line(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -655,7 +656,7 @@ def calibrate_batchnorm(network: nn.Module, parts: list[_Part], in_slices: int,
     norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or not parts:
         return
-    multiple = 2 ** (network.arch["levels"] - 1)
+    multiple = network.size_multiple
     was_training = network.training
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -677,7 +678,7 @@ def validation_dice(
 ) -> dict[str, float]:
     """Dice per class over the annotated voxels of all validation parts. Classes without
     truth voxels there are left out (a fixed set for a run, so scores compare over time)."""
-    multiple = 2 ** (network.arch["levels"] - 1)
+    multiple = network.size_multiple
     n = len(class_names) + 1
     inter, pred_n, true_n = np.zeros(n), np.zeros(n), np.zeros(n)
     was_training = network.training
@@ -779,6 +780,15 @@ class _Schedule:
         return self.base_lr * (_FINAL_LR_FACTOR + (1.0 - _FINAL_LR_FACTOR) * cosine)
 
 
+def _initial_network(arch: dict[str, Any], seed: int) -> UNet25D:
+    """The network with its random initial weights drawn from `seed`. torch draws them from its
+    global generator; fork_rng gives it back as it was, so core leaves the caller's random
+    state alone (the weights are the same as after a torch.manual_seed(seed))."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet25D(arch["in_slices"], arch["n_classes"], arch["base_width"], arch["levels"])
+
+
 def train(
     sources: Sequence[TrainingSource],
     class_specs: Sequence[ClassSpec],
@@ -800,7 +810,6 @@ def train(
         raise ValueError("training needs at least one tomogram with labels")
     class_specs = list(class_specs)
     names = [c.name for c in class_specs]
-    torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
     device = _resolve_device(options.device)
 
@@ -823,7 +832,7 @@ def train(
                         options.validation_fraction, options.patch_px, str(device))
         for s in sources
     ]
-    network = UNet25D(arch["in_slices"], arch["n_classes"], arch["base_width"], arch["levels"])
+    network = _initial_network(arch, options.seed)
     if init_bundle is not None:
         network.load_state_dict(init_bundle.state_dict, strict=True)
     network = network.to(device).train()

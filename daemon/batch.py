@@ -1,7 +1,8 @@
 """`tomolive segment --claim`: drain a backlog beside running daemons, without double work.
 
-The same leases and failure records as the daemon (daemon/claims.py): a tomogram is skipped
-when it is done, quarantined or leased by someone alive; a lease whose heartbeat stands still
+The same leases and failure records as the daemon (daemon/leases.py,
+daemon/failure_records.py), taken through daemon/claim_sequence.py: a tomogram is skipped when
+it is done, quarantined or leased by someone alive; a lease whose heartbeat stands still
 for the lease duration is broken and the work taken over. A side thread advances our heartbeat
 while the pipeline runs, and the result is published only if the lease is still ours.
 """
@@ -15,13 +16,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..core.fingerprint import input_fingerprint
+from ..core.errors import one_line
 from ..core.pipeline import segment_file
-from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, is_done, lease_key
+from . import claim_sequence
+from .failure_records import FailureRecords
 from .faults import INPUT, classify_error
 from .gallery import Gallery
 from .holds import stage_hold, with_progress, with_publish_hook
+from .leases import Lease, LeaseLost, LeaseManager, lease_key
 from .naming import output_stem
+from .result_lines import tomogram_done_line
 
 log = logging.getLogger("tomolive.batch")
 
@@ -58,28 +62,26 @@ def segment_with_claims(paths: list[Path], out_dir: Path, bundle: Any, network: 
         progressed = False
         for path in list(pending):
             rel_output = rel_outputs[path]
-            key = lease_key(rel_output)
-            fingerprint = input_fingerprint(path)
-            out_parent = (out_dir / rel_output).parent
-            if is_done(out_dir / rel_output, None, fingerprint) or \
-                    failures.is_quarantined(key, fingerprint):
-                pending.remove(path)
-                continue
-            lease = leases.try_claim(key, rel_output)
-            if lease is None:
+            work = claim_sequence.Work(path, out_dir / rel_output, lease_key(rel_output),
+                                       rel_output)
+            claim = claim_sequence.claim(work, leases, failures)
+            if claim.status == claim_sequence.HELD:
                 waiting_since.setdefault(path, time.monotonic())
                 if time.monotonic() - waiting_since[path] > deadline_per_wait_s:
                     print(f"{path}: leased by another live worker; left to it", file=sys.stderr)
                     pending.remove(path)
                 continue
-            progressed = True
             pending.remove(path)
-            if is_done(out_dir / rel_output, None, fingerprint):
-                # Published and released by someone else between our check and our claim.
-                leases.release(lease)
+            progressed = True
+            if claim.status == claim_sequence.GONE:
+                print(f"tomolive: error: {path}: no such file (removed while queued)",
+                      file=sys.stderr)
+                failed += 1
+            if claim.lease is None:  # gone, done or quarantined
                 continue
-            failed += not _segment_leased(path, out_parent, bundle, network, options, leases,
-                                          lease, failures, fingerprint, rel_output, gallery)
+            failed += not _segment_leased(path, work.out_folder.parent, bundle, network, options,
+                                          leases, claim.lease, failures, claim.fingerprint,
+                                          rel_output, gallery)
         if pending and not progressed:
             time.sleep(min(2.0, lease_seconds / 4))  # watch the other leases' heartbeats
     return 1 if failed else 0
@@ -108,7 +110,7 @@ def _segment_leased(path: Path, out_parent: Path, bundle: Any, network: Any, opt
         print(f"tomolive: {error}", file=sys.stderr)
         return True  # someone else owns it now: not our failure
     except (ValueError, OSError, RuntimeError, MemoryError) as error:
-        message = " ".join(str(error).split())
+        message = one_line(error)
         category = classify_error(error)
         if category == INPUT:
             failures.record_failure(lease.key, fingerprint, message, rel_output)
@@ -121,9 +123,7 @@ def _segment_leased(path: Path, out_parent: Path, bundle: Any, network: Any, opt
         beat.join()
         if not lost.is_set():
             leases.release(lease)
-    from .cli import summary_line
-
-    print(summary_line(seg.stem, seg.timings_s, seg.particles, seg.filaments, folder))
+    print(tomogram_done_line(seg, folder))
     if gallery is not None:
         try:
             gallery.add(folder)

@@ -12,8 +12,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .. import __version__
-from .logs import configure_logging, one_line, printable
+from ..core.errors import one_line
+from .logs import configure_logging
 from .naming import output_stem
+from .result_lines import tomogram_done_line
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -132,17 +134,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             failures += 1
             print(f"tomolive: error: {one_line(error)}", file=sys.stderr)
             continue
-        print(summary_line(seg.stem, seg.timings_s, seg.particles, seg.filaments, out_dir))
+        print(tomogram_done_line(seg, out_dir))
     return EXIT_FAILED if failures else EXIT_OK
-
-
-def summary_line(stem, timings_s, particles, filaments, out_dir) -> str:
-    """The one line per tomogram that users and journald see."""
-    total = sum(timings_s.values())
-    counts = [f"{name}={len(table.zyx)}" for name, table in particles.items()]
-    counts += [f"{name}_filaments={len(found)}" for name, found in filaments.items()]
-    stages = " ".join(f"{k}={v:.1f}s" for k, v in timings_s.items())
-    return printable(f"{stem}: done in {total:.1f}s ({stages}) {' '.join(counts)} -> {out_dir}")
 
 
 class _StageProgress:
@@ -160,16 +153,17 @@ class _StageProgress:
         return self.update
 
     def update(self, stage: str, fraction: float) -> None:
-        from ..core.pipeline import STAGES
+        from ..core.stages import STAGES
 
         position = STAGES.index(stage) if stage in STAGES else 0
-        overall = 100.0 * (position + fraction) / len(STAGES)
+        inference = STAGES.index("inference")
         if stage == "inference":  # by far the longest stage: give it most of the bar
             overall = 30.0 + 55.0 * fraction
-        elif position > STAGES.index("inference"):
-            overall = 85.0 + 15.0 * (position - 4 + fraction) / (len(STAGES) - 4)
+        elif position > inference:
+            after = len(STAGES) - inference - 1
+            overall = 85.0 + 15.0 * (position - inference - 1 + fraction) / after
         else:
-            overall = 30.0 * (position + fraction) / 4
+            overall = 30.0 * (position + fraction) / inference
         self.bar.set_postfix_str(stage)
         self.bar.n = min(100.0, round(overall, 1))
         self.bar.refresh()
@@ -422,7 +416,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         try:
             bundle = load_bundle(path, tuple(config.voxel_size_bounds_a))
             if args.action == "validate":
-                from .models import smoke_test
+                from .model_registry import smoke_test
 
                 smoke_test(bundle)
         except (BundleError, ValueError, OSError) as error:
@@ -491,7 +485,7 @@ def _add_retry(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_retry(args: argparse.Namespace) -> int:
-    from .claims import FailureRecords
+    from .failure_records import FailureRecords
 
     if not args.all and not args.stem:
         raise CommandError("give a tomogram STEM or --all")

@@ -9,7 +9,6 @@ stored as int16), follows the results and prints them. With `--once` it stops th
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from ..core.result_folder import read_summary
 
 DEMO_SHAPE_ZYX = (64, 256, 256)
 WRITE_CHUNKS = 8  # a tomogram arrives in this many pieces
@@ -138,9 +139,9 @@ def _wait_for_results(outputs: Path, tomograms: list[DemoTomogram],
             print(f"the daemon exited with status {daemon.returncode}", flush=True)
             break
         for tomogram in tomograms:
-            summary = outputs / tomogram.name / f"{tomogram.name}_summary.json"
-            if tomogram.name not in finished and summary.exists():
-                finished[tomogram.name] = json.loads(summary.read_text())
+            summary = read_summary(outputs / tomogram.name)
+            if tomogram.name not in finished and summary is not None:
+                finished[tomogram.name] = summary
                 print(f"finished {len(finished)}/{len(tomograms)}: {tomogram.name}", flush=True)
         time.sleep(0.5)
     return finished

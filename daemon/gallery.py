@@ -43,16 +43,11 @@ import jinja2
 from PIL import Image
 
 from ..core.atomic import atomic_path, atomic_write_text
-from ..core.export import star_string, star_text
-from .claims import (
-    STATE_DIR,
-    _critical_section,
-    _summaries,
-    lease_key,
-    read_failures,
-    read_running,
-    read_summary,
-)
+from ..core.result_folder import read_summary, summary_name
+from ..core.star import star_string, star_text
+from .leases import held_leases, lease_key
+from .state_files import STATE_DIR, critical_section
+from .status import read_failures, summary_paths
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +121,7 @@ def row_for_folder(output_dir: Path, folder: Path) -> dict[str, Any] | None:
     if summary is None:
         return None
     rel = Path(os.path.relpath(folder, output_dir)).as_posix()
-    mtime_s = (folder / f"{folder.name}_summary.json").stat().st_mtime
+    mtime_s = (folder / summary_name(folder.name)).stat().st_mtime
     return row_from_summary(summary, rel, mtime_s)
 
 
@@ -223,7 +218,7 @@ def _rows_lock(output_dir: Path):
     # One writer at a time across hosts: appends, rebuilds and the index files they refresh.
     state = gallery_state_dir(output_dir)
     state.mkdir(parents=True, exist_ok=True)
-    return _critical_section(state / ".rows.lock")
+    return critical_section(state / ".rows.lock")
 
 
 def append_row(output_dir: Path, row: dict[str, Any]) -> None:
@@ -254,7 +249,7 @@ def _write_rows_from_summaries(output_dir: Path) -> int:
     """The rebuild itself (call under `_rows_lock`: a row appended during an unlocked walk
     would be lost when the rebuilt file replaced the one it was appended to)."""
     rows = []
-    for summary_path in _summaries(output_dir):
+    for summary_path in summary_paths(output_dir):
         row = row_for_folder(output_dir, summary_path.parent)
         if row is not None:
             rows.append(row)
@@ -535,7 +530,7 @@ class SessionPages:
                 local = dict(self.local_state())
             except Exception:  # the page must not fail for this daemon's side note
                 log.exception("gallery: local state")
-        return {"running": read_running(self.output_dir), "failed": failed,
+        return {"running": held_leases(self.output_dir), "failed": failed,
                 "quarantined": quarantined, "local": local}
 
     def _version(self, state: dict[str, Any]) -> str:
@@ -636,7 +631,7 @@ def result_folder(output_dir: Path, raw_rel: str) -> Path | None:
     folder = Path(output_dir, *parts)
     if _inside(folder, output_dir) is None or not folder.is_dir():
         return None
-    summary = folder / f"{parts[-1]}_summary.json"
+    summary = folder / summary_name(parts[-1])
     return folder if _inside(summary, output_dir) is not None else None
 
 

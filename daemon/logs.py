@@ -1,9 +1,6 @@
-"""Log and message text that cannot be forged by a file name.
-
-File names come from whoever writes into the watched folders. A newline in one would start a
-fake log line ("TS_02.mrc: ok in 3.1s" that never happened), an ANSI escape would repaint the
-operator's terminal. Every value interpolated into a log record, and every one-line error, goes
-through `printable`: control characters become visible escapes (`\\n`, `\\x1b`), the rest stays.
+"""Log text that cannot be forged by a file name: every value interpolated into a log record
+goes through core.errors.printable (control characters become visible escapes; see there why),
+and errors are logged as core.errors.one_line.
 """
 
 from __future__ import annotations
@@ -13,17 +10,7 @@ import os
 import sys
 from typing import Any
 
-
-def printable(text: str) -> str:
-    """`text` with every non-printable character (newline, tab, ESC, DEL, ...) escaped."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as one line: its whitespace collapsed, control characters escaped."""
-    return printable(" ".join((str(error) or type(error).__name__).split()))
+from ..core.errors import printable
 
 
 class _EscapeArguments(logging.Filter):

@@ -35,12 +35,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from ..core.stages import STAGES
+from .config import DEFAULT_METRICS_PORT
 from .gallery import SessionPages, result_file
 
 log = logging.getLogger(__name__)
 
-STAGES = ("read", "rescale", "preprocess", "inference", "cleanup", "particles", "filaments",
-          "write")
 OUTCOMES = ("ok", "failed", "quarantined")  # failed = one attempt failed; quarantined = gave up
 RELOAD_RESULTS = ("ok", "rejected", "failed")
 FAULT_CATEGORIES = ("environment", "internal")  # daemon/faults.py; "input" failures are attempts
@@ -50,7 +50,6 @@ DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120
 # Mean max class probability inside the specimen, 0..1; finest where models usually sit.
 CONFIDENCE_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99,
                       1.0)
-DEFAULT_PORT = 9847
 
 # Label values must come from small sets; these patterns also keep paths out.
 _CLASS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
@@ -632,7 +631,7 @@ class MetricsServer:
     `port=0` picks a free port (tests); the bound one is `self.port`.
     """
 
-    def __init__(self, metrics: Metrics, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+    def __init__(self, metrics: Metrics, host: str = "127.0.0.1", port: int = DEFAULT_METRICS_PORT,
                  health: Callable[[], bool] = lambda: True,
                  pages: SessionPages | None = None) -> None:
         try:

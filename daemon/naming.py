@@ -8,17 +8,17 @@ holds this input's result keeps its name, so a sibling that arrives later never 
 so never re-segments, a finished tomogram; and a result that belongs to another input is never
 taken over.
 
-The folder name is also the lease and failure-record key (`claims.lease_key`), so the daemon,
+The folder name is also the lease and failure-record key (`leases.lease_key`), so the daemon,
 `tomolive status`, batch jobs and `tomolive segment` all call `output_stem`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..core.result_folder import read_summary
 from .config import DEFAULT_PATTERNS, patterns_regex
 
 
@@ -44,10 +44,10 @@ def _result_owner(folder: Path) -> str | None:
     if not folder.is_dir():  # the common case, and one stat: no summary to open
         return None
     try:
-        summary = json.loads((folder / f"{folder.name}_summary.json").read_text())
-    except (OSError, ValueError):
+        summary = read_summary(folder)
+    except OSError:  # unreadable: claim nothing about it, and take no other input's name
         return None
-    source = (summary.get("input") or {}).get("path") if isinstance(summary, dict) else None
+    source = (summary.get("input") or {}).get("path") if summary is not None else None
     return os.path.basename(source) if isinstance(source, str) and source else None
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import glob
 import logging
 import shutil
 import signal
@@ -23,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core.fingerprint import input_fingerprint
-from .claims import FailureRecords, Lease, LeaseLost, LeaseManager, is_done, lease_key
+from ..core.result_folder import recover_interrupted_publish
+from . import claim_sequence
 from .config import Config, ConfigError, load_config
+from .failure_records import FailureRecords
 from .faults import (
     ENVIRONMENT,
     FULL_DISK_FREE_BYTES,
@@ -35,6 +36,7 @@ from .faults import (
     fault_backoff_s,
 )
 from .gallery import Gallery, SessionPages
+from .leases import Lease, LeaseLost, LeaseManager, lease_key
 from .messages import (
     Job,
     JobAbandoned,
@@ -46,8 +48,9 @@ from .messages import (
     WorkerReport,
 )
 from .metrics import Metrics, MetricsServer
-from .models import ModelRegistry, ServingModel
+from .model_registry import ModelRegistry, ServingModel
 from .notify import SystemdNotifier
+from .result_lines import served_line
 from .scheduler import QueueItem, WorkQueue
 from .watcher import FileWatcher
 from .workers import WorkerPool
@@ -333,7 +336,7 @@ class Service:
             status = "unreadable"
         else:
             self._unreadable_warned.pop(item.path, None)
-        if status in ("quarantined", "unreadable"):
+        if status in (claim_sequence.QUARANTINED, "unreadable"):
             self._parked[item.path] = item
             return
         self._parked.pop(item.path, None)
@@ -350,7 +353,7 @@ class Service:
             parent = (root / target.parent).resolve()
             # A lease file is shared state anyone could write: never clean outside the folder.
             if target.name and not target.is_absolute() and parent.is_relative_to(root):
-                _remove_temporary_outputs(parent, target.name)
+                recover_interrupted_publish(parent, target.name)
             self._release(lease)
             log.info("cleaned up after a crashed holder of %s", target or lease.key)
 
@@ -359,21 +362,15 @@ class Service:
             self._queue_or_park(item)
 
     def _status_of(self, item: QueueItem) -> tuple[str | None, str | None]:
-        """(why no work is needed now: 'gone', 'done' or 'quarantined'; None when it is, and
-        the input's fingerprint). Raises OSError when the shared folder cannot be read."""
-        try:
-            fingerprint = input_fingerprint(item.path)
-        except FileNotFoundError:
-            return "gone", None
+        """claim_sequence.needed for `item`. Raises OSError when the shared folder cannot be
+        read."""
+        return claim_sequence.needed(_work(item), self.failures, self._wanted_model_sha256())
+
+    def _wanted_model_sha256(self) -> str | None:
         # Re-segmentation items exist only with resegment_on_model_change; with it, a result
         # of another model is not done.
-        wanted_sha = (self.registry.current.sha256 if self.registry.current and
-                      self.config.resegment_on_model_change else None)
-        if is_done(item.out_parent / item.stem, wanted_sha, fingerprint):
-            return "done", fingerprint
-        if self.failures.is_quarantined(item.key, fingerprint):
-            return "quarantined", fingerprint
-        return None, fingerprint
+        current = self.registry.current
+        return current.sha256 if current and self.config.resegment_on_model_change else None
 
     def _dispatch(self) -> None:
         idle = self.pool.idle_workers()
@@ -390,38 +387,34 @@ class Service:
                 self.queue.defer(item.path, self.config.rescan_interval_seconds)
 
     def _claim_and_start(self, item: QueueItem, worker: Any) -> bool:
-        status, _ = self._status_of(item)
-        if status is not None:
-            self.queue.remove(item.path)
-            if status == "quarantined":
-                self._parked[item.path] = item
-            return False
-        if item.path.stat().st_mtime_ns != item.mtime_ns:
+        def unchanged() -> bool:
             # Written to since the watcher judged it complete (a retry, or a quarantined file
             # whose transfer resumed): only the watcher may say it is complete again, and it
             # reports the new version once it is.
-            self.queue.remove(item.path)
-            log.info("%s changed since it was found complete; waiting until it is again",
-                     item.path)
-            return False
-        lease = self.leases.try_claim(item.key, item.rel_output, worker.device)
-        if lease is None:
+            return item.path.stat().st_mtime_ns == item.mtime_ns
+
+        claim = claim_sequence.claim(_work(item), self.leases, self.failures,
+                                     self._wanted_model_sha256(), unchanged, worker.device)
+        if claim.status == claim_sequence.HELD:
             return False  # another daemon works on it; its lease is watched on later passes
+        if claim.status is not None:
+            self.queue.remove(item.path)
+            if claim.status == claim_sequence.QUARANTINED:
+                self._parked[item.path] = item
+            elif claim.status == claim_sequence.CHANGED:
+                log.info("%s changed since it was found complete; waiting until it is again",
+                         item.path)
+            return False
+        assert claim.lease is not None and claim.fingerprint is not None
         try:
-            # Finished by someone else between our check and the claim?
-            status, fingerprint = self._status_of(item)
-            if status is not None:
-                self._release(lease)
-                self.queue.remove(item.path)
-                return False
-            self._start(worker, item, lease, fingerprint)
+            self._start(worker, item, claim.lease, claim.fingerprint)
         except BaseException:
-            self._release(lease)
+            self._release(claim.lease)
             raise
         return True
 
     def _start(self, worker: Any, item: QueueItem, lease: Lease, fingerprint: str) -> None:
-        _remove_temporary_outputs(item.out_parent, item.stem)  # ours: we hold the lease
+        recover_interrupted_publish(item.out_parent, item.stem)  # ours: we hold the lease
         model = self.registry.current
         job = Job(job_id=self._next_job_id, path=str(item.path),
                   out_parent=str(item.out_parent), stem=item.stem,
@@ -498,7 +491,8 @@ class Service:
         self._faults_in_a_row.pop(flight.item.path, None)
         self._device_faults_in_a_row.pop(worker.index, None)
         self._model_tracks.setdefault(flight.model.sha256, ModelTrack()).successes += 1
-        log.info("%s", _summary_line(summary, flight.item, f"{worker.device} w{worker.index}"))
+        device = f"{worker.device} w{worker.index}"
+        log.info("%s", served_line(summary, flight.item.path.name, device, flight.item.resegment))
         self._add_to_gallery(flight.item.out_parent / flight.item.stem)
 
     def _add_to_gallery(self, folder: Path) -> None:
@@ -533,7 +527,7 @@ class Service:
         if not self._still_ours(flight):
             log.warning("%s (after losing the lease; not counted)", error)
             return
-        _remove_temporary_outputs(flight.item.out_parent, flight.item.stem)
+        recover_interrupted_publish(flight.item.out_parent, flight.item.stem)
         if category != INPUT:
             self._not_the_tomograms_fault(flight, error, category, disk_full)
             return
@@ -682,7 +676,7 @@ class Service:
         if flight is None:
             return
         if self._still_ours(flight):
-            _remove_temporary_outputs(flight.item.out_parent, flight.item.stem)
+            recover_interrupted_publish(flight.item.out_parent, flight.item.stem)
             self._release(flight.lease)
         log.warning("%s: abandoned (%s)", flight.item.path, reason)
 
@@ -786,33 +780,5 @@ def _resolve_devices(config: Config) -> list[str]:
     return [gpu for gpu in gpus for _ in range(config.workers_per_gpu)]
 
 
-def _remove_temporary_outputs(out_parent: Path, stem: str) -> None:
-    """Clean up after a killed worker (call only while holding the tomogram's lease).
-
-    core.export builds `.STEM.tmp-*` and, when replacing a result, moves the old folder to
-    `.STEM.old-*` just before renaming the new one in: a worker killed between the two renames
-    leaves no `STEM`, and the old result is put back rather than deleted.
-    """
-    if not out_parent.is_dir():
-        return
-    final = out_parent / stem
-    for old in sorted(out_parent.glob(f".{glob.escape(stem)}.old-*")):
-        if not final.exists():
-            old.rename(final)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-    for leftover in out_parent.glob(f".{glob.escape(stem)}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _summary_line(summary: dict[str, Any], item: QueueItem, device: str) -> str:
-    timings = summary.get("timings_s", {})
-    counts = summary.get("counts", {})
-    parts = [f"{name}={n}" for name, n in (counts.get("particles") or {}).items()]
-    parts += [f"{name}_filaments={n}" for name, n in (counts.get("filaments") or {}).items()]
-    stages = " ".join(f"{k}={float(v):.1f}s" for k, v in timings.items() if k != "total")
-    model = summary.get("model", {})
-    return (f"{item.path.name}: ok in {float(timings.get('total', 0)):.1f}s on {device} "
-            f"({stages}) {' '.join(parts)} confidence={summary.get('confidence', 0):.2f} "
-            f"model={model.get('name')} v{model.get('version')}"
-            f"{' (re-segmented)' if item.resegment else ''}")
+def _work(item: QueueItem) -> claim_sequence.Work:
+    return claim_sequence.Work(item.path, item.out_parent / item.stem, item.key, item.rel_output)

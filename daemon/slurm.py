@@ -28,8 +28,11 @@ from typing import Any, TypeVar
 from .. import __version__
 from ..core.atomic import atomic_write_text
 from ..core.fingerprint import input_fingerprint
+from ..core.result_folder import is_done
 from .batch import MAX_ATTEMPTS, relative_output
-from .claims import STATE_DIR, FailureRecords, is_done, lease_key
+from .failure_records import FailureRecords
+from .leases import lease_key
+from .state_files import STATE_DIR
 
 T = TypeVar("T")
 

@@ -4,12 +4,15 @@ folders. Reads files only; it works while daemons run, from any host that mounts
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from ..core.fingerprint import input_fingerprint
-from .claims import FailureRecords, is_done, lease_key, status_snapshot
+from ..core.result_folder import is_done, read_summary, summary_name
 from .config import Config
+from .failure_records import FailureRecords
+from .leases import held_leases, lease_key
 from .naming import output_stem
 from .watcher import Scanner
 
@@ -69,3 +72,58 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"  done         {entry['folder']} at {entry['finished']} with "
                      f"{entry.get('model')} v{entry.get('model_version')}: {counts_text}")
     return "\n".join(lines)
+
+
+def summary_paths(output_dir: Path) -> list[Path]:
+    """Every finished tomogram's summary under the output folder (hidden folders skipped)."""
+    found = []
+    for root, dirs, files in os.walk(output_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .tomolive, unfinished results
+        marker = summary_name(os.path.basename(root))
+        if marker in files:
+            found.append(Path(root, marker))
+    return found
+
+
+def status_snapshot(output_dir: str | os.PathLike[str], newest: int = 10) -> dict[str, Any]:
+    """What the output folder says: done, running (with host), failed, quarantined, newest."""
+    output_dir = Path(output_dir)
+    summaries = summary_paths(output_dir)
+    summaries.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    newest_results = []
+    for path in summaries[:newest]:
+        summary = read_summary(path.parent) or {}
+        model = summary.get("model") or {}
+        newest_results.append({
+            "folder": str(path.parent.relative_to(output_dir)),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime)),
+            "model": model.get("name"),
+            "model_version": model.get("version"),
+            "counts": summary.get("counts"),
+        })
+    running = held_leases(output_dir)
+    failed, quarantined = read_failures(output_dir)
+    return {
+        "output_dir": str(output_dir),
+        "counts": {"done": len(summaries), "running": len(running), "failed": len(failed),
+                   "quarantined": len(quarantined)},
+        "running": running,
+        "failed": failed,
+        "quarantined": quarantined,
+        "newest": newest_results,
+    }
+
+
+def read_failures(output_dir: str | os.PathLike[str]
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(failed, quarantined): the failure records as `tomolive status` and the session page
+    show them, each with its one-line last error."""
+    failed, quarantined = [], []
+    for key, record in FailureRecords(Path(output_dir)).all().items():
+        entry = {"key": key, "target": record.get("target"), "attempts": record.get("attempts"),
+                 "faults": record.get("faults", 0),
+                 "category": record.get("last_category", "input"),
+                 "last_error": record.get("last_error"), "hosts": record.get("hosts"),
+                 "updated": record.get("updated")}
+        (quarantined if record.get("quarantined") else failed).append(entry)
+    return failed, quarantined

@@ -44,6 +44,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from ..core.errors import one_line
 from ..core.volume import HEADER_BYTES, VolumeError, read_header
 from .config import Config, WatchFolder, patterns_regex
 from .naming import output_stem
@@ -618,7 +619,7 @@ class FileWatcher:
         try:
             track.expected, track.header_error = read_header(path).expected_size_bytes, None
         except VolumeError as error:
-            track.expected, track.header_error = None, " ".join(str(error).split())
+            track.expected, track.header_error = None, one_line(error)
 
     def _evaluate(self, path: str, track: _Track, now_s: float) -> Candidate | None:
         """A Candidate once settled and complete (or settled and hopeless), else None."""

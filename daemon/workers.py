@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .logs import configure_logging, one_line
+from ..core.errors import one_line
+from ..core.result_folder import read_summary
+from .logs import configure_logging
 from .messages import (
     Job,
     JobAbandoned,
@@ -333,7 +335,10 @@ class _JobRunner:
             job.path, job.out_parent, bundle, options, network=network, stem=job.stem,
             progress=with_progress(hold, self._progress_beats(job.job_id)),
             before_publish=with_publish_hook(hold, lambda: self._ask_to_publish(job)))
-        return _read_summary(out_dir, seg.stem)
+        summary = read_summary(out_dir)
+        if summary is None:  # segment_file published it an instant ago: only a bug gets here
+            raise RuntimeError(f"{job.path}: published result {out_dir} has no readable summary")
+        return summary
 
     def _beat(self, job_id: int, stage: str) -> None:
         self.outbox.put(Progress(job_id, stage))
@@ -378,12 +383,6 @@ class _JobRunner:
             if isinstance(message, Stop):
                 raise PublishRefused(f"{job.path}: stopping, result not published")
         raise PublishRefused(f"{job.path}: no answer from the daemon, result not published")
-
-
-def _read_summary(out_dir: Path, stem: str) -> dict[str, Any]:
-    import json
-
-    return json.loads((Path(out_dir) / f"{stem}_summary.json").read_text())
 
 
 def _device_memory_bytes(device: str) -> int | None:

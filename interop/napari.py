@@ -12,7 +12,6 @@ without a display (tests/test_napari_reader.py).
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..core.classes import ClassSpec
+from ..core.result_folder import read_summary, summary_path
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -33,10 +33,10 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
 
 
 def result_folder(path: str | os.PathLike[str]) -> Path | None:
-    """The result folder `path` is or lies in (it holds `NAME_summary.json`), else None."""
+    """The result folder `path` is or lies in (it holds its summary), else None."""
     candidate = Path(path)
     folder = candidate if candidate.is_dir() else candidate.parent
-    return folder if (folder / f"{folder.name}_summary.json").is_file() else None
+    return folder if summary_path(folder).is_file() else None
 
 
 def read_result(path: str | list[str]) -> list[LayerData]:
@@ -45,7 +45,9 @@ def read_result(path: str | list[str]) -> list[LayerData]:
     folder = result_folder(path)
     if folder is None:
         raise ValueError(f"{path}: not a tomolive result folder (no NAME_summary.json)")
-    summary = json.loads((folder / f"{folder.name}_summary.json").read_text())
+    summary = read_summary(folder)
+    if summary is None:
+        raise ValueError(f"{path}: the result's summary {summary_path(folder)} is not readable")
     stem = summary["stem"]
     scale = (float(summary["voxel_size_a"]),) * 3
     classes = [ClassSpec.from_json(spec) for spec in summary["classes"]]

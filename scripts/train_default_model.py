@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tomolive.core.classes import SYNTH_CLASS_NAMES
-from tomolive.core.model import default_bundle_path, save_bundle
+from tomolive.core.model import default_bundle_path, load_bundle, save_bundle
 from tomolive.core.synth import synthesize, write_synth
 from tomolive.core.train import TrainingSource, TrainOptions, class_specs_for, train
 
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (part of what makes the weights reproducible)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this bundle's weights (same classes and architecture) "
+                        "instead of random ones; recorded as the model's parent")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -111,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"step {report.step}/{report.total_steps} {report.elapsed_s:.0f}s "
                       f"loss {report.loss:.3f} val {dice}", file=sys.stderr, flush=True)
 
+        init = load_bundle(args.init) if args.init is not None else None
         trained = train(sources, class_specs_for(SYNTH_CLASS_NAMES, CLASS_OVERRIDES), options,
-                        progress=progress)
+                        init_bundle=init, progress=progress)
     # Temporary paths mean nothing to a reader: record what made the data instead.
     for record, (seed, voxel_a, dtype) in zip(trained.meta.training["sources"], plan,
                                               strict=True):

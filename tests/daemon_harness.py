@@ -6,7 +6,6 @@ watches and stops daemons, and makes tiny models and tomograms for them.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -23,6 +22,12 @@ import yaml
 from tomolive.core.classes import SYNTH_CLASS_NAMES, default_class
 from tomolive.core.model import BundleMeta, UNet25D, save_bundle
 from tomolive.core.preprocess import DEFAULT_RECIPE
+from tomolive.core.result_folder import (
+    SUMMARY_SUFFIX,
+    is_unfinished_name,
+    read_summary,
+    stem_of_summary,
+)
 from tomolive.core.volume import write_mrc
 from tomolive.daemon.holds import HOLD_DIR_ENV
 
@@ -210,8 +215,7 @@ class Daemon:
         (self.hold_dir / f"{stem}.hold").unlink(missing_ok=True)
 
     def summary(self, stem: str, rel: str = ".") -> dict | None:
-        path = self.outputs / rel / stem / f"{stem}_summary.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_summary(self.outputs / rel / stem)
 
     def wait_for_summary(self, stem: str, timeout_s: float = 90.0, rel: str = ".") -> dict:
         return self.wait_for(lambda: self.summary(stem, rel), timeout_s, f"summary of {stem}")
@@ -243,15 +247,15 @@ class Daemon:
 
 
 def partial_outputs(outputs: Path) -> list[Path]:
-    """Hidden temporary folders a crash could leave (`.STEM.tmp-*`, `.STEM.old-*`)."""
-    return [p for p in outputs.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+    """Hidden temporary or set-aside folders a crash could leave (core.result_folder)."""
+    return [p for p in outputs.rglob(".*") if is_unfinished_name(p.name)]
 
 
 def summary_counts(outputs: Path) -> dict[str, int]:
     """How many summaries each stem has anywhere under the output folder (hidden folders too):
     every tomogram done exactly once means every count is 1."""
     counts: dict[str, int] = {}
-    for path in outputs.rglob("*_summary.json"):
-        stem = path.name[: -len("_summary.json")]
+    for path in outputs.rglob(f"*{SUMMARY_SUFFIX}"):
+        stem = stem_of_summary(path)
         counts[stem] = counts.get(stem, 0) + 1
     return counts

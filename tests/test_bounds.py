@@ -18,7 +18,7 @@ from tomolive.core.volume import (
     read_mrc,
     write_mrc,
 )
-from tomolive.daemon.models import ModelRegistry
+from tomolive.daemon.model_registry import ModelRegistry
 
 SHAPE = (32, 128, 128)  # the tomogram
 

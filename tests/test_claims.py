@@ -1,4 +1,5 @@
-"""daemon.claims: leases across processes, staleness on our own clock, failures, done markers."""
+"""daemon.leases and daemon.failure_records: leases across processes, staleness on our own
+clock, failures; core.result_folder's done markers; daemon.status's snapshot."""
 
 from __future__ import annotations
 
@@ -12,15 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from tomolive.daemon.claims import (
-    FailureRecords,
-    LeaseLost,
-    LeaseManager,
-    input_fingerprint,
-    is_done,
-    lease_key,
-    status_snapshot,
-)
+from tomolive.core.fingerprint import input_fingerprint
+from tomolive.core.result_folder import is_done
+from tomolive.daemon.failure_records import FailureRecords
+from tomolive.daemon.leases import LeaseLost, LeaseManager, lease_key
+from tomolive.daemon.status import status_snapshot
 
 KEYS = [lease_key(f"session{i % 3}/TS_{i:03d}") for i in range(120)]
 

@@ -1,4 +1,4 @@
-"""core.evaluate: Dice, one-to-one particle matching, particle CSV reading, files."""
+"""core.evaluate: Dice, one-to-one particle matching, files; core.star's particle CSV reader."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 from tomolive.core.classes import SYNTH_CLASS_NAMES, default_class
 from tomolive.core.evaluate import (
-    ParticleCsvError,
+    confusion_matrix,
     dice_per_class,
     evaluate,
     evaluate_files,
     format_table,
     match_particles,
     particle_radii_vox,
-    read_particle_csv,
+    where_truth_goes,
 )
+from tomolive.core.star import ParticleCsvError, read_particle_csv
 from tomolive.core.volume import write_mrc
 
 NAMES = ["a", "b", "c"]
@@ -191,3 +192,14 @@ def test_evaluate_files_shape_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"a\.mrc: voxel size 10 Å differs from .*c\.mrc "
                                          r"13\.2 Å"):
         evaluate_files(a, c, [default_class("membrane")])
+
+
+def test_where_truth_goes_gives_each_truth_class_the_fractions_of_its_voxels_per_prediction():
+    truth = np.zeros((1, 4, 10), np.int8)
+    truth[0, 0, :] = 1  # ten voxels of class a
+    pred = np.zeros_like(truth)
+    pred[0, 0, :6] = 1  # six found as a, two taken for b, two missed
+    pred[0, 0, 6:8] = 2
+    pred[0, 3, :3] = 3  # background taken for c: not a truth class's voxels, so not listed
+    conf = confusion_matrix(pred, truth, len(NAMES))
+    assert where_truth_goes(conf, NAMES) == {"a": {"background": 0.2, "a": 0.6, "b": 0.2}}

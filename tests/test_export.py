@@ -20,16 +20,12 @@ from PIL import Image
 from scipy.spatial.transform import Rotation
 from tomolive.core import export
 from tomolive.core.classes import default_class
-from tomolive.core.export import (
-    check_output_names,
-    output_paths,
-    relion_tilt_psi_deg,
-    write_outputs,
-)
+from tomolive.core.export import check_output_names, output_paths, write_outputs
 from tomolive.core.filaments import Filament
 from tomolive.core.imod import imod_xyz_to_voxels
 from tomolive.core.particles import ParticleTable
 from tomolive.core.segmentation import Segmentation
+from tomolive.core.star import relion_tilt_psi_deg
 
 SHAPE = (16, 40, 48)  # z, y, x all different so that axis mix-ups show
 VOXEL_A = 13.2

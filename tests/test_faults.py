@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 import torch
 from tomolive.core.volume import VolumeError
-from tomolive.daemon.claims import FailureRecords, status_snapshot
+from tomolive.daemon.failure_records import FailureRecords
 from tomolive.daemon.faults import (
     ENVIRONMENT,
     INPUT,
@@ -28,7 +28,7 @@ from tomolive.daemon.faults import (
     fault_backoff_s,
     is_device_error,
 )
-from tomolive.daemon.status import format_status
+from tomolive.daemon.status import format_status, status_snapshot
 
 from .daemon_harness import (
     Daemon,

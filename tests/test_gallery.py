@@ -21,7 +21,8 @@ from tomolive.core.filaments import Filament
 from tomolive.core.particles import ParticleTable
 from tomolive.core.segmentation import Segmentation
 from tomolive.daemon import gallery
-from tomolive.daemon.claims import FailureRecords, LeaseManager
+from tomolive.daemon.failure_records import FailureRecords
+from tomolive.daemon.leases import LeaseManager
 from tomolive.daemon.metrics import Metrics, MetricsServer
 
 SHAPE = (8, 24, 32)

@@ -220,10 +220,11 @@ def test_fused_matches_unfused(trained, plain) -> None:
     assert np.abs(fused.confidence.astype(int) - plain.confidence).max() <= 1
 
 
-def test_threads_option_is_restored(trained) -> None:
+def test_predict_leaves_torch_thread_count_alone(trained) -> None:
+    """core changes no process-wide torch state: the thread count is the caller's."""
     network, data, _ = trained
     before = torch.get_num_threads()
-    predict(network, data[:2], 5, _exact(threads=2))
+    predict(network, data[:2], 5, _exact())
     assert torch.get_num_threads() == before
 
 

@@ -6,7 +6,8 @@ import io
 import logging
 from pathlib import Path
 
-from tomolive.daemon.logs import _EscapeArguments, one_line, printable
+from tomolive.core.errors import one_line, printable
+from tomolive.daemon.logs import _EscapeArguments
 
 
 def _logger(stream: io.StringIO) -> logging.Logger:

@@ -384,3 +384,17 @@ def test_spectrum_augmentation_reshapes_the_spectrum_and_keeps_the_level():
     assert len({round(float(s), 6) for s in shares}) == 4
     with pytest.raises(ValueError, match="spectrum_jitter"):
         T.TrainOptions(steps=1, spectrum_jitter=-1.0).check()
+
+
+def test_training_is_reproducible_and_leaves_torch_global_random_state_alone(tiny):
+    """The same seed gives the same weights, and core does not reseed the caller's torch."""
+    folder, _, _ = tiny
+    source = T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc",
+                              region=T.parse_region("6:18,:,:"))
+    torch.manual_seed(12345)
+    before = torch.get_rng_state()
+    runs = [T.train([source], T.class_specs_for(NAMES), tiny_options(steps=2)).network
+            for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), before)
+    for a, b in zip(runs[0].state_dict().values(), runs[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.errors import one_line
 from ..core.volume import DEFAULT_VOXEL_SIZE_BOUNDS_A
 
 log = logging.getLogger("tomolive.models")
@@ -50,7 +51,7 @@ def smoke_test(bundle: Any) -> None:
     arch = bundle.meta.architecture
     # A patch of the size inference uses, not the smallest the network accepts: a bundle
     # that only fails at real sizes (memory, shapes) must fail here, not on every tomogram.
-    multiple = 2 ** (int(arch["levels"]) - 1)
+    multiple = network.size_multiple
     side = max(SMOKE_PATCH_PX // multiple, 2) * multiple
     stack = torch.from_numpy(
         np.random.default_rng(0).standard_normal((1, int(arch["in_slices"]), side, side))
@@ -195,7 +196,7 @@ class ModelRegistry:
         except Exception as error:  # any failure means: not this file, keep serving
             if cached is not None:
                 cached.unlink(missing_ok=True)
-            self._reject(path, stat, " ".join(str(error).split()) or type(error).__name__)
+            self._reject(path, stat, one_line(error))
             return None
         final = self.cache_dir / f"{bundle.sha256}{BUNDLE_SUFFIX}"
         cached.replace(final)

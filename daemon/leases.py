@@ -1,11 +1,4 @@
-"""Leases, failure records and done markers in the shared output folder (docs/leases.md).
-
-The output folder is the only shared state between daemons on several hosts:
-
-    OUT/.tomolive/leases/<key>.lease      running: who works on a tomogram (written once)
-    OUT/.tomolive/leases/.<key>.<token>.beat  its heartbeat counter, advanced by the holder
-    OUT/.tomolive/failures/<key>.json     failed: attempts, last error, hosts, input fingerprint
-    OUT/<rel>/<STEM>/<STEM>_summary.json  done: names the model and the input's fingerprint
+"""Leases in the shared output folder: who works on which tomogram (docs/leases.md).
 
 A lease is created atomically (write a private temp file, then `os.link` it to the lease name:
 link fails if the name exists, on local filesystems and NFSv3+ alike, and the lease appears with
@@ -30,33 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from filelock import SoftFileLease, Timeout
+from filelock import Timeout
 
 from ..core.atomic import atomic_write_text
-from ..core.fingerprint import input_fingerprint
-
-__all__ = [
-    "FailureRecords",
-    "Lease",
-    "LeaseLost",
-    "LeaseManager",
-    "input_fingerprint",
-    "is_done",
-    "lease_key",
-    "read_failures",
-    "read_running",
-    "read_summary",
-    "status_snapshot",
-]
-
-STATE_DIR = ".tomolive"
-# Short critical sections (breaking a stale lease, updating a failure record) are guarded by
-# filelock's SoftFileLease: an O_EXCL marker file, so it separates hosts on NFS (flock-based
-# FileLock does not), and it expires after this long without a refresh on the contender's own
-# monotonic clock, so a host that crashes inside the section cannot wedge everyone else.
-# All contenders must agree on the duration: it is a protocol constant.
-CRITICAL_SECTION_LEASE_S = 30.0
-CRITICAL_SECTION_TIMEOUT_S = 10.0
+from .state_files import STATE_DIR, critical_section, read_json
 
 
 class LeaseLost(RuntimeError):
@@ -92,19 +62,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in `path`, None if missing; {} if unreadable (torn or foreign)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return {"_raw_sha256": hashlib.sha256(raw).hexdigest()}
-    return data if isinstance(data, dict) else {"_raw_sha256": hashlib.sha256(raw).hexdigest()}
-
-
 def _beat_path(lease_dir: Path, key: str, token: str) -> Path:
     return lease_dir / f".{key}.{token}.beat"
 
@@ -136,20 +93,6 @@ def _heartbeat(lease_dir: Path, key: str, record: dict[str, Any]) -> int | None:
         return int(record.get("heartbeat", 0))
     except ValueError:  # a beat file being replaced is never torn; a foreign one might be
         return None
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Readers see the old record or the whole new one (temp beside, then rename)."""
-    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
-
-
-def _critical_section(lock_path: Path) -> SoftFileLease:
-    return SoftFileLease(
-        lock_path,
-        lease_duration=CRITICAL_SECTION_LEASE_S,
-        timeout=CRITICAL_SECTION_TIMEOUT_S,
-        thread_local=False,
-    )
 
 
 @dataclass
@@ -211,7 +154,7 @@ class LeaseManager:
         if lease is not None:
             self._seen.pop(key, None)
             return lease
-        holder = _read_json(self.lease_path(key))
+        holder = read_json(self.lease_path(key))
         if holder is None:  # released meanwhile: try once more
             return self._create(key, target, device)
         if not self._is_stale(key, holder):
@@ -220,7 +163,7 @@ class LeaseManager:
 
     def holder(self, key: str) -> dict[str, Any] | None:
         """The lease record of whoever holds `key` now, or None."""
-        return _read_json(self.lease_path(key))
+        return read_json(self.lease_path(key))
 
     def _new_record(self, target: str, device: str = "") -> dict[str, Any]:
         record = {
@@ -301,9 +244,9 @@ class LeaseManager:
         """Move the stale lease aside and claim; one breaker at a time, across hosts."""
         path = self.lease_path(key)
         try:
-            with _critical_section(self.lease_dir / f".{key}.break.lock"):
+            with critical_section(self.lease_dir / f".{key}.break.lock"):
                 # Re-read inside the section: another breaker may have won and claimed already.
-                current = _read_json(path)
+                current = read_json(path)
                 if current is not None:
                     if current != stale:
                         self._seen.pop(key, None)
@@ -339,7 +282,7 @@ class LeaseManager:
         claimed = []
         for path in sorted(self.lease_dir.glob("*.lease")):
             key = path.stem
-            holder = _read_json(path)
+            holder = read_json(path)
             if key in keep or holder is None or not self._is_stale(key, holder):
                 continue
             lease = self._break_and_claim(key, str(holder.get("target") or ""), holder)
@@ -350,7 +293,7 @@ class LeaseManager:
     # -- holding ----------------------------------------------------------------------------
     def check(self, lease: Lease) -> None:
         """Raise LeaseLost unless the lease file is still ours (call before publishing)."""
-        current = _read_json(lease.path)
+        current = read_json(lease.path)
         if current is None:
             raise LeaseLost(f"{lease.path}: lease vanished (broken as stale by another daemon)")
         if current.get("token") != lease.token:
@@ -390,172 +333,15 @@ class LeaseManager:
         return True
 
 
-# -- failure records ---------------------------------------------------------------------------
-@dataclass
-class FailureRecords:
-    """Failure counts shared by every daemon on the output folder; quarantine after max_attempts.
-
-    A record belongs to one input fingerprint: a changed input file starts again from zero.
-    """
-
-    output_dir: Path
-    max_attempts: int = 3
-    host: str = field(default_factory=socket.gethostname)
-
-    def __post_init__(self) -> None:
-        self.output_dir = Path(self.output_dir)
-        self.folder = self.output_dir / STATE_DIR / "failures"
-
-    def path(self, key: str) -> Path:
-        return self.folder / f"{key}.json"
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        record = _read_json(self.path(key))
-        return record if record and "attempts" in record else None
-
-    def record_failure(self, key: str, fingerprint: str, error: str, target: str = "") -> int:
-        """Count one failed attempt (atomically across hosts); return the attempts so far."""
-        record = self._record(key, fingerprint, error, "input", target, counter="attempts")
-        return int(record["attempts"])
-
-    def record_fault(self, key: str, fingerprint: str, error: str, category: str,
-                     target: str = "") -> int:
-        """Record a failure that was not the tomogram's (daemon/faults.py: environment or
-        internal): shown by `tomolive status`, never counted towards quarantine. Returns the
-        number of such faults for this input."""
-        return int(self._record(key, fingerprint, error, category, target, "faults")["faults"])
-
-    def _record(self, key: str, fingerprint: str, error: str, category: str, target: str,
-                counter: str) -> dict[str, Any]:
-        """Add one to `counter` of the record of this input (a new record for a new
-        fingerprint), atomically across hosts; returns the record written."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with _critical_section(self.folder / f".{key}.lock"):
-            record = self.get(key)
-            if record is None or record.get("fingerprint") != fingerprint:
-                record = {"attempts": 0, "hosts": [], "fingerprint": fingerprint}
-            record[counter] = int(record.get(counter, 0)) + 1
-            record["last_error"] = " ".join(str(error).split())  # one line
-            record["last_category"] = category
-            record["target"] = target or record.get("target", "")
-            if self.host not in record["hosts"]:
-                record["hosts"].append(self.host)
-            record["quarantined"] = int(record["attempts"]) >= self.max_attempts
-            record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            _write_json_atomic(self.path(key), record)
-        return record
-
-    def is_quarantined(self, key: str, fingerprint: str) -> bool:
-        """True while the record for this very input says quarantined."""
-        record = self.get(key)
-        return bool(
-            record
-            and record.get("fingerprint") == fingerprint
-            and (record.get("quarantined") or record["attempts"] >= self.max_attempts)
-        )
-
-    def attempts(self, key: str, fingerprint: str) -> int:
-        record = self.get(key)
-        if record is None or record.get("fingerprint") != fingerprint:
-            return 0
-        return int(record["attempts"])
-
-    def clear(self, key: str) -> bool:
-        """Forget a record (after a success, or an operator's retry)."""
-        try:
-            self.path(key).unlink()
-        except FileNotFoundError:
-            return False
-        return True
-
-    def all(self) -> dict[str, dict[str, Any]]:
-        if not self.folder.is_dir():
-            return {}
-        out = {}
-        for path in sorted(self.folder.glob("*.json")):
-            record = self.get(path.stem)
-            if record is not None:
-                out[path.stem] = record
-        return out
-
-    def retry(self, selector: str | None = None) -> int:
-        """Clear records: all (None), or those whose key or stem is `selector`, or whose target
-        path is or ends with it (`TS_01`, `session1/TS_01`, `/abs/outputs/session1/TS_01`)."""
-        cleared = 0
-        wanted = None if selector is None else selector.strip().rstrip("/")
-        for key, record in self.all().items():
-            target = str(record.get("target", "")).rstrip("/")
-            if (wanted is None or wanted == key
-                    or (target and (target == wanted or target.endswith("/" + wanted)))):
-                cleared += self.clear(key)
-        return cleared
-
-
-# -- done markers and status -------------------------------------------------------------------
-def read_summary(out_folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The parsed `STEM_summary.json` of a tomogram's output folder, None if absent or torn."""
-    folder = Path(out_folder)
-    record = _read_json(folder / f"{folder.name}_summary.json")
-    return record if record and "_raw_sha256" not in record else None
-
-
-def is_done(out_folder: str | os.PathLike[str], model_sha256: str | None, fingerprint: str) -> bool:
-    """Done: the summary exists, names this input fingerprint and (unless None) this model."""
-    summary = read_summary(out_folder)
-    if summary is None:
-        return False
-    if (summary.get("input") or {}).get("fingerprint") != fingerprint:
-        return False
-    return model_sha256 is None or (summary.get("model") or {}).get("sha256") == model_sha256
-
-
-def _summaries(output_dir: Path) -> list[Path]:
-    found = []
-    for root, dirs, files in os.walk(output_dir):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .tomolive, .STEM.tmp-*
-        name = os.path.basename(root)
-        if f"{name}_summary.json" in files:
-            found.append(Path(root, f"{name}_summary.json"))
-    return found
-
-
-def status_snapshot(output_dir: str | os.PathLike[str], newest: int = 10) -> dict[str, Any]:
-    """What the output folder says: done, running (with host), failed, quarantined, newest."""
-    output_dir = Path(output_dir)
-    summaries = _summaries(output_dir)
-    summaries.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    newest_results = []
-    for path in summaries[:newest]:
-        summary = _read_json(path) or {}
-        model = summary.get("model") or {}
-        newest_results.append({
-            "folder": str(path.parent.relative_to(output_dir)),
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime)),
-            "model": model.get("name"),
-            "model_version": model.get("version"),
-            "counts": summary.get("counts"),
-        })
-    running = read_running(output_dir)
-    failed, quarantined = read_failures(output_dir)
-    return {
-        "output_dir": str(output_dir),
-        "counts": {"done": len(summaries), "running": len(running), "failed": len(failed),
-                   "quarantined": len(quarantined)},
-        "running": running,
-        "failed": failed,
-        "quarantined": quarantined,
-        "newest": newest_results,
-    }
-
-
-def read_running(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The tomograms being segmented now: one entry per lease, with host, device (where the
-    holder recorded it), pid, start and heartbeat."""
-    running = []
+def held_leases(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every lease in the output folder, as `tomolive status` and the session page show it:
+    key, target, host, device (where the holder recorded it), pid, started, heartbeat and the
+    seconds since the holder last renewed."""
     lease_dir = Path(output_dir) / STATE_DIR / "leases"
+    held = []
     for path in sorted(lease_dir.glob("*.lease")) if lease_dir.is_dir() else []:
-        record = _read_json(path) or {}
-        running.append({
+        record = read_json(path) or {}
+        held.append({
             "key": path.stem,
             "target": record.get("target"),
             "host": record.get("host"),
@@ -565,18 +351,4 @@ def read_running(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
             "heartbeat": _heartbeat(lease_dir, path.stem, record),
             "last_beat_age_s": _last_beat_age_s(lease_dir, path.stem, record),
         })
-    return running
-
-
-def read_failures(output_dir: str | os.PathLike[str]
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(failed, quarantined): the failure records, each with its one-line last error."""
-    failed, quarantined = [], []
-    for key, record in FailureRecords(Path(output_dir)).all().items():
-        entry = {"key": key, "target": record.get("target"), "attempts": record.get("attempts"),
-                 "faults": record.get("faults", 0),
-                 "category": record.get("last_category", "input"),
-                 "last_error": record.get("last_error"), "hosts": record.get("hosts"),
-                 "updated": record.get("updated")}
-        (quarantined if record.get("quarantined") else failed).append(entry)
-    return failed, quarantined
+    return held

@@ -1,0 +1,173 @@
+"""STAR and CSV: the coordinate tables tomolive writes for subtomogram averaging and reads
+back for scoring, in one place so that every writer and reader agrees on columns and units.
+
+Coordinates: tables hold float (z, y, x) voxel positions on the input grid; files use x, y, z.
+STAR files are RELION 5 style (`data_particles`, `rlnTomoName`, `rlnCoordinateX/Y/Z` in pixels
+= the same 0-based voxel indices as the CSV, and `rlnCenteredCoordinateX/Y/ZAngst` =
+(coordinate - size / 2) * voxel size). Filament points carry `rlnHelicalTubeID` (1-based per
+filament), `rlnHelicalTrackLengthAngst`, and `rlnAngleTilt`/`rlnAnglePsi` that put the particle's
+Z axis along the filament (RELION's helical convention; the twist `rlnAngleRot` is left out):
+direction (x, y, z) = (-sin(tilt) cos(psi), sin(tilt) sin(psi), cos(tilt)).
+The CSV is `class,x,y,z[,score]` in the same voxel indices.
+
+Text in, text out: the callers write it (core.export fsyncs it into the folder it publishes).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .filaments import Filament
+from .particles import ParticleTable
+
+STAR_VERSION = "# version 50001"  # RELION 5
+ParticleTables = dict[str, np.ndarray]  # class name -> [n, 3] float64 x, y, z
+
+
+class ParticleCsvError(ValueError):
+    """A particle table that cannot be read; the message starts with the file's path."""
+
+
+def star_text(block: str, columns: dict[str, list[str]]) -> str:
+    """One STAR data block with one loop; `columns` maps each label to its values as text."""
+    lines = [STAR_VERSION, "", f"data_{block}", "", "loop_"]
+    lines += [f"_{name} #{i}" for i, name in enumerate(columns, start=1)]
+    lines += [" ".join(row) for row in zip(*columns.values(), strict=True)]
+    return "\n".join(lines) + "\n\n"
+
+
+# A STAR value that starts like this would be read as syntax, not as a string.
+_STAR_RESERVED_STARTS = ("_", "#", "$", "'", '"', ";", "data_", "loop_", "save_", "global_",
+                         "stop_")
+
+
+def star_string(value: str) -> str:
+    """A string as one STAR value: control characters (a newline would end the row) and
+    quotes (which STAR readers disagree on) become `_`; quoted when it holds whitespace or
+    would otherwise read as syntax."""
+    value = "".join(c if c.isprintable() and c not in "'\"" else "_" for c in value)
+    if value and not any(c.isspace() for c in value) and \
+            not value.lower().startswith(_STAR_RESERVED_STARTS):
+        return value
+    return f'"{value}"'
+
+
+def _fmt(values: np.ndarray, digits: int) -> list[str]:
+    return [f"{v:.{digits}f}" for v in np.asarray(values, dtype=np.float64)]
+
+
+def _coordinate_columns(
+    zyx: np.ndarray, stem: str, shape_zyx: tuple[int, ...], voxel_size_a: float
+) -> dict[str, list[str]]:
+    columns = {"rlnTomoName": [star_string(stem)] * len(zyx)}
+    for axis, k in (("X", 2), ("Y", 1), ("Z", 0)):
+        columns[f"rlnCoordinate{axis}"] = _fmt(zyx[:, k], 3)
+    for axis, k in (("X", 2), ("Y", 1), ("Z", 0)):
+        centred = (zyx[:, k] - shape_zyx[k] / 2.0) * voxel_size_a
+        columns[f"rlnCenteredCoordinate{axis}Angst"] = _fmt(centred, 3)
+    return columns
+
+
+def particle_star_text(
+    table: ParticleTable, stem: str, shape_zyx: tuple[int, ...], voxel_size_a: float
+) -> str:
+    """One particle class as a RELION 5 style STAR file (block `particles`)."""
+    columns = _coordinate_columns(table.zyx, stem, shape_zyx, voxel_size_a)
+    columns["rlnAutopickFigureOfMerit"] = _fmt(table.score, 5)
+    return star_text("particles", columns)
+
+
+def particle_csv_text(rows: Iterable[Sequence[object]], with_score: bool = True) -> str:
+    """`class,x,y,z[,score]` from rows (class, x, y, z[, score]) in 0-based voxel indices."""
+    lines = ["class,x,y,z,score" if with_score else "class,x,y,z"]
+    for row in rows:
+        name, x, y, z = row[:4]
+        line = f"{name},{float(x):.3f},{float(y):.3f},{float(z):.3f}"
+        lines.append(f"{line},{float(row[4]):.5f}" if with_score else line)
+    return "\n".join(lines) + "\n"
+
+
+def table_rows(tables: Iterable[ParticleTable]) -> Iterable[tuple[str, float, float, float, float]]:
+    """(class, x, y, z, score) for every particle of `tables`, for `particle_csv_text`."""
+    for table in tables:
+        for (z, y, x), score in zip(table.zyx, table.score, strict=True):
+            yield table.class_name, x, y, z, score
+
+
+def relion_tilt_psi_deg(directions_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RELION tilt and psi (degrees) that align a particle's Z axis with each unit direction."""
+    d = np.asarray(directions_zyx, dtype=np.float64)
+    dz, dy, dx = d[:, 0], d[:, 1], d[:, 2]
+    tilt = np.degrees(np.arccos(np.clip(dz, -1.0, 1.0)))
+    psi = np.degrees(np.arctan2(dy, -dx))
+    return tilt, psi
+
+
+def filament_star_text(
+    filaments: list[Filament],
+    stem: str,
+    shape_zyx: tuple[int, ...],
+    voxel_size_a: float,
+) -> str:
+    """Points along every filament of one class, one `rlnHelicalTubeID` (1-based) per filament."""
+    zyx = np.concatenate([f.points_zyx for f in filaments]) if filaments else np.zeros((0, 3))
+    dirs = np.concatenate([f.directions_zyx for f in filaments]) if filaments else np.zeros((0, 3))
+    tube = np.concatenate([np.full(len(f), i, dtype=np.int64)
+                           for i, f in enumerate(filaments, start=1)] or [np.zeros(0, np.int64)])
+    track = np.concatenate([_track_length(f.points_zyx) for f in filaments] or [np.zeros(0)])
+    columns = _coordinate_columns(zyx, stem, shape_zyx, voxel_size_a)
+    columns["rlnHelicalTubeID"] = [str(int(t)) for t in tube]
+    columns["rlnHelicalTrackLengthAngst"] = _fmt(track * voxel_size_a, 2)
+    tilt, psi = relion_tilt_psi_deg(dirs)
+    columns["rlnAngleTilt"] = _fmt(tilt, 3)
+    columns["rlnAnglePsi"] = _fmt(psi, 3)
+    return star_text("particles", columns)
+
+
+def _track_length(points_zyx: np.ndarray) -> np.ndarray:
+    steps = np.linalg.norm(np.diff(points_zyx, axis=0), axis=1)
+    return np.concatenate([[0.0], np.cumsum(steps)])
+
+
+def read_particle_csv(path: str | os.PathLike) -> ParticleTables:
+    """Read a `class,x,y,z[,score]` table (extra columns after z are ignored)."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError as error:
+        raise ParticleCsvError(f"{path}: cannot read particle table: "
+                               f"{error.strerror or error}") from error
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ParticleCsvError(f"{path}: not a CSV text file ({error})") from error
+    if not rows:
+        raise ParticleCsvError(f"{path}: empty file, expected a header 'class,x,y,z'")
+    header = [h.strip().lower() for h in rows[0]]
+    if header[:4] != ["class", "x", "y", "z"]:
+        raise ParticleCsvError(f"{path}: header is {','.join(rows[0])!r}, expected it to start "
+                               f"with 'class,x,y,z'")
+    tables: dict[str, list[tuple[float, float, float]]] = {}
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) < 4 or len(row) > len(header):
+            raise ParticleCsvError(f"{path}: line {line_no} has {len(row)} columns, "
+                                   f"expected {len(header)}")
+        try:
+            xyz = tuple(float(v) for v in row[1:4])
+        except ValueError:
+            raise ParticleCsvError(f"{path}: line {line_no}: x, y, z must be numbers, got "
+                                   f"{','.join(row[1:4])!r}") from None
+        if not all(math.isfinite(v) for v in xyz):
+            raise ParticleCsvError(f"{path}: line {line_no}: coordinates are not finite")
+        name = row[0].strip()
+        if not name:
+            raise ParticleCsvError(f"{path}: line {line_no}: empty class name")
+        tables.setdefault(name, []).append(xyz)
+    return {k: np.array(v, dtype=np.float64).reshape(-1, 3) for k, v in tables.items()}

@@ -57,7 +57,7 @@ from tomolive.core.model import (
 from tomolive.core.pipeline import STAGES, SegmentOptions, segment_file
 from tomolive.core.preprocess import DEFAULT_RECIPE
 from tomolive.core.synth import synthesize
-from tomolive.core.train import TrainOptions
+from tomolive.core.training import TrainOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak import device_name, measure_peak  # noqa: E402

@@ -34,7 +34,13 @@ from tomolive.core.infer import InferenceOptions
 from tomolive.core.model import load_bundle, save_bundle
 from tomolive.core.pipeline import SegmentOptions, segment_file
 from tomolive.core.synth import SynthResult, synthesize, write_synth
-from tomolive.core.train import TrainingSource, TrainOptions, class_specs_for, parse_region, train
+from tomolive.core.training import (
+    TrainingSource,
+    TrainOptions,
+    class_specs_for,
+    parse_region,
+    train,
+)
 
 # The cartoon scenes this benchmark's targets and history were set on (issue 4); realistic data
 # are measured by validation_quality.py on tomograms this project did not make.

@@ -275,7 +275,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-width", type=int, default=None)
     p.add_argument("--in-slices", type=int, default=None,
                    help="z-slices the network sees around each slice it labels (odd; default "
-                        "from tomolive.core.train.TrainOptions)")
+                        "from tomolive.core.training.TrainOptions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", choices=("final", "best"), default="final",
                    help="weights saved: at the end of the run (default) or those with the best "
@@ -284,7 +284,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ..core import train as training
+    from ..core import training
     from ..core.model import save_bundle
 
     if args.steps is None and args.max_minutes is None:
@@ -372,9 +372,9 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from ..core import train as training
-    from ..core.distill import distill
+    from ..core import training
     from ..core.model import load_bundle, save_bundle
+    from ..core.training import distill
 
     if args.steps is None and args.max_minutes is None:
         raise CommandError("give --steps N and/or --max-minutes M")

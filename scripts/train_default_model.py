@@ -31,7 +31,7 @@ import torch
 from tomolive.core.classes import SYNTH_CLASS_NAMES
 from tomolive.core.model import default_bundle_path, load_bundle, save_bundle
 from tomolive.core.synth import synthesize, write_synth
-from tomolive.core.train import TrainingSource, TrainOptions, class_specs_for, train
+from tomolive.core.training import TrainingSource, TrainOptions, class_specs_for, train
 
 FIRST_SEED = 3001
 DEFAULT_TOMOGRAMS = 16

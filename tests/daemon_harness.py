@@ -6,6 +6,7 @@ watches and stops daemons, and makes tiny models and tomograms for them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -240,10 +241,36 @@ class Daemon:
         return code
 
     def kill(self) -> None:
+        """SIGKILL the daemon (a test's teardown: always, whatever the test did to it). A test
+        may have stopped it or its workers with SIGSTOP: they are resumed first, so that they
+        die with it rather than linger stopped."""
         if self.process is not None and self.process.poll() is None:
+            for pid in [*descendant_pids(self.process.pid), self.process.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
             self.process.kill()
             self.process.wait()
             self._log.close()
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (every thread's children file; Linux >= 3.5)."""
+    found: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in children.read_text().split()]
+        except OSError:
+            pass  # the thread or the process went away
+    return found
+
+
+def descendant_pids(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        for child in child_pids(todo.pop()):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def partial_outputs(outputs: Path) -> list[Path]:

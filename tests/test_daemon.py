@@ -30,19 +30,16 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 @pytest.fixture
-def daemon(tmp_path):
-    created: list[Daemon] = []
+def daemon(tmp_path, make_daemon):
+    """Daemons sharing tmp_path's folders, served model-a unless a test drops others."""
 
     def make(**overrides) -> Daemon:
-        d = Daemon(tmp_path, name=f"d{len(created) + 1}", **overrides)
+        d = make_daemon(root=tmp_path, **overrides)
         if not any(d.models.iterdir()):
             write_tiny_model(d.models / "a.safetensors", name="model-a")
-        created.append(d)
         return d
 
-    yield make
-    for d in created:
-        d.kill()
+    return make
 
 
 def _contract_files_present(d: Daemon, stem: str) -> None:

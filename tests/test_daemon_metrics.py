@@ -13,7 +13,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tomolive.daemon.metrics import STAGES
 
-from .daemon_harness import Daemon, tomogram_bytes, write_tiny_model
+from .daemon_harness import tomogram_bytes, write_tiny_model
 from .prometheus_harness import running_prometheus, scalar
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -61,20 +60,6 @@ def healthz(url: str) -> int | None:
         return error.code
     except (urllib.error.URLError, ConnectionError, http.client.RemoteDisconnected):
         return None
-
-
-@pytest.fixture
-def make_daemon(tmp_path: Path) -> Iterator:
-    created: list[Daemon] = []
-
-    def make(**overrides) -> Daemon:
-        d = Daemon(tmp_path / f"d{len(created) + 1}", **overrides)
-        created.append(d)
-        return d
-
-    yield make
-    for d in created:
-        d.kill()  # always: a leaked daemon would outlive the test run
 
 
 def test_scrape_counters_histograms_promtool_and_healthz(make_daemon) -> None:

@@ -1,14 +1,14 @@
-"""core.distill: the combination rule, and single-feature models -> one joint bundle."""
+"""core.training.distill: the combination rule, and single-feature models -> one joint bundle."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from tomolive.core import train as T
+from tomolive.core import training as T
 from tomolive.core.classes import default_class
-from tomolive.core.distill import combine_labels, distill
 from tomolive.core.model import load_bundle, save_bundle
 from tomolive.core.synth import synthesize, write_synth
+from tomolive.core.training.distill import combine_labels, distill
 from tomolive.core.volume import write_mrc
 
 
@@ -42,7 +42,7 @@ def test_combination_rule_priority_then_confidence_then_order_and_annotations_wi
 
 
 def test_duplicate_classes_across_models_are_rejected(tmp_path):
-    from tomolive.core.distill import joint_classes
+    from tomolive.core.training.distill import joint_classes
 
     class Fake:  # only .meta.classes and .path are read
         def __init__(self, name, path):

@@ -11,22 +11,28 @@ PACKAGES = ("core", "daemon", "interop")
 
 
 def _imports() -> dict[str, set[str]]:
-    """Module (`pkg.name`) -> the package modules it imports, at any depth in its code."""
-    graph: dict[str, set[str]] = {}
+    """Module (`core.training.loop`) -> the project modules it imports, at any depth in its
+    code (lazy imports inside functions count: they make cycles all the same)."""
+    modules = {}
     for package in PACKAGES:
-        for path in sorted((REPO / package).glob("*.py")):
-            found = set()
-            for node in ast.walk(ast.parse(path.read_text())):
-                if not isinstance(node, ast.ImportFrom) or node.level == 0:
-                    continue
-                base = package if node.level == 1 else ""
-                target = node.module or ""
-                if node.level == 2:  # from ..core.x import y
-                    base, _, target = target.partition(".")
-                names = [target] if target else [a.name for a in node.names]
-                found.update(f"{base}.{name.split('.')[0]}" for name in names)
-            graph[f"{package}.{path.stem}"] = found
-    return {module: deps & graph.keys() for module, deps in graph.items()}
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = (path, ".".join(parts[:-1]))  # (file, its package)
+    graph: dict[str, set[str]] = {}
+    for name, (path, package) in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or node.level == 0:
+                continue
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+            target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            candidates = [target] if node.module else [f"{target}.{a.name}" for a in node.names]
+            found.update(c for c in candidates if c in modules and c != name)
+            found.update(f"{target}.{a.name}" for a in node.names
+                         if f"{target}.{a.name}" in modules)
+        graph[name] = found
+    return graph
 
 
 def test_core_imports_neither_daemon_nor_interop():

@@ -22,6 +22,7 @@ import pytest
 
 from .daemon_harness import (
     Daemon,
+    descendant_pids,
     partial_outputs,
     summary_counts,
     tomogram_bytes,
@@ -34,26 +35,6 @@ LEASE_S = 3.0
 
 
 # --- helpers: /proc, leases, logs, metrics ----------------------------------------------------
-
-def _children(pid: int) -> list[int]:
-    """Direct children of `pid` (every thread's children file; Linux >= 3.5)."""
-    found: list[int] = []
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            found += [int(c) for c in children.read_text().split()]
-        except OSError:
-            pass  # the thread or the process went away
-    return found
-
-
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        for child in _children(todo.pop()):
-            out.append(child)
-            todo.append(child)
-    return out
-
 
 def _start_time(pid: int) -> int | None:
     """The process's start time in clock ticks (tells a recycled pid apart); None if gone
@@ -101,31 +82,22 @@ def _drop(incoming: Path, staging: Path, name: str, blob: bytes) -> None:
 
 
 @pytest.fixture
-def shared(tmp_path):
+def shared(tmp_path, make_daemon):
     """One watched folder, one output folder, one models folder; daemons each with their own
     config file and log (in their own root) and their own inference batch size."""
     incoming, outputs, models = (tmp_path / n for n in ("incoming", "outputs", "models"))
     for folder in (incoming, outputs, models):
         folder.mkdir()
     write_tiny_model(models / "a.safetensors", name="model-a")
-    created: list[Daemon] = []
 
     def make(name: str, batch_size: int) -> Daemon:
-        d = Daemon(tmp_path / name, name=name,
-                   watch=[{"path": str(incoming), "patterns": ["*.mrc"]}],
-                   output_dir=str(outputs), models_dir=str(models), lease_seconds=LEASE_S,
-                   inference={"batch_size": batch_size})
+        d = make_daemon(name=name, watch=[{"path": str(incoming), "patterns": ["*.mrc"]}],
+                        output_dir=str(outputs), models_dir=str(models), lease_seconds=LEASE_S,
+                        inference={"batch_size": batch_size})
         d.incoming, d.outputs, d.models = incoming, outputs, models
-        created.append(d)
         return d
 
-    yield make
-    for d in created:
-        for pid in _descendants(d.process.pid) if d.process else []:
-            _signal(pid, signal.SIGCONT)
-        if d.process is not None and d.process.poll() is None:
-            d.process.send_signal(signal.SIGCONT)
-        d.kill()
+    return make
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -186,7 +158,7 @@ def test_sigkill_of_a_lease_holder_other_daemon_finishes_its_tomogram(shared, tm
     held = a.wait_for(lambda: _lease_of(a.outputs, a.process.pid), 60, "a lease held by a")
     stem = held["target"]
     a.wait_held(stem)
-    workers = _descendants(a.process.pid)
+    workers = descendant_pids(a.process.pid)
     assert workers, "daemon a has no worker process"
     identities = {pid: _start_time(pid) for pid in workers}
     dead_pid = a.process.pid
@@ -217,7 +189,7 @@ def test_sigstopped_holder_loses_lease_and_does_not_publish_after_sigcont(shared
     _drop(a.incoming, tmp_path / "staging", "big.mrc", tomogram_bytes(300))
     a.wait_held("big")
     # Freeze the whole daemon: the main process (no more heartbeats) and its worker.
-    frozen = [a.process.pid, *_descendants(a.process.pid)]
+    frozen = [a.process.pid, *descendant_pids(a.process.pid)]
     for pid in frozen:
         _signal(pid, signal.SIGSTOP)
     stopped_at = time.monotonic()
@@ -265,7 +237,7 @@ def test_holder_stopped_while_writing_its_temporary_folder_records_no_failure(sh
     _drop(a.incoming, tmp_path / "staging", "big.mrc", tomogram_bytes(400))
     a.wait_held("big")
     assert list(a.outputs.glob(".big.tmp-*")), "no temporary folder while parked at publish"
-    frozen = [a.process.pid, *_descendants(a.process.pid)]
+    frozen = [a.process.pid, *descendant_pids(a.process.pid)]
     for pid in frozen:
         _signal(pid, signal.SIGSTOP)
     b = shared("b", batch_size=8).start()

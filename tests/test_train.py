@@ -1,4 +1,4 @@
-"""core.train: region parsing, class specs, the masked loss, tiny training runs end to end."""
+"""core.training: region parsing, class specs, the masked loss, tiny training runs end to end."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from tomolive.core import train as T
+from tomolive.core import training as T
 from tomolive.core.model import BundleMeta, load_bundle, save_bundle
 from tomolive.core.preprocess import DEFAULT_RECIPE, validate_recipe
 from tomolive.core.synth import synthesize, write_synth
@@ -189,7 +189,7 @@ def test_unannotated_and_out_of_region_voxels_change_nothing(tiny, tmp_path):
 
 def test_labels_are_resampled_to_the_model_grid_by_nearest_neighbour(tiny):
     folder, _, labels = tiny
-    prepared = T._prepare_source(
+    prepared = T.prepare_source(
         T.TrainingSource(folder / "tomo.mrc", folder / "labels.mrc", T.parse_region("4:20,:,:")),
         5, 20.0, DEFAULT_RECIPE, 5, 0.0, 8, "cpu")
     (part,) = prepared.train
@@ -232,7 +232,7 @@ def test_rotation_matches_scipy_and_keeps_labels_on_their_voxels(angle_deg):
     smooth = np.sin(yy / 7.0) + np.cos(xx / 5.0) + 0.01 * yy * xx / q
     image = np.stack([smooth, -smooth, 2 * smooth]).astype(np.float32)
     labels = ((yy // 20) % 2 * 2 + (xx // 25) % 3).astype(np.uint8)
-    rotated_image, rotated_labels = T._rotate(image, labels, angle_deg, size)
+    rotated_image, rotated_labels = T.rotate_patch(image, labels, angle_deg, size)
     o = (q - size) // 2
     want_image = ndimage.rotate(image, angle_deg, axes=(1, 2), reshape=False, order=1,
                                 mode="reflect")[:, o:o + size, o:o + size]
@@ -242,18 +242,18 @@ def test_rotation_matches_scipy_and_keeps_labels_on_their_voxels(angle_deg):
     np.testing.assert_allclose(rotated_image, want_image, atol=1e-4)
     np.testing.assert_array_equal(rotated_labels, want_labels)
     # A patch as large as the output box: turned by 45 degrees, its corners are outside.
-    _, corners = T._rotate(image[:, :size, :size], labels[:size, :size], 45.0, size)
+    _, corners = T.rotate_patch(image[:, :size, :size], labels[:size, :size], 45.0, size)
     assert corners[0, 0] == T.IGNORE and corners[size // 2, size // 2] != T.IGNORE
 
 
 def test_blur_augmentation_smooths_patches_and_is_off_by_default():
     rng = np.random.default_rng(0)
-    part = T._Part(rng.standard_normal((9, 64, 64)).astype(np.float32),
+    part = T.Part(rng.standard_normal((9, 64, 64)).astype(np.float32),
                    rng.integers(0, 3, (5, 64, 64)).astype(np.uint8))
     part.build_index()
 
     def patches(**kwargs) -> np.ndarray:
-        sampler = T._Sampler([part], 5, 32, np.random.default_rng(7), True, **kwargs)
+        sampler = T.Sampler([part], 5, 32, np.random.default_rng(7), True, **kwargs)
         return sampler.batch(64)[0].numpy()
 
     plain, off, blurred = patches(), patches(blur_max_px=0.0), patches(blur_max_px=1.5)
@@ -330,7 +330,7 @@ def test_validation_strip_is_chosen_so_classes_are_in_both_parts():
     labels[:, 2:6, 5:9] = 2  # class 2 only near the start of y ...
     labels[:, 12:14, 5:9] = 2  # ... and a little further on
     image = np.zeros((8, 40, 20), np.float32)
-    train_parts, validation = T._split(image, labels, 0.25, 8)
+    train_parts, validation = T.split_region(image, labels, 0.25, 8)
     # Strips are tried from the end of y; 8:18 is the first that shares class 2 with the rest.
     np.testing.assert_array_equal(validation.labels, labels[:, 8:18])
     assert [p.labels.shape for p in train_parts] == [(4, 8, 20), (4, 22, 20)]

@@ -18,7 +18,7 @@ Combination rule, where single models disagree:
   4. Annotations, where given, override all of the above: every voxel of an annotation volume
      that is not 255 (not annotated) keeps its annotated value (0 = background, i = the i-th
      joint class).
-The joint model is then trained on the complete labels with `core.train.train` (whole
+The joint model is then trained on the complete labels with `core.training.train` (whole
 tomograms, the usual validation strip), so it learns what the single models agree on.
 """
 
@@ -31,14 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import ClassSpec
-from .cleanup import clean_labels
-from .infer import InferenceOptions, predict, prepare_network
-from .model import ModelBundle
-from .preprocess import apply_recipe
-from .resample import fourier_rescale, grid_for, labels_to_input, labels_to_input_refined
-from .train import IGNORE, ProgressFn, TrainedModel, TrainingSource, TrainOptions, train
-from .volume import Volume, read_mrc, thin_axis, to_canonical, write_mrc
+from ..classes import ClassSpec
+from ..cleanup import clean_labels
+from ..infer import InferenceOptions, predict, prepare_network
+from ..model import ModelBundle
+from ..preprocess import apply_recipe
+from ..resample import fourier_rescale, grid_for, labels_to_input, labels_to_input_refined
+from ..volume import Volume, read_mrc, thin_axis, to_canonical, write_mrc
+from .loop import train
+from .options import IGNORE, ProgressFn, TrainedModel, TrainingSource, TrainOptions
 
 COMBINATION_RULE = (
     "background where no model claims a voxel; one claim -> that class; several -> highest "
@@ -125,7 +126,7 @@ def distill(
     warn: Callable[[str], None] | None = None,
 ) -> TrainedModel:
     """Run every single model on every tomogram, combine (module docstring rule), train one
-    joint model with `core.train.train`. `annotations[i]` is an optional label volume for
+    joint model with `core.training.train`. `annotations[i]` is an optional label volume for
     tomogram i in the joint class order (255 = not annotated). The joint model's voxel size is
     options.model_voxel_size_a or the first single model's; its recipe options.recipe or the
     default. `warn` gets train's warnings (classes the combined labels hold too few of)."""

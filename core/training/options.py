@@ -1,0 +1,206 @@
+"""What training takes and gives: the sources, the options, progress reports, the trained
+model, and the class settings (with YAML overrides)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..classes import ClassSpec, default_class
+from ..errors import one_line
+from ..model import BundleMeta, UNet25D
+
+IGNORE = 255  # label value of voxels nobody annotated (int8 files store it as -1)
+
+
+def parse_region(text: str) -> tuple[slice, slice, slice]:
+    """"Z0:Z1,Y0:Y1,X0:X1" (voxels of the tomogram file, end exclusive; a bound may be empty,
+    e.g. "40:56,:,:") to three slices. Raises ValueError naming the problem."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"region {text!r} must be Z0:Z1,Y0:Y1,X0:X1 (three ranges)")
+    out = []
+    for axis, part in zip("ZYX", parts, strict=True):
+        bounds = part.split(":")
+        if len(bounds) != 2:
+            raise ValueError(f"region {text!r}: {axis} range {part!r} must be START:STOP")
+        try:
+            lo, hi = (int(b) if b.strip() else None for b in bounds)
+        except ValueError:
+            raise ValueError(f"region {text!r}: {axis} range {part!r} is not integers") from None
+        if (lo is not None and lo < 0) or (hi is not None and hi < 0):
+            raise ValueError(f"region {text!r}: {axis} range {part!r} has a negative bound")
+        if lo is not None and hi is not None and hi <= lo:
+            raise ValueError(f"region {text!r}: {axis} range {part!r} is empty (stop <= start)")
+        out.append(slice(lo, hi))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def format_region(region: Sequence[slice]) -> str:
+    """The inverse of parse_region (for provenance)."""
+    return ",".join(f"{s.start if s.start is not None else ''}:"
+                    f"{s.stop if s.stop is not None else ''}" for s in region)
+
+
+@dataclass
+class TrainingSource:
+    """One annotated tomogram. `region` is in the FILE's own [z, y, x] voxels (None = all);
+    `voxel_size_a` overrides the tomogram header."""
+
+    tomogram_path: str | Path
+    labels_path: str | Path
+    region: tuple[slice, slice, slice] | None = None
+    voxel_size_a: float | None = None
+
+
+@dataclass
+class TrainOptions:
+    """Training settings. The run stops at `steps` or `max_minutes`, whichever comes first
+    (at least one must be given)."""
+
+    steps: int | None = None
+    max_minutes: float | None = None
+    device: str = "auto"
+    batch_size: int = 8
+    patch_px: int = 96
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    validation_fraction: float = 0.2
+    base_width: int = 16
+    # z-slices the network sees around each labelled slice (odd). 31 (31 nm at 10 Å), not the
+    # protocol's 5: with 5, a model trained on one region took a microtubule's side walls for
+    # two membranes; in the issue-4 benchmark 21 raised actin Dice from 0.60/0.56 to 0.75/0.66,
+    # and 31 raised microtubule Dice by 0.05-0.22 and membrane by up to 0.06 over 21 on six
+    # tomograms (vesicle caps, which the missing wedge hides, are inferred from the slices
+    # around them); 41 was worse in its one run. The first conv only grows: +3% inference
+    # FLOPs over 21 (git log of this file).
+    in_slices: int = 31
+    levels: int = 5
+    model_voxel_size_a: float | None = None  # default: the first tomogram's voxel size
+    recipe: list[dict[str, Any]] | None = None  # default: preprocess.DEFAULT_RECIPE
+    name: str | None = None  # default: "tomolive-model", or the parent's name when fine-tuning
+    description: str = ""
+    synthetic: bool = False  # provenance: the training data are synthetic (core.synth)
+    augment: bool = True
+    # Augmentation: arbitrary in-plane angles, not only 90°. On by default: trained on one
+    # region whose microtubules all ran diagonally, a 21-slice model scored microtubule Dice
+    # 0.59/0.08 without it and 0.90/0.88 with it (issue-4 benchmark, seed-20 region).
+    rotate_any_angle: bool = True
+    # Augmentation: half the patches blurred in-plane with a Gaussian of sigma up to this many
+    # pixels (0 = off). Tried once for the 13.2 Å test's membranes (git log of this file).
+    blur_max_px: float = 0.0
+    # Augmentation: half the patches get a random in-plane amplitude spectrum, a radial gain
+    # exp(u * k / Nyquist) with u drawn from +-spectrum_jitter, times a soft low-pass at 0.25-0.5
+    # cycles/px (0 = off). Tomograms from other microscopes, CTF envelopes, reconstruction
+    # filters (WBP ramps and roll-offs, SIRT-like) and B-factors differ most in exactly this;
+    # the patch's mean and spread are kept, so only the spectrum's shape changes. Off by
+    # default: issue 14's "model B" used 1.0 with two other changes and was not better.
+    spectrum_jitter: float = 0.0
+    # The options below are off by default: in the issue-4 benchmark (10 min, 1 thread, shared
+    # CPU) they did not help (figures in the git log of this file).
+    # Cross-entropy weight of class c: (background voxels / class-c voxels in the training
+    # parts) ** power, at most 10 (0 = unweighted; patches are class-balanced either way).
+    class_weight_power: float = 0.0
+    ema_decay: float = 0.0  # weights validated and saved: this moving average (0 = off)
+    calibrate_bn: bool = False  # BatchNorm statistics re-estimated on whole training slices
+    # Which weights the bundle gets: "final" (the end of the cosine schedule) or "best" (the
+    # best mean validation Dice seen). "final" by default: the validation strip of a small
+    # region holds few voxels of some classes, and in the issue-4 benchmark "best" picked
+    # step 686 of 2358, whose test Dice was far below the end's (git log of this file).
+    keep: str = "final"
+
+    def check(self) -> None:
+        if self.steps is None and self.max_minutes is None:
+            raise ValueError("training needs steps and/or max_minutes")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, not {self.steps}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0, not {self.max_minutes}")
+        if not 0.0 <= self.validation_fraction < 0.9:
+            raise ValueError(
+                f"validation_fraction must be in [0, 0.9), not {self.validation_fraction}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), not {self.ema_decay}")
+        if self.keep not in ("final", "best"):
+            raise ValueError(f"keep must be 'final' or 'best', not {self.keep!r}")
+        if not self.blur_max_px >= 0:
+            raise ValueError(f"blur_max_px must be >= 0, not {self.blur_max_px}")
+        if not self.spectrum_jitter >= 0:
+            raise ValueError(f"spectrum_jitter must be >= 0, not {self.spectrum_jitter}")
+        if not (1 <= self.in_slices <= 63 and self.in_slices % 2 == 1):
+            raise ValueError(f"in_slices must be odd and 1..63 (a centre slice and as many on "
+                             f"each side), not {self.in_slices}")
+        if self.batch_size < 1 or self.patch_px < 8:
+            raise ValueError(f"batch_size {self.batch_size} / patch_px {self.patch_px} too small")
+
+
+@dataclass
+class TrainProgress:
+    """What the progress callback gets: `total_steps` is None for a time-only budget."""
+
+    step: int
+    total_steps: int | None
+    elapsed_s: float
+    loss: float
+    validation_dice: dict[str, float] | None = None
+
+
+@dataclass
+class TrainedModel:
+    """The trained network (unfused, CPU) and its metadata, ready for model.save_bundle."""
+
+    network: UNet25D
+    meta: BundleMeta
+
+
+ProgressFn = Callable[[TrainProgress], None]
+
+
+def load_class_overrides(yaml_path: str | Path) -> dict[str, dict[str, Any]]:
+    """Per-class overrides from YAML: `{name: {field: value}}`, e.g.
+    `ribosome: {diameter_nm: 28}` or `vesicle: {kind: membrane}`. Field names are checked."""
+    path = Path(yaml_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({one_line(exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must map class names to fields, not {type(data).__name__}")
+    known = set(ClassSpec.__dataclass_fields__) - {"name"}
+    out: dict[str, dict[str, Any]] = {}
+    for name, fields_ in data.items():
+        if not isinstance(fields_, dict):
+            raise ValueError(f"{path}: class {name!r} must map to fields, not {fields_!r}")
+        unknown = sorted(set(fields_) - known)
+        if unknown:
+            raise ValueError(f"{path}: class {name!r} has unknown fields {unknown}")
+        out[str(name)] = dict(fields_)
+    return out
+
+
+def class_specs_for(
+    names: Sequence[str], overrides: dict[str, dict[str, Any]] | None = None
+) -> list[ClassSpec]:
+    """ClassSpecs in label order (label i = names[i-1]): known names get core.classes defaults,
+    then the overrides; unknown names are 'other' unless overridden."""
+    overrides = overrides or {}
+    names = [str(n).strip() for n in names]
+    if not names or any(not n for n in names):
+        raise ValueError(f"class names {list(names)} must be non-empty")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class names {list(names)} are not unique")
+    extra = sorted(set(overrides) - set(names))
+    if extra:
+        raise ValueError(f"class overrides name classes that are not trained: {extra}")
+    if len(names) > 126:
+        raise ValueError(f"{len(names)} classes is too many (at most 126)")
+    return [default_class(n, **overrides.get(n, {})) for n in names]

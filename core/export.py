@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from . import result_folder, star
 from .atomic import fsync_dir
@@ -38,6 +39,14 @@ from .volume import release_pages, write_mrc
 PREVIEW_MAX_PX = 1200
 PREVIEW_MIN_PX = 480  # small test volumes are enlarged (nearest) so the preview stays readable
 OVERLAY_ALPHA = 0.5
+# The sweep through z (STEM_sweep.webp) is for a web page: few frames, small, lossy, slightly
+# blurred. Measured on synthetic tomograms (microscope simulator, 64x512x512 and a 1024 px one):
+# 24 frames of at most 256 px at WebP quality 60 after a 1 px blur stay under ~300 kB.
+SWEEP_FRAMES = 24
+SWEEP_MAX_PX = 256
+SWEEP_BLUR_PX = 1.0
+SWEEP_FRAME_MS = 150
+SWEEP_QUALITY = 60
 
 
 def _file_names(stem: str, classes: list[ClassSpec]) -> dict[str, str]:
@@ -57,13 +66,14 @@ def _file_names(stem: str, classes: list[ClassSpec]) -> dict[str, str]:
         if spec.is_particle or spec.is_filament:
             names[f"imod:{spec.name}"] = f"{stem}_{spec.name}.mod"
     names["preview"] = f"{stem}_preview.png"
+    names["sweep"] = f"{stem}_sweep.webp"
     names["summary"] = result_folder.summary_name(stem)
     return names
 
 
 def output_paths(out_parent: str | Path, stem: str, classes: list[ClassSpec]) -> dict[str, Path]:
     """Every file `write_outputs` writes for `stem`, keyed 'labels', 'mask:<class>',
-    'star:<class>', 'particles_csv', 'filaments:<class>', 'preview', 'summary'."""
+    'star:<class>', 'particles_csv', 'filaments:<class>', 'preview', 'sweep', 'summary'."""
     folder = Path(out_parent) / stem
     return {key: folder / name for key, name in _file_names(stem, classes).items()}
 
@@ -184,6 +194,7 @@ def _write_files(files: dict[str, Path], seg: Segmentation, tomogram: np.ndarray
             write_filament_model(files[f"imod:{spec.name}"], seg.filaments.get(spec.name, []),
                                  spec, seg.labels.shape, seg.voxel_size_a)
     write_preview(files["preview"], seg.labels, seg.classes, tomogram)
+    write_sweep(files["sweep"], seg.labels, seg.classes, tomogram)
 
 
 def _publish(tmp: Path, final: Path) -> Path:
@@ -319,6 +330,66 @@ def _legend(image: Image.Image, classes: list[ClassSpec]) -> Image.Image:
     return out
 
 
+# ---- sweep through z ---------------------------------------------------------------------------
+
+def sweep_planes(nz: int, frames: int = SWEEP_FRAMES) -> list[int]:
+    """The z planes a sweep shows: `frames` evenly spaced ones (every plane when fewer)."""
+    if nz <= frames:
+        return list(range(nz))
+    return sorted({int(round(z)) for z in np.linspace(0, nz - 1, frames)})
+
+
+def sweep_frames(labels: np.ndarray, classes: list[ClassSpec], tomogram: np.ndarray | None,
+                 frames: int = SWEEP_FRAMES, max_px: int = SWEEP_MAX_PX) -> list[Image.Image]:
+    """xy planes from top to bottom with the classes overlaid, at most `max_px` on a side.
+
+    One plane is read at a time (a memmap stays mostly unmapped) and shrunk before the
+    overlay (gray by area averaging, labels by nearest neighbour), so a 1024 px plane costs
+    little more than a small one; the contrast comes from the central plane so that it does
+    not flicker from frame to frame.
+    """
+    nz, ny, nx = labels.shape
+    palette = np.zeros((len(classes) + 1, 3), dtype=np.float32)
+    for i, spec in enumerate(classes, start=1):
+        palette[i] = _rgb(spec.color)
+    if tomogram is not None:
+        centre = np.asarray(tomogram[nz // 2], dtype=np.float32)
+        lo, hi = np.percentile(centre, [1, 99])
+        del centre
+        release_pages(tomogram)
+    scale = min(1.0, max_px / max(ny, nx))
+    size = (max(1, round(nx * scale)), max(1, round(ny * scale)))
+    images = []
+    for z in sweep_planes(nz, frames):
+        if tomogram is None:
+            gray = np.zeros((size[1], size[0]), dtype=np.float32)
+        else:
+            plane = Image.fromarray(np.asarray(tomogram[z], dtype=np.float32), mode="F")
+            release_pages(tomogram)
+            plane = np.asarray(plane.resize(size, Image.BOX) if scale < 1.0 else plane)
+            # Pixel noise is what makes a tomogram's frames incompressible (1.3 MB for 32
+            # frames of a synthetic 512 px one); a one-pixel blur at display size halves it.
+            plane = ndimage.gaussian_filter(plane, SWEEP_BLUR_PX)
+            gray = np.clip((plane - lo) * (255.0 / (hi - lo) if hi > lo else 0.0), 0, 255)
+        lab = np.asarray(labels[z]).astype(np.uint8)
+        if scale < 1.0:
+            lab = np.asarray(Image.fromarray(lab, mode="L").resize(size, Image.NEAREST))
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+        sel = lab > 0
+        rgb[sel] = (1 - OVERLAY_ALPHA) * rgb[sel] + OVERLAY_ALPHA * palette[lab[sel]]
+        images.append(Image.fromarray(rgb.astype(np.uint8)))
+    return images
+
+
+def write_sweep(path: Path, labels: np.ndarray, classes: list[ClassSpec],
+                tomogram: np.ndarray | None) -> None:
+    """An animated WebP sweeping through z (top to bottom) with the classes overlaid: what the
+    session page shows per tomogram. Downsampled and lossy: a few hundred kB at most."""
+    images = sweep_frames(labels, classes, tomogram)
+    images[0].save(path, format="WEBP", save_all=True, append_images=images[1:],
+                   duration=SWEEP_FRAME_MS, loop=0, quality=SWEEP_QUALITY, method=4)
+
+
 # ---- summary -----------------------------------------------------------------------------------
 
 def jsonable(value: Any) -> Any:
@@ -363,6 +434,10 @@ def _write_summary(
         "timings_s": timings_s,
         "class_fractions": seg.class_fractions,
         "counts": counts,
+        # Total traced length per filament class: what the session page and index show.
+        "filament_length_nm": {
+            s.name: sum(_polyline_length_vox(f.points_zyx) for f in seg.filaments.get(s.name, []))
+            * seg.voxel_size_a / 10 for s in seg.classes if s.is_filament},
         "confidence": seg.confidence,
         "uncertain_fraction": seg.uncertain_fraction,
         "cleanup_removed_fraction": seg.cleanup_removed_fraction,
@@ -370,6 +445,12 @@ def _write_summary(
         "files": files,
     }
     _write_text(path, json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
+
+
+def _polyline_length_vox(points_zyx: Any) -> float:
+    """Length of a traced filament in voxels (the sum of its steps)."""
+    points = np.asarray(points_zyx, dtype=np.float64)
+    return float(np.linalg.norm(np.diff(points, axis=0), axis=1).sum()) if len(points) > 1 else 0.0
 
 
 def _write_text(path: Path, text: str) -> None:

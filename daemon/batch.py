@@ -21,6 +21,7 @@ from ..core.pipeline import segment_file
 from . import claim_sequence
 from .failure_records import FailureRecords
 from .faults import INPUT, classify_error
+from .gallery import Gallery
 from .holds import stage_hold, with_progress, with_publish_hook
 from .leases import Lease, LeaseLost, LeaseManager, lease_key
 from .naming import output_stem
@@ -52,6 +53,7 @@ def segment_with_claims(paths: list[Path], out_dir: Path, bundle: Any, network: 
     rel_outputs = {path: relative_output(path, out_dir, relative_to) for path in paths}
     leases = LeaseManager(out_dir, lease_seconds)
     failures = FailureRecords(out_dir, MAX_ATTEMPTS)
+    gallery = Gallery(out_dir)  # the index and static gallery, shared with the daemons
     pending = list(paths)
     failed = 0
     deadline_per_wait_s = lease_seconds * 2 + 5
@@ -79,7 +81,7 @@ def segment_with_claims(paths: list[Path], out_dir: Path, bundle: Any, network: 
                 continue
             failed += not _segment_leased(path, work.out_folder.parent, bundle, network, options,
                                           leases, claim.lease, failures, claim.fingerprint,
-                                          rel_output)
+                                          rel_output, gallery)
         if pending and not progressed:
             time.sleep(min(2.0, lease_seconds / 4))  # watch the other leases' heartbeats
     return 1 if failed else 0
@@ -87,7 +89,7 @@ def segment_with_claims(paths: list[Path], out_dir: Path, bundle: Any, network: 
 
 def _segment_leased(path: Path, out_parent: Path, bundle: Any, network: Any, options: Any,
                     leases: LeaseManager, lease: Lease, failures: FailureRecords,
-                    fingerprint: str, rel_output: str) -> bool:
+                    fingerprint: str, rel_output: str, gallery: Gallery | None = None) -> bool:
     stop = threading.Event()
     lost = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(leases, lease, stop, lost), daemon=True)
@@ -122,6 +124,11 @@ def _segment_leased(path: Path, out_parent: Path, bundle: Any, network: Any, opt
         if not lost.is_set():
             leases.release(lease)
     print(tomogram_done_line(seg, folder))
+    if gallery is not None:
+        try:
+            gallery.add(folder)
+        except Exception as error:  # noqa: BLE001 (a side product: the result is published)
+            print(f"tomolive: {folder}: gallery and index not updated: {error}", file=sys.stderr)
     return True
 
 

@@ -59,16 +59,17 @@ def needed(work: Work, failures: FailureRecords,
 
 def claim(work: Work, leases: LeaseManager, failures: FailureRecords,
           model_sha256: str | None = None,
-          unchanged: Callable[[], bool] = lambda: True) -> Claim:
+          unchanged: Callable[[], bool] = lambda: True, device: str = "") -> Claim:
     """Claim `work` if it is needed. `unchanged` is asked after the first check and before the
     claim (the daemon: not written to since the watcher judged it complete); False gives
-    CHANGED. HELD: another live worker holds the lease. The caller releases a returned lease."""
+    CHANGED. HELD: another live worker holds the lease. The caller releases a returned lease.
+    `device` (the worker's) is recorded in the lease for the session page."""
     status, fingerprint = needed(work, failures, model_sha256)
     if status is not None:
         return Claim(status, fingerprint)
     if not unchanged():
         return Claim(CHANGED, fingerprint)
-    lease = leases.try_claim(work.key, work.rel_output)
+    lease = leases.try_claim(work.key, work.rel_output, device)
     if lease is None:
         return Claim(HELD, fingerprint)
     try:

@@ -142,30 +142,31 @@ class LeaseManager:
         return self.lease_dir / f"{key}.lease"
 
     # -- claiming ---------------------------------------------------------------------------
-    def try_claim(self, key: str, target: str = "") -> Lease | None:
+    def try_claim(self, key: str, target: str = "", device: str = "") -> Lease | None:
         """Claim `key` (a `lease_key`); None while another live daemon holds it.
 
         Call it again later for a held key: that is how staleness is observed. `target` (the
-        relative output path) is stored for `tomolive status`.
+        relative output path) and `device` (the worker's, e.g. "cuda:0") are stored for
+        `tomolive status` and the session page.
         """
         self.lease_dir.mkdir(parents=True, exist_ok=True)
-        lease = self._create(key, target)
+        lease = self._create(key, target, device)
         if lease is not None:
             self._seen.pop(key, None)
             return lease
         holder = read_json(self.lease_path(key))
         if holder is None:  # released meanwhile: try once more
-            return self._create(key, target)
+            return self._create(key, target, device)
         if not self._is_stale(key, holder):
             return None
-        return self._break_and_claim(key, target, holder)
+        return self._break_and_claim(key, target, holder, device)
 
     def holder(self, key: str) -> dict[str, Any] | None:
         """The lease record of whoever holds `key` now, or None."""
         return read_json(self.lease_path(key))
 
-    def _new_record(self, target: str) -> dict[str, Any]:
-        return {
+    def _new_record(self, target: str, device: str = "") -> dict[str, Any]:
+        record = {
             "host": self.host,
             "pid": self.pid,
             "boot_id": self.boot,
@@ -175,10 +176,13 @@ class LeaseManager:
             "target": target,
             "lease_seconds": self.lease_s,
         }
+        if device:  # optional: readers of older leases see no device
+            record["device"] = device
+        return record
 
-    def _create(self, key: str, target: str) -> Lease | None:
+    def _create(self, key: str, target: str, device: str = "") -> Lease | None:
         """Atomic exclusive create: temp file + link (fails if the lease exists)."""
-        record = self._new_record(target)
+        record = self._new_record(target, device)
         path = self.lease_path(key)
         tmp = self.lease_dir / f".{key}.{record['token']}.tmp"
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -235,7 +239,8 @@ class LeaseManager:
             and not _pid_alive(pid)
         )
 
-    def _break_and_claim(self, key: str, target: str, stale: dict[str, Any]) -> Lease | None:
+    def _break_and_claim(self, key: str, target: str, stale: dict[str, Any],
+                         device: str = "") -> Lease | None:
         """Move the stale lease aside and claim; one breaker at a time, across hosts."""
         path = self.lease_path(key)
         try:
@@ -260,7 +265,7 @@ class LeaseManager:
                     self.reclaims += 1
                     if self.on_reclaim is not None:
                         self.on_reclaim(key, stale)
-                lease = self._create(key, target)
+                lease = self._create(key, target, device)
         except Timeout:
             return None
         self._seen.pop(key, None)
@@ -329,8 +334,9 @@ class LeaseManager:
 
 
 def held_leases(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every lease in the output folder, as `tomolive status` shows it: key, target, host, pid,
-    started, heartbeat and the seconds since the holder last renewed."""
+    """Every lease in the output folder, as `tomolive status` and the session page show it:
+    key, target, host, device (where the holder recorded it), pid, started, heartbeat and the
+    seconds since the holder last renewed."""
     lease_dir = Path(output_dir) / STATE_DIR / "leases"
     held = []
     for path in sorted(lease_dir.glob("*.lease")) if lease_dir.is_dir() else []:
@@ -339,6 +345,7 @@ def held_leases(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
             "key": path.stem,
             "target": record.get("target"),
             "host": record.get("host"),
+            "device": record.get("device"),
             "pid": record.get("pid"),
             "started": record.get("started"),
             "heartbeat": _heartbeat(lease_dir, path.stem, record),

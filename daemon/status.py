@@ -74,7 +74,8 @@ def format_status(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _summaries(output_dir: Path) -> list[Path]:
+def summary_paths(output_dir: Path) -> list[Path]:
+    """Every finished tomogram's summary under the output folder (hidden folders skipped)."""
     found = []
     for root, dirs, files in os.walk(output_dir):
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # .tomolive, unfinished results
@@ -87,7 +88,7 @@ def _summaries(output_dir: Path) -> list[Path]:
 def status_snapshot(output_dir: str | os.PathLike[str], newest: int = 10) -> dict[str, Any]:
     """What the output folder says: done, running (with host), failed, quarantined, newest."""
     output_dir = Path(output_dir)
-    summaries = _summaries(output_dir)
+    summaries = summary_paths(output_dir)
     summaries.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
     newest_results = []
     for path in summaries[:newest]:
@@ -101,13 +102,7 @@ def status_snapshot(output_dir: str | os.PathLike[str], newest: int = 10) -> dic
             "counts": summary.get("counts"),
         })
     running = held_leases(output_dir)
-    failed, quarantined = [], []
-    for key, record in FailureRecords(output_dir).all().items():
-        entry = {"key": key, "target": record.get("target"), "attempts": record.get("attempts"),
-                 "faults": record.get("faults", 0),
-                 "category": record.get("last_category", "input"),
-                 "last_error": record.get("last_error"), "hosts": record.get("hosts")}
-        (quarantined if record.get("quarantined") else failed).append(entry)
+    failed, quarantined = read_failures(output_dir)
     return {
         "output_dir": str(output_dir),
         "counts": {"done": len(summaries), "running": len(running), "failed": len(failed),
@@ -117,3 +112,18 @@ def status_snapshot(output_dir: str | os.PathLike[str], newest: int = 10) -> dic
         "quarantined": quarantined,
         "newest": newest_results,
     }
+
+
+def read_failures(output_dir: str | os.PathLike[str]
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(failed, quarantined): the failure records as `tomolive status` and the session page
+    show them, each with its one-line last error."""
+    failed, quarantined = [], []
+    for key, record in FailureRecords(Path(output_dir)).all().items():
+        entry = {"key": key, "target": record.get("target"), "attempts": record.get("attempts"),
+                 "faults": record.get("faults", 0),
+                 "category": record.get("last_category", "input"),
+                 "last_error": record.get("last_error"), "hosts": record.get("hosts"),
+                 "updated": record.get("updated")}
+        (quarantined if record.get("quarantined") else failed).append(entry)
+    return failed, quarantined

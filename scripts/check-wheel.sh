@@ -25,5 +25,14 @@ print(f"wheel ok: default model {bundle.meta.name} v{bundle.meta.version} from {
 (plugin,) = [e for e in entry_points(group="napari.manifest") if e.name == "tomolive"]
 assert files("tomolive.interop").joinpath("napari.yaml").is_file(), plugin.value
 print(f"wheel ok: napari manifest {plugin.value}")
+# The session page's templates ship and render (daemon/gallery.py, package data).
+from tomolive.daemon import gallery
+for name in ("base.html", "session.html", "tomogram.html"):
+    assert files("tomolive.daemon").joinpath("templates", name).is_file(), name
+html = gallery.render_session([], links=gallery.LiveLinks, page=1, pages=1, total=0,
+                              today=gallery.throughput_today([]), state=None, version="",
+                              output_dir="/nowhere")
+assert "No tomogram finished yet" in html
+print("wheel ok: session page templates")
 PY
 "$work/venv/bin/tomolive" --version

@@ -3,6 +3,7 @@ and a batch job beside a running daemon, share one output folder without double 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -97,6 +98,17 @@ def test_two_batch_jobs_over_the_same_files_do_each_once(inputs, tmp_path):
     assert partial_outputs(out) == []
     assert not (out / ".tomolive" / "failures").exists() or \
         not list((out / ".tomolive" / "failures").glob("*.json"))
+    # Both jobs added their results to the one dataset index (daemon/gallery.py), each once.
+    assert sorted(_index_stems(out)) == sorted(stems)
+
+
+def _index_stems(out: Path) -> list[str]:
+    """The stems in OUT/index.csv (empty while it does not exist)."""
+    try:
+        with open(out / "index.csv", newline="") as handle:
+            return [row["stem"] for row in csv.DictReader(handle)]
+    except FileNotFoundError:
+        return []
 
 
 @pytest.mark.parametrize("session", [None, "session1"])
@@ -136,6 +148,10 @@ def test_batch_job_beside_a_running_daemon_no_tomogram_done_twice(inputs, tmp_pa
         assert summary_counts(d.outputs) == dict.fromkeys(stems, 1)
         d.wait_for(lambda: _leases(d.outputs) == [], 30, "leases released")
         assert partial_outputs(d.outputs) == []
+        # Daemon and batch job wrote to one dataset index: every tomogram in it once.
+        d.wait_for(lambda: sorted(_index_stems(d.outputs)) == sorted(stems), 30,
+                   "every tomogram in index.csv")
+        assert len(_index_stems(d.outputs)) == len(stems)
         assert d.stop() == 0
     finally:
         d.kill()

@@ -380,5 +380,8 @@ def test_inputs_sharing_a_stem_get_their_own_output_folders(daemon, tmp_path):
     for name in ("TS_01.mrc", "TS_01.rec", "TS_02.mrc", "TS_02.rec"):
         assert d.log.count(f"{name}: ok") == 1, name
     assert d.stop() == 0
-    assert sorted(p.name for p in d.outputs.iterdir() if not p.name.startswith(".")) == \
-        ["TS_01", "TS_01_rec", "TS_02_mrc", "TS_02_rec"]
+    # Result folders only (beside them the dataset index and the gallery: daemon/gallery.py).
+    assert sorted(p.name for p in d.outputs.iterdir() if not p.name.startswith(".")
+                  and p.is_dir()) == ["TS_01", "TS_01_rec", "TS_02_mrc", "TS_02_rec"]
+    assert {p.name for p in d.outputs.iterdir() if p.is_file()} == {
+        "index.csv", "index.star", "index.html"}

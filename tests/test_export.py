@@ -68,7 +68,7 @@ def test_writes_exactly_the_contract_files(tmp_path):
         "TS_01_labels.mrc", "TS_01_microtubule_mask.mrc", "TS_01_ribosome.star",
         "TS_01_gold.star", "TS_01_particles.csv", "TS_01_microtubule_filaments.star",
         "TS_01_microtubule.mod", "TS_01_ribosome.mod", "TS_01_gold.mod",
-        "TS_01_preview.png", "TS_01_summary.json",
+        "TS_01_preview.png", "TS_01_sweep.webp", "TS_01_summary.json",
     }
     assert [p.name for p in tmp_path.iterdir()] == ["TS_01"]  # no temporary folder left
     for key in ("labels", "mask:microtubule"):
@@ -273,7 +273,7 @@ def test_published_folder_and_files_honour_the_umask(tmp_path, umask, folder_mod
     assert fnmatch.fnmatch(seen_during_write[0], ".TS_01.tmp-*")
     assert stat.S_IMODE(folder.stat().st_mode) == folder_mode
     files = list(folder.iterdir())
-    assert len(files) == 11
+    assert len(files) == 12
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == file_mode, path.name
 
@@ -330,3 +330,41 @@ def test_a_name_too_long_for_its_outputs_is_refused_naming_the_input(tmp_path):
     assert "240-byte stem, at most" in message and "rename the file" in message
     with pytest.raises(ValueError, match="too long"):  # bytes, not characters, count
         check_output_names(tmp_path / "u.mrc", "ü" * 120, classes)
+
+
+def test_sweep_is_a_small_animation_through_z(tmp_path):
+    """STEM_sweep.webp (the session page's animation): one frame per plane for a thin volume,
+    classes in their colours, downsampled for a large one."""
+    seg = _segmentation()
+    folder = write_outputs(tmp_path, seg, _tomogram())
+    sweep = Image.open(folder / "TS_01_sweep.webp")
+    assert sweep.format == "WEBP" and sweep.is_animated
+    assert sweep.n_frames == min(SHAPE[0], export.SWEEP_FRAMES)
+    assert sweep.size == (SHAPE[2], SHAPE[1])
+    assert (folder / "TS_01_sweep.webp").stat().st_size < 300_000
+    big = np.zeros((100, 700, 500), dtype=np.int8)
+    frames = export.sweep_frames(big, seg.classes, None)
+    assert len(frames) == export.SWEEP_FRAMES
+    assert max(frames[0].size) == export.SWEEP_MAX_PX
+
+
+def test_sweep_frames_overlay_the_class_colour():
+    classes = _segmentation().classes
+    labels = np.zeros((4, 8, 8), dtype=np.int8)
+    labels[2, 2:6, 2:6] = 1  # the first class
+    frames = export.sweep_frames(labels, classes, None)
+    pixel = np.asarray(frames[2])[4, 4]
+    expected = np.array(export._rgb(classes[0].color)) * export.OVERLAY_ALPHA
+    assert np.allclose(pixel, expected, atol=2)
+    assert not np.asarray(frames[0]).any()
+
+
+def test_summary_has_the_filament_length_per_class(tmp_path):
+    seg = _segmentation()
+    folder = write_outputs(tmp_path, seg, _tomogram())
+    summary = json.loads((folder / "TS_01_summary.json").read_text())
+    lengths = summary["filament_length_nm"]
+    assert set(lengths) == {s.name for s in seg.classes if s.is_filament}
+    expected = sum(float(np.linalg.norm(np.diff(f.points_zyx, axis=0), axis=1).sum())
+                   for f in seg.filaments.get("microtubule", [])) * seg.voxel_size_a / 10
+    assert lengths["microtubule"] == pytest.approx(expected)

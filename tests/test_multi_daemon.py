@@ -9,11 +9,13 @@ heartbeat-stands-still-for-lease_seconds path.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -135,6 +137,14 @@ def test_two_daemons_share_twenty_tomograms_each_done_once(shared, tmp_path):
     assert _leases(a.outputs) == {}
     assert a.metric("tomolive_lease_reclaims_total") == 0
     assert b.metric("tomolive_lease_reclaims_total") == 0
+    # Both daemons' session pages show the same 20, from the shared folder (each did only
+    # some of them), and the dataset index has each once.
+    for d in (a, b):
+        with urllib.request.urlopen(f"{d.metrics_url()}/api/session.json", timeout=10) as r:
+            page = json.loads(r.read())
+        assert page["total"] == 20, (d.name, page["total"])
+    with open(a.outputs / "index.csv", newline="") as handle:
+        assert sorted(row["stem"] for row in csv.DictReader(handle)) == stems
     assert a.stop() == 0 and b.stop() == 0
 
 

@@ -2,7 +2,7 @@
 
 Creates N finished-tomogram folders (a summary JSON as the daemon writes it, from one real
 result, and a tiny preview PNG) in a temporary output folder, then measures, over real HTTP
-against a `MetricsServer` with the session pages:
+against a `HttpServer` with the session pages:
 
 - the first request, which finds no row cache and rebuilds it from the N summaries (once per
   output folder, when results predate the cache),
@@ -38,7 +38,8 @@ from tomolive.core.filaments import Filament
 from tomolive.core.particles import ParticleTable
 from tomolive.core.segmentation import Segmentation
 from tomolive.daemon import gallery
-from tomolive.daemon.metrics import Metrics, MetricsServer
+from tomolive.daemon.http_server import HttpServer
+from tomolive.daemon.metrics import Metrics
 
 SHAPE_ZYX = (8, 32, 32)
 
@@ -118,7 +119,7 @@ def main() -> int:
         print(f"{args.tomograms} folders in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
         pages = gallery.SessionPages(out, local_state=lambda: {"host": "bench", "waiting": 0})
-        server = MetricsServer(Metrics(process_metrics=False), port=0, pages=pages)
+        server = HttpServer(Metrics(process_metrics=False), port=0, pages=pages)
         try:
             rebuild_s, _ = timed_get(server.url + "/")
             last_page = -(-args.tomograms // gallery.PAGE_SIZE)

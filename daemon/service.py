@@ -36,6 +36,7 @@ from .faults import (
     fault_backoff_s,
 )
 from .gallery import Gallery, SessionPages
+from .http_server import HttpServer
 from .leases import Lease, LeaseLost, LeaseManager, lease_key
 from .messages import (
     Job,
@@ -47,7 +48,7 @@ from .messages import (
     WorkerReady,
     WorkerReport,
 )
-from .metrics import Metrics, MetricsServer
+from .metrics import Metrics
 from .model_registry import ModelRegistry, ServingModel
 from .notify import SystemdNotifier
 from .result_lines import served_line
@@ -169,7 +170,7 @@ class Service:
         try:
             if self.config.metrics.enabled:
                 pages = SessionPages(self.config.output_dir, local_state=self._page_state)
-                server = MetricsServer(self.metrics, self.config.metrics.host,
+                server = HttpServer(self.metrics, self.config.metrics.host,
                                        self.config.metrics.port, health=self.healthy,
                                        pages=pages)
                 log.info("metrics on %s/metrics", server.url)
@@ -191,7 +192,7 @@ class Service:
             self._shutdown(server)
         return 0
 
-    def _shutdown(self, server: MetricsServer | None) -> None:
+    def _shutdown(self, server: HttpServer | None) -> None:
         for worker in self.pool.busy_workers():
             job = self.pool.abandon(worker)
             if job is not None:

@@ -1,6 +1,6 @@
 """A real Prometheus server on loopback for tests: throw-away config and storage, HTTP API queries.
 
-Shared by test_prometheus_real.py (an in-process MetricsServer) and test_daemon_metrics.py (the
+Shared by test_prometheus_real.py (an in-process HttpServer) and test_daemon_metrics.py (the
 running daemon). Needs Debian's `prometheus` package (scripts/install-prometheus.sh; CI has it).
 """
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tomolive.daemon.metrics import STAGES
+from tomolive.core.stages import STAGES
 
 from .daemon_harness import tomogram_bytes, write_tiny_model
 from .prometheus_harness import running_prometheus, scalar

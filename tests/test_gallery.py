@@ -22,8 +22,9 @@ from tomolive.core.particles import ParticleTable
 from tomolive.core.segmentation import Segmentation
 from tomolive.daemon import gallery
 from tomolive.daemon.failure_records import FailureRecords
+from tomolive.daemon.http_server import HttpServer
 from tomolive.daemon.leases import LeaseManager
-from tomolive.daemon.metrics import Metrics, MetricsServer
+from tomolive.daemon.metrics import Metrics
 
 SHAPE = (8, 24, 32)
 
@@ -146,7 +147,7 @@ def served(out):
     folder = publish(out / "session1", "TS_01")
     gallery.Gallery(out).add(folder)
     pages = gallery.SessionPages(out, local_state=lambda: {"host": "here", "waiting": 4})
-    server = MetricsServer(Metrics(process_metrics=False), port=0, pages=pages)
+    server = HttpServer(Metrics(process_metrics=False), port=0, pages=pages)
     yield server, out
     server.stop()
 
@@ -244,7 +245,7 @@ def test_nothing_outside_a_result_folder_is_served(served, tmp_path, path):
     assert b"outside the output folder" not in body
 
 
-def send_raw(server: MetricsServer, path: str) -> tuple[int, bytes, dict]:
+def send_raw(server: HttpServer, path: str) -> tuple[int, bytes, dict]:
     """GET `path` exactly as written (urllib would not normalise it, but say so outright)."""
     import http.client
 
@@ -293,7 +294,7 @@ def test_pages_newest_first_and_paginated(out):
     for i in range(5):
         g.add(publish(out, f"TS_{i:02d}"))
     pages = gallery.SessionPages(out, page_size=2)
-    server = MetricsServer(Metrics(process_metrics=False), port=0, pages=pages)
+    server = HttpServer(Metrics(process_metrics=False), port=0, pages=pages)
     try:
         stems = {}
         for page in (1, 2, 3, 99):
@@ -357,7 +358,7 @@ def test_hostile_names_are_escaped_everywhere(out):
     for stem in HOSTILE_STEMS:
         g.add(publish(out, stem))
     pages = gallery.SessionPages(out)
-    server = MetricsServer(Metrics(process_metrics=False), port=0, pages=pages)
+    server = HttpServer(Metrics(process_metrics=False), port=0, pages=pages)
     try:
         html = get(server.url + "/")[1].decode()
         assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html

@@ -13,7 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tomolive.daemon.metrics import STAGES, LoopHealth, Metrics, MetricsServer
+from tomolive.core.stages import STAGES
+from tomolive.daemon.http_server import HttpServer, LoopHealth
+from tomolive.daemon.metrics import Metrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -58,11 +60,11 @@ def health_status(url: str) -> tuple[int, str]:
 
 
 @pytest.fixture
-def served() -> Iterator[tuple[Metrics, MetricsServer, threading.Event]]:
+def served() -> Iterator[tuple[Metrics, HttpServer, threading.Event]]:
     alive = threading.Event()
     alive.set()
     metrics = Metrics(devices=["cpu", "cuda:0"])
-    server = MetricsServer(metrics, host="127.0.0.1", port=0, health=alive.is_set)
+    server = HttpServer(metrics, host="127.0.0.1", port=0, health=alive.is_set)
     try:
         yield metrics, server, alive
     finally:
@@ -220,7 +222,7 @@ def test_healthz_follows_the_health_callable(served) -> None:
 
 def test_loop_health_turns_503_when_the_loop_goes_silent_or_stops() -> None:
     health = LoopHealth(max_silence_s=0.3)
-    server = MetricsServer(Metrics(process_metrics=False), port=0, health=health)
+    server = HttpServer(Metrics(process_metrics=False), port=0, health=health)
     try:
         health.beat()
         # Asked within the silence allowed since the beat, it is healthy; the check is skipped
@@ -244,7 +246,7 @@ def test_healthz_is_503_when_the_health_check_raises() -> None:
     def broken() -> bool:
         raise RuntimeError("main loop state unreadable")
 
-    server = MetricsServer(Metrics(), port=0, health=broken)
+    server = HttpServer(Metrics(), port=0, health=broken)
     try:
         assert health_status(server.url)[0] == 503
         with pytest.raises(urllib.error.HTTPError, match="404"):
@@ -256,16 +258,16 @@ def test_healthz_is_503_when_the_health_check_raises() -> None:
 def test_registries_are_independent_and_stop_frees_the_port() -> None:
     first, second = Metrics(process_metrics=False), Metrics(process_metrics=False)
     first.tomograms_discovered(5)
-    server = MetricsServer(second, port=0)
+    server = HttpServer(second, port=0)
     port = server.port
     try:
         assert value(parse(scrape_text(server.url)), "tomolive_tomograms_discovered_total") == 0
         with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
-            MetricsServer(first, port=port)
+            HttpServer(first, port=port)
     finally:
         server.stop()
     server.stop()  # idempotent
-    MetricsServer(first, port=port).stop()  # the port is free again
+    HttpServer(first, port=port).stop()  # the port is free again
 
 
 def test_promtool_check_metrics_accepts_a_scrape(served) -> None:

@@ -1,4 +1,4 @@
-"""A real Prometheus server on loopback scrapes a tomolive MetricsServer (fed fake summaries in
+"""A real Prometheus server on loopback scrapes a tomolive HttpServer (fed fake summaries in
 this process), and its HTTP API returns the finished count and the stage histogram we fed; every
 dashboard query and alert rule is accepted and evaluated by that server.
 
@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tomolive.daemon.metrics import STAGES, Metrics, MetricsServer
+from tomolive.core.stages import STAGES
+from tomolive.daemon.http_server import HttpServer
+from tomolive.daemon.metrics import Metrics
 
 from .prometheus_harness import REPO, Prometheus, running_prometheus, scalar
 from .test_monitoring_files import alert_rules
@@ -38,9 +40,9 @@ def fake_summary(scale: float = 1.0) -> dict:
 
 
 @pytest.fixture
-def served() -> Iterator[tuple[Metrics, MetricsServer]]:
+def served() -> Iterator[tuple[Metrics, HttpServer]]:
     metrics = Metrics(devices=["cpu"])
-    server = MetricsServer(metrics, host="127.0.0.1", port=0)
+    server = HttpServer(metrics, host="127.0.0.1", port=0)
     try:
         yield metrics, server
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import uuid
@@ -76,6 +77,16 @@ def read_summary(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
     return summary if isinstance(summary, dict) else None
+
+
+def summary_number(value: Any) -> float | None:
+    """A value read from a summary as a finite float; None when it is absent, not a number,
+    NaN or infinite (summaries are files anyone can write: readers never trust their types)."""
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return None
+    return result if math.isfinite(result) else None
 
 
 def recover_interrupted_publish(out_parent: str | os.PathLike[str], stem: str) -> None:

@@ -43,7 +43,7 @@ import jinja2
 from PIL import Image
 
 from ..core.atomic import atomic_path, atomic_write_text
-from ..core.result_folder import read_summary, summary_name
+from ..core.result_folder import read_summary, summary_name, summary_number
 from ..core.star import star_string, star_text
 from .leases import held_leases, lease_key
 from .state_files import STATE_DIR, critical_section
@@ -70,14 +70,6 @@ def _finished_s(summary: dict[str, Any], fallback_s: float) -> float:
         return fallback_s
 
 
-def _number(value: Any) -> float | None:
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        return None
-    return result if result == result and abs(result) != float("inf") else None
-
-
 def row_from_summary(summary: dict[str, Any], rel: str, mtime_s: float = 0.0) -> dict[str, Any]:
     """The gallery's row for one tomogram: what the pages and the index show, from its summary.
 
@@ -93,7 +85,7 @@ def row_from_summary(summary: dict[str, Any], rel: str, mtime_s: float = 0.0) ->
         "finished_utc": summary.get("written_utc"),
         "finished_s": _finished_s(summary, mtime_s),
         "input_path": (summary.get("input") or {}).get("path"),
-        "voxel_size_a": _number(summary.get("voxel_size_a")),
+        "voxel_size_a": summary_number(summary.get("voxel_size_a")),
         "shape_zyx": summary.get("shape_zyx"),
         "model": model.get("name"),
         "model_version": model.get("version"),
@@ -103,12 +95,12 @@ def row_from_summary(summary: dict[str, Any], rel: str, mtime_s: float = 0.0) ->
         "filament_length_nm": dict(summary.get("filament_length_nm") or {}),
         "colors": {str(c.get("name")): str(c.get("color", "#ffffff"))
                    for c in summary.get("classes") or [] if isinstance(c, dict)},
-        "fractions": {str(k): _number(v) for k, v in
+        "fractions": {str(k): summary_number(v) for k, v in
                       (summary.get("class_fractions") or {}).items()},
-        "confidence": _number(summary.get("confidence")),
-        "cleanup_removed_fraction": {k: _number(v) for k, v in removed.items()}
+        "confidence": summary_number(summary.get("confidence")),
+        "cleanup_removed_fraction": {k: summary_number(v) for k, v in removed.items()}
         if isinstance(removed, dict) else {},
-        "seconds": _number((summary.get("timings_s") or {}).get("total")),
+        "seconds": summary_number((summary.get("timings_s") or {}).get("total")),
         "warnings": len(summary.get("warnings") or []),
         "preview": f"{stem}_preview.png" if f"{stem}_preview.png" in files else None,
         "sweep": f"{stem}_sweep.webp" if f"{stem}_sweep.webp" in files else None,

@@ -27,6 +27,7 @@ from prometheus_client.core import InfoMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from ..core.result_folder import summary_number
 from ..core.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -330,7 +331,7 @@ class Metrics:
 
     def _observe_timings(self, timings_s: Mapping[str, Any]) -> None:
         for stage, seconds in timings_s.items():
-            value = _finite_or_none(seconds)
+            value = summary_number(seconds)
             if value is None:
                 continue
             if stage == "total":
@@ -342,13 +343,13 @@ class Metrics:
         if "total" not in timings_s:
             # Fall back to the sum of the stages, which is what "total" measures minus overhead.
             stage_sum = sum(v for s, v in timings_s.items()
-                            if s in STAGES and _finite_or_none(v) is not None)
+                            if s in STAGES and summary_number(v) is not None)
             if stage_sum > 0:
                 self.tomogram_seconds.observe(stage_sum)
 
     def _set_class_fractions(self, fractions: Mapping[str, Any]) -> None:
         # Last tomogram only: a class the current model lacks must not keep a stale value.
-        current = {name: _finite_or_none(value) for name, value in fractions.items()
+        current = {name: summary_number(value) for name, value in fractions.items()
                    if self._class_label(name)}
         current = {name: value for name, value in current.items() if value is not None}
         with self._lock:
@@ -359,14 +360,14 @@ class Metrics:
             self._fraction_classes = set(current)
 
     def _observe_confidence(self, confidence: Any) -> None:
-        value = _finite_or_none(confidence)
+        value = summary_number(confidence)
         if value is None:  # NaN when the specimen mask was empty: not a measurement
             return
         self.confidence.observe(value)
         self.last_confidence.set(value)
 
     def _observe_uncertain(self, fraction: Any) -> None:
-        value = _finite_or_none(fraction)
+        value = summary_number(fraction)
         if value is None:  # the model saw nothing in the specimen: no measurement
             return
         self.uncertain.observe(value)
@@ -395,7 +396,7 @@ class Metrics:
 
     def device_busy_seconds(self, device: str, seconds: float) -> None:
         """Add seconds a device spent on a tomogram (failed attempts included)."""
-        value = _finite_or_none(seconds)
+        value = summary_number(seconds)
         if self._init_device(device) and value is not None and value > 0:
             self.device_busy.labels(device).inc(value)
 
@@ -465,14 +466,6 @@ class Metrics:
         return True
 
 
-def _finite_or_none(value: Any) -> float | None:
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        return None
-    return result if math.isfinite(result) else None
-
-
 def _non_negative(value: Any) -> float:
-    result = _finite_or_none(value)
+    result = summary_number(value)
     return result if result is not None and result > 0 else 0.0

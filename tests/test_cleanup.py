@@ -208,3 +208,17 @@ def test_removed_fraction_counts_what_the_size_rule_erased():
     clean_labels(labels, [ClassSpec("membrane", "membrane", min_component_nm3=100.0),
                           ClassSpec("other")], VOXEL_A, removed)
     assert removed == pytest.approx({"membrane": 27 / 1027, "other": 0.0})
+
+
+def test_removed_fraction_stays_the_share_of_the_networks_voxels_when_closing_grew_them():
+    """A small piece whose z-gap the closing filled (growing it), then removed as too small:
+    all the network's voxels of the class were removed, and not more than all of them."""
+    labels = _labels()
+    labels[5:15, 5:15, 5:15] = 1  # 1000 voxels, kept
+    labels[20, 40:43, 40:43] = 1  # a small piece: two 9-voxel layers 4 voxels apart in z,
+    labels[25, 40:43, 40:43] = 1  # so the closing adds 36 voxels before the size rule runs
+    removed: dict[str, float] = {}
+    out = clean_labels(labels, [ClassSpec("microtubule", "filament", close_z_nm=6.0,
+                                          min_component_nm3=100.0)], VOXEL_A, removed)
+    assert (out[18:28, 38:45, 38:45] == 0).all()  # the grown piece went
+    assert removed == pytest.approx({"microtubule": 18 / 1018})

@@ -1,6 +1,6 @@
 """The daemon's HTTP endpoint: `/metrics` (the registry of daemon/metrics.py), `/healthz`, and
 the read-only session page of daemon/gallery.py. One port, localhost by default; nothing served
-changes state, and no file outside the output folder can be served (daemon/gallery.py's
+changes state, and no file outside the output folder can be served (daemon/served_files.py
 `result_file`).
 """
 
@@ -22,8 +22,9 @@ from urllib.parse import parse_qs
 from prometheus_client.exposition import choose_encoder
 
 from .config import DEFAULT_METRICS_PORT
-from .gallery import SessionPages, result_file
+from .gallery import SessionPages
 from .metrics import Metrics
+from .served_files import result_file
 
 log = logging.getLogger(__name__)
 

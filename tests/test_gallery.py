@@ -20,7 +20,7 @@ from tomolive.core.export import write_outputs
 from tomolive.core.filaments import Filament
 from tomolive.core.particles import ParticleTable
 from tomolive.core.segmentation import Segmentation
-from tomolive.daemon import gallery
+from tomolive.daemon import gallery, gallery_rows
 from tomolive.daemon.failure_records import FailureRecords
 from tomolive.daemon.http_server import HttpServer
 from tomolive.daemon.leases import LeaseManager
@@ -58,7 +58,7 @@ def out(tmp_path) -> Path:
 
 def test_row_has_what_the_page_and_index_show(out):
     folder = publish(out / "session1", "TS_01", n_ribosomes=3)
-    row = gallery.row_for_folder(out, folder)
+    row = gallery_rows.row_for_folder(out, folder)
     assert row["rel"] == "session1/TS_01" and row["stem"] == "TS_01"
     assert row["particles"] == {"ribosome": 3}
     assert row["filaments"] == {"microtubule": 1}
@@ -103,7 +103,7 @@ def test_index_files_and_static_gallery_after_each_publish(out):
 def test_row_cache_is_read_incrementally_and_the_last_line_wins(out):
     first = gallery.Gallery(out)
     first.add(publish(out, "TS_01"))
-    reader = gallery.RowIndex(out)
+    reader = gallery_rows.RowIndex(out)
     assert reader.refresh() and [r["stem"] for r in reader.rows()] == ["TS_01"]
     assert not reader.refresh()  # nothing new: nothing read
     # Another daemon (its own Gallery) publishes; a resegmented tomogram keeps its place.
@@ -122,7 +122,7 @@ def test_row_cache_is_read_incrementally_and_the_last_line_wins(out):
 def test_missing_row_cache_is_rebuilt_from_the_summaries(out):
     for stem in ("TS_01", "TS_02"):
         publish(out, stem)
-    reader = gallery.RowIndex(out)
+    reader = gallery_rows.RowIndex(out)
     reader.refresh()
     assert sorted(r["stem"] for r in reader.rows()) == ["TS_01", "TS_02"]
     assert reader.path.is_file()
@@ -332,7 +332,7 @@ def test_a_deleted_row_cache_is_rebuilt_by_a_running_reader_and_writer(out):
     g = gallery.Gallery(out)
     for stem in ("TS_01", "TS_02"):
         g.add(publish(out, stem))
-    reader = gallery.RowIndex(out)
+    reader = gallery_rows.RowIndex(out)
     reader.refresh()
     reader.path.unlink()
     publish(out, "TS_03")  # written by something that did not add it (segment --out)

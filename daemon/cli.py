@@ -66,6 +66,11 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    help="model bundle (.safetensors); default: the shipped default model")
     p.add_argument("--pixel-size", type=float, metavar="A", dest="pixel_size_a",
                    help="voxel size in Å, overriding the file headers")
+    p.add_argument("--tilt-series-pattern", metavar="REGEX", type=_name_pattern,
+                   default=_default_name_pattern(),
+                   help="how the STAR files name each tilt series (rlnTomoName): the group "
+                        "(?P<name>...) matched against the file's stem, else the stem; "
+                        "default: Warp's TS_01_10.00Apx -> TS_01; '' for the stem as it is")
     _add_device_args(p)
     p.add_argument("--claim", action="store_true",
                    help="take leases in the output folder (batch jobs beside running daemons)")
@@ -92,7 +97,23 @@ def _segment_options(args: argparse.Namespace):
                                  precision=args.precision)
     if args.batch_size:
         inference.batch_size = args.batch_size
-    return SegmentOptions(inference=inference, voxel_size_a=args.pixel_size_a)
+    return SegmentOptions(inference=inference, voxel_size_a=args.pixel_size_a,
+                          tilt_series_pattern=args.tilt_series_pattern or None)
+
+
+def _default_name_pattern() -> str:
+    from ..core.star import WARP_RECONSTRUCTION_NAME
+
+    return WARP_RECONSTRUCTION_NAME
+
+
+def _name_pattern(text: str) -> str:
+    from ..core.star import check_name_pattern
+
+    try:
+        return check_name_pattern(text) if text else ""
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
 
 
 def load_model_or_default(path: Path | None):

@@ -168,6 +168,53 @@ def _track_length(points_zyx: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(steps)])
 
 
+class StarError(ValueError):
+    """A STAR file that is not one loop of tomolive's own form; the message names the file."""
+
+
+def star_columns(text: str, source: str = "STAR text") -> tuple[str, dict[str, list[str]]]:
+    """(block name, label -> values as text) of a single-loop STAR text as `star_text` writes
+    it; a value in double quotes keeps its spaces. Raises StarError for anything else."""
+    block, labels, rows = None, [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#") or line == "loop_":
+            continue
+        if line.startswith("data_"):
+            if block is not None:
+                raise StarError(f"{source}: line {number}: a second data block")
+            block = line[len("data_"):]
+        elif line.startswith("_"):
+            if rows:
+                raise StarError(f"{source}: line {number}: a label after the rows")
+            labels.append(line[1:].split()[0])
+        else:
+            values = [a or b for a, b in re.findall(r'"([^"]*)"|(\S+)', line)]
+            if len(values) != len(labels):
+                raise StarError(f"{source}: line {number}: {len(values)} values for "
+                                f"{len(labels)} labels")
+            rows.append(values)
+    if block is None or not labels:
+        raise StarError(f"{source}: not a STAR loop (no data block or no labels)")
+    return block, {label: [row[i] for row in rows] for i, label in enumerate(labels)}
+
+
+def combined_star_text(tables: list[tuple[str, dict[str, list[str]]]], source: str) -> str:
+    """One STAR text holding the rows of every (block, columns) table, which must all have the
+    same block and labels (tomolive's files of one kind and version)."""
+    if not tables:
+        raise StarError(f"{source}: nothing to combine")
+    block, first = tables[0]
+    combined: dict[str, list[str]] = {label: [] for label in first}
+    for other_block, columns in tables:
+        if other_block != block or list(columns) != list(first):
+            raise StarError(f"{source}: tables differ in block or labels "
+                            f"({other_block}: {', '.join(columns)})")
+        for label, values in columns.items():
+            combined[label] += [star_string(v) for v in values]
+    return star_text(block, combined)
+
+
 def read_particle_csv(path: str | os.PathLike) -> ParticleTables:
     """Read a `class,x,y,z[,score]` table (extra columns after z are ignored)."""
     path = Path(path)

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tomolive {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in (_add_demo, _add_run, _add_segment, _add_train, _add_distill, _add_synth,
-                     _add_evaluate, _add_models, _add_status, _add_retry, _add_batch):
+                     _add_evaluate, _add_models, _add_status, _add_retry, _add_batch,
+                     _add_star_combine):
         register(sub)
     return parser
 
@@ -494,6 +495,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     report = status_report(_load_config(args.config))
     print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return EXIT_OK
+
+
+def _add_star_combine(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("star-combine",
+                       help="one STAR file per class for a session: DIR/<class>_particles.star")
+    p.add_argument("folder", type=Path, metavar="DIR",
+                   help="an output folder, or one session's folder in it")
+    p.set_defaults(handler=_cmd_star_combine)
+
+
+def _cmd_star_combine(args: argparse.Namespace) -> int:
+    from ..core.star import StarError
+    from .star_combine import combine_session_stars
+
+    if not args.folder.is_dir():
+        raise CommandError(f"{args.folder}: not a folder")
+    try:
+        written = combine_session_stars(args.folder)
+    except (StarError, OSError) as error:
+        raise CommandError(one_line(error)) from None
+    if not written:
+        raise CommandError(f"{args.folder}: no finished tomograms with STAR files below it")
+    for path, rows in written.items():
+        print(f"{path}: {rows} rows")
     return EXIT_OK
 
 

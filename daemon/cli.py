@@ -127,11 +127,26 @@ def load_model_or_default(path: Path | None):
     return load_bundle(bundle_path)
 
 
+def _refuse_shared_outputs(tomograms: Sequence[Path], out: Path) -> None:
+    """One line, before any work, when two inputs from different folders would write the same
+    output folder (a/TS_01.mrc and b/TS_01.mrc both into OUT/TS_01): the second would replace
+    the first's result."""
+    first: dict[str, Path] = {}
+    for path in tomograms:
+        stem = output_stem(path, out)
+        if stem in first and first[stem].resolve() != path.resolve():
+            raise CommandError(f"{first[stem]} and {path} would both write {out / stem}; "
+                               "segment them into different --out folders")
+        first.setdefault(stem, path)
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     from ..core.infer import prepare_network
     from ..core.pipeline import segment_file
     from .holds import stage_hold, with_progress, with_publish_hook
 
+    if not args.claim:  # with --claim, --relative-to keeps the folders apart (batch.py)
+        _refuse_shared_outputs(args.tomograms, args.out)
     bundle = load_model_or_default(args.model)
     options = _segment_options(args)
     network = prepare_network(bundle, options.inference.device)

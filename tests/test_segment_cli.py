@@ -182,3 +182,17 @@ def test_star_rows_name_a_warp_reconstructions_tilt_series(tmp_path):
     assert sum(len(df) for df in tables) > 0  # particles or filament points to check
     assert names == {("TS_07", "TS_07.tomostar")}
     assert all((df.rlnDetectorPixelSize == seg.voxel_size_a).all() for df in tables)
+
+
+def test_two_inputs_that_would_share_an_output_folder_are_refused_before_any_work(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "TS_01.mrc").write_bytes(b"not read: refused first")
+    run = subprocess.run([sys.executable, "-m", "tomolive", "segment", "a/TS_01.mrc",
+                          "b/TS_01.mrc", "--out", "out"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        "tomolive: error: a/TS_01.mrc and b/TS_01.mrc would both write out/TS_01; segment "
+        "them into different --out folders")
+    assert not (tmp_path / "out").exists()

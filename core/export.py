@@ -67,6 +67,8 @@ def _file_names(stem: str, classes: list[ClassSpec]) -> dict[str, str]:
             names[f"imod:{spec.name}"] = f"{stem}_{spec.name}.mod"
     names["preview"] = f"{stem}_preview.png"
     names["sweep"] = f"{stem}_sweep.webp"
+    names["sweep_planes"] = f"{stem}_sweep_planes.webp"
+    names["sweep_labels"] = f"{stem}_sweep_labels.png"
     names["summary"] = result_folder.summary_name(stem)
     return names
 
@@ -195,7 +197,7 @@ def _write_files(files: dict[str, Path], seg: Segmentation, tomogram: np.ndarray
             write_filament_model(files[f"imod:{spec.name}"], seg.filaments.get(spec.name, []),
                                  spec, seg.labels.shape, seg.voxel_size_a)
     write_preview(files["preview"], seg.labels, seg.classes, tomogram)
-    write_sweep(files["sweep"], seg.labels, seg.classes, tomogram)
+    write_sweep(files, seg.labels, seg.classes, tomogram)
 
 
 def _publish(tmp: Path, final: Path) -> Path:
@@ -340,19 +342,17 @@ def sweep_planes(nz: int, frames: int = SWEEP_FRAMES) -> list[int]:
     return sorted({int(round(z)) for z in np.linspace(0, nz - 1, frames)})
 
 
-def sweep_frames(labels: np.ndarray, classes: list[ClassSpec], tomogram: np.ndarray | None,
-                 frames: int = SWEEP_FRAMES, max_px: int = SWEEP_MAX_PX) -> list[Image.Image]:
-    """xy planes from top to bottom with the classes overlaid, at most `max_px` on a side.
+def sweep_layers(labels: np.ndarray, tomogram: np.ndarray | None, frames: int = SWEEP_FRAMES,
+                 max_px: int = SWEEP_MAX_PX) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(gray uint8, label values uint8) of xy planes from top to bottom, at most `max_px` on a
+    side: what the sweep shows, before the classes are painted on.
 
-    One plane is read at a time (a memmap stays mostly unmapped) and shrunk before the
-    overlay (gray by area averaging, labels by nearest neighbour), so a 1024 px plane costs
-    little more than a small one; the contrast comes from the central plane so that it does
-    not flicker from frame to frame.
+    One plane is read at a time (a memmap stays mostly unmapped) and shrunk first (gray by
+    area averaging, labels by nearest neighbour), so a 1024 px plane costs little more than a
+    small one; the contrast comes from the central plane so that it does not flicker from
+    frame to frame.
     """
     nz, ny, nx = labels.shape
-    palette = np.zeros((len(classes) + 1, 3), dtype=np.float32)
-    for i, spec in enumerate(classes, start=1):
-        palette[i] = _rgb(spec.color)
     if tomogram is not None:
         centre = np.asarray(tomogram[nz // 2], dtype=np.float32)
         lo, hi = np.percentile(centre, [1, 99])
@@ -360,7 +360,7 @@ def sweep_frames(labels: np.ndarray, classes: list[ClassSpec], tomogram: np.ndar
         release_pages(tomogram)
     scale = min(1.0, max_px / max(ny, nx))
     size = (max(1, round(nx * scale)), max(1, round(ny * scale)))
-    images = []
+    layers = []
     for z in sweep_planes(nz, frames):
         if tomogram is None:
             gray = np.zeros((size[1], size[0]), dtype=np.float32)
@@ -375,20 +375,40 @@ def sweep_frames(labels: np.ndarray, classes: list[ClassSpec], tomogram: np.ndar
         lab = np.asarray(labels[z]).astype(np.uint8)
         if scale < 1.0:
             lab = np.asarray(Image.fromarray(lab, mode="L").resize(size, Image.NEAREST))
-        rgb = np.repeat(gray[..., None], 3, axis=2)
+        layers.append((gray.astype(np.uint8), lab))
+    return layers
+
+
+def sweep_frames(layers: list[tuple[np.ndarray, np.ndarray]], classes: list[ClassSpec]
+                 ) -> list[Image.Image]:
+    """The sweep's frames: each gray plane with the classes painted on in their colours."""
+    palette = np.zeros((len(classes) + 1, 3), dtype=np.float32)
+    for i, spec in enumerate(classes, start=1):
+        palette[i] = _rgb(spec.color)
+    images = []
+    for gray, lab in layers:
+        rgb = np.repeat(gray.astype(np.float32)[..., None], 3, axis=2)
         sel = lab > 0
         rgb[sel] = (1 - OVERLAY_ALPHA) * rgb[sel] + OVERLAY_ALPHA * palette[lab[sel]]
         images.append(Image.fromarray(rgb.astype(np.uint8)))
     return images
 
 
-def write_sweep(path: Path, labels: np.ndarray, classes: list[ClassSpec],
+def write_sweep(files: dict[str, Path], labels: np.ndarray, classes: list[ClassSpec],
                 tomogram: np.ndarray | None) -> None:
-    """An animated WebP sweeping through z (top to bottom) with the classes overlaid: what the
-    session page shows per tomogram. Downsampled and lossy: a few hundred kB at most."""
-    images = sweep_frames(labels, classes, tomogram)
-    images[0].save(path, format="WEBP", save_all=True, append_images=images[1:],
+    """The sweep through z, as the session page shows it: `sweep`, an animated WebP with the
+    classes overlaid (downsampled and lossy: a few hundred kB at most); and its layers for the
+    page's per-class toggles, each plane stacked below the last: `sweep_planes` (the gray
+    planes, lossy WebP) and `sweep_labels` (the label value of each pixel as a gray level,
+    lossless PNG: a browser paints only the classes someone ticked)."""
+    layers = sweep_layers(labels, tomogram)
+    images = sweep_frames(layers, classes)
+    images[0].save(files["sweep"], format="WEBP", save_all=True, append_images=images[1:],
                    duration=SWEEP_FRAME_MS, loop=0, quality=SWEEP_QUALITY, method=4)
+    Image.fromarray(np.concatenate([gray for gray, _ in layers])).save(
+        files["sweep_planes"], format="WEBP", quality=SWEEP_QUALITY, method=4)
+    Image.fromarray(np.concatenate([lab for _, lab in layers]), mode="L").save(
+        files["sweep_labels"], format="PNG", optimize=True)
 
 
 # ---- summary -----------------------------------------------------------------------------------

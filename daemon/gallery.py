@@ -29,6 +29,7 @@ import jinja2
 from PIL import Image
 
 from ..core.atomic import atomic_path, atomic_write_text
+from ..core.export import output_paths, sweep_planes
 from ..core.result_folder import read_summary
 from .dataset_index import IndexTables
 from .gallery_rows import (
@@ -201,7 +202,22 @@ def render_tomogram(folder: Path, row: dict[str, Any], summary: dict[str, Any], 
     return _ENV.get_template("tomogram.html").render(
         row=row, summary=summary, classes=classes, particles=particles,
         n_particles=n_particles, files=files, links=links, title=row["stem"],
+        layers=_sweep_layers(row["stem"], summary, files),
         summary_json=json.dumps(summary, indent=1)[:20000])
+
+
+def _sweep_layers(stem: str, summary: dict[str, Any], files: list[str]) -> dict[str, Any] | None:
+    """The sweep's layer files and frame count for the page's per-class toggles (core.export
+    writes them), or None for a result written before them."""
+    names = {key: path.name for key, path in output_paths(Path("."), stem, []).items()}
+    shape = summary.get("shape_zyx") or []
+    if not (names["sweep_planes"] in files and names["sweep_labels"] in files and shape):
+        return None
+    try:
+        frames = len(sweep_planes(int(shape[0])))
+    except (TypeError, ValueError):
+        return None
+    return {"planes": names["sweep_planes"], "labels": names["sweep_labels"], "frames": frames}
 
 
 # ---- the live pages ----------------------------------------------------------------------------
@@ -272,7 +288,8 @@ class SessionPages:
         thumb = resolve_inside(thumbnail_path(self.output_dir, rel), self.output_dir)
         if thumb is not None and thumb.is_file():
             return thumb
-        preview = resolve_inside(folder / f"{folder.name}_preview.png", self.output_dir)
+        preview = resolve_inside(output_paths(folder.parent, folder.name, [])["preview"],
+                                 self.output_dir)
         return preview if preview is not None and preview.is_file() else None
 
     def tomogram_html(self, raw_rel: str) -> str | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import atomic_write_text
+from ..core.export import output_paths
 from ..core.result_folder import read_summary, summary_name, summary_number
 from .state_files import STATE_DIR, critical_section
 from .status import summary_paths
@@ -48,6 +49,8 @@ def row_from_summary(summary: dict[str, Any], rel: str, mtime_s: float = 0.0) ->
     files = [str(f) for f in summary.get("files") or []]
     stem = str(summary.get("stem") or rel.rsplit("/", 1)[-1])
     removed = summary.get("cleanup_removed_fraction") or {}
+    # core.export's names for the files every result has (no class files asked for).
+    names = {key: path.name for key, path in output_paths(Path("."), stem, []).items()}
     return {
         "rel": rel,
         "stem": stem,
@@ -72,8 +75,8 @@ def row_from_summary(summary: dict[str, Any], rel: str, mtime_s: float = 0.0) ->
         if isinstance(removed, dict) else {},
         "seconds": summary_number((summary.get("timings_s") or {}).get("total")),
         "warnings": len(summary.get("warnings") or []),
-        "preview": f"{stem}_preview.png" if f"{stem}_preview.png" in files else None,
-        "sweep": f"{stem}_sweep.webp" if f"{stem}_sweep.webp" in files else None,
+        "preview": names["preview"] if names["preview"] in files else None,
+        "sweep": names["sweep"] if names["sweep"] in files else None,
     }
 
 

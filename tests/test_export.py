@@ -74,7 +74,8 @@ def test_writes_exactly_the_contract_files(tmp_path):
         "TS_01_labels.mrc", "TS_01_microtubule_mask.mrc", "TS_01_ribosome.star",
         "TS_01_gold.star", "TS_01_particles.csv", "TS_01_microtubule_filaments.star",
         "TS_01_microtubule.mod", "TS_01_ribosome.mod", "TS_01_gold.mod",
-        "TS_01_preview.png", "TS_01_sweep.webp", "TS_01_summary.json",
+        "TS_01_preview.png", "TS_01_sweep.webp", "TS_01_sweep_planes.webp",
+        "TS_01_sweep_labels.png", "TS_01_summary.json",
     }
     assert [p.name for p in tmp_path.iterdir()] == ["TS_01"]  # no temporary folder left
     for key in ("labels", "mask:microtubule"):
@@ -281,7 +282,7 @@ def test_published_folder_and_files_honour_the_umask(tmp_path, umask, folder_mod
     assert fnmatch.fnmatch(seen_during_write[0], ".TS_01.tmp-*")
     assert stat.S_IMODE(folder.stat().st_mode) == folder_mode
     files = list(folder.iterdir())
-    assert len(files) == 12
+    assert len(files) == len(output_paths(tmp_path, "TS_01", _segmentation().classes))
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == file_mode, path.name
 
@@ -351,16 +352,30 @@ def test_sweep_is_a_small_animation_through_z(tmp_path):
     assert sweep.size == (SHAPE[2], SHAPE[1])
     assert (folder / "TS_01_sweep.webp").stat().st_size < 300_000
     big = np.zeros((100, 700, 500), dtype=np.int8)
-    frames = export.sweep_frames(big, seg.classes, None)
+    frames = export.sweep_frames(export.sweep_layers(big, None), seg.classes)
     assert len(frames) == export.SWEEP_FRAMES
     assert max(frames[0].size) == export.SWEEP_MAX_PX
+
+
+def test_sweep_layers_stack_the_planes_and_the_label_values_frame_by_frame(tmp_path):
+    """The per-class toggles' inputs: the gray planes and the labels, one plane below the
+    other, the labels lossless (a pixel's gray level is its class's label value)."""
+    seg = _segmentation()
+    folder = write_outputs(tmp_path, seg, _tomogram())
+    frames = min(SHAPE[0], export.SWEEP_FRAMES)
+    planes = Image.open(folder / "TS_01_sweep_planes.webp")
+    labels = np.asarray(Image.open(folder / "TS_01_sweep_labels.png"))
+    assert planes.size == (SHAPE[2], SHAPE[1] * frames) and labels.shape == planes.size[::-1]
+    z_planes = export.sweep_planes(SHAPE[0])
+    stacked = np.concatenate([seg.labels[z] for z in z_planes]).astype(np.uint8)
+    assert np.array_equal(labels, stacked)
 
 
 def test_sweep_frames_overlay_the_class_colour():
     classes = _segmentation().classes
     labels = np.zeros((4, 8, 8), dtype=np.int8)
     labels[2, 2:6, 2:6] = 1  # the first class
-    frames = export.sweep_frames(labels, classes, None)
+    frames = export.sweep_frames(export.sweep_layers(labels, None), classes)
     pixel = np.asarray(frames[2])[4, 4]
     expected = np.array(export._rgb(classes[0].color)) * export.OVERLAY_ALPHA
     assert np.allclose(pixel, expected, atol=2)

@@ -93,6 +93,39 @@ def _image_loaded(driver, css: str) -> bool:
         "return img !== null && img.complete && img.naturalWidth > 0;", css))
 
 
+# Per frame of the sweep canvas: how many pixels carry a colour (r, g, b not all equal).
+_COLOURED_PIXELS_JS = """
+const canvas = document.getElementById('sweep-canvas');
+canvas.dataset.paused = '1';
+const counts = [];
+for (let f = 0; f < +canvas.dataset.frames; f++) {
+  canvas.showFrame(f);
+  const d = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4) if (d[i] !== d[i + 1] || d[i] !== d[i + 2]) n++;
+  counts.push(n);
+}
+return counts;
+"""
+
+
+def _assert_toggles_choose_the_painted_classes(browser, wait) -> None:
+    """The tomogram page repaints the sweep with only the ticked classes: all ticked, some
+    pixels are coloured; none ticked, none are (the gray planes alone)."""
+    from selenium.webdriver.common.by import By
+
+    wait.until(lambda b: b.find_element(By.ID, "sweep-canvas").get_attribute("data-ready"))
+    assert browser.find_element(By.ID, "sweep-canvas").is_displayed()
+    coloured = browser.execute_script(_COLOURED_PIXELS_JS)
+    assert sum(coloured) > 0, coloured
+    for box in browser.find_elements(By.CSS_SELECTOR, ".class-toggle"):
+        box.click()  # untick every class
+    assert sum(browser.execute_script(_COLOURED_PIXELS_JS)) == 0
+    for box in browser.find_elements(By.CSS_SELECTOR, ".class-toggle"):
+        box.click()
+    assert browser.execute_script(_COLOURED_PIXELS_JS) == coloured
+
+
 def test_session_page_in_a_browser(tmp_path, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -163,6 +196,7 @@ def test_session_page_in_a_browser(tmp_path, browser):
         table = browser.find_elements(By.CSS_SELECTOR, "#particles tr[data-class]")
         n_particles = sum(summary["counts"]["particles"].values())
         assert len(table) == min(n_particles, 500)
+        _assert_toggles_choose_the_painted_classes(browser, wait)
         _screenshot(browser, tmp_path, "tomogram")
         if table:  # a class's box hides its rows
             name = table[0].get_attribute("data-class")

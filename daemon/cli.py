@@ -59,9 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 # --- segment ----------------------------------------------------------------------------------
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("segment", help="segment tomogram files into DIR/STEM/")
-    p.add_argument("tomograms", nargs="+", metavar="TOMO", type=Path)
-    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p = sub.add_parser("segment", help="segment tomogram files into DIR/STEM/, or the runs of "
+                                       "a copick project back into it (--copick)")
+    p.add_argument("tomograms", nargs="*", metavar="TOMO", type=Path)
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="the output folder (required for files; with --copick, also write "
+                        "the usual result folders there)")
     p.add_argument("--model", type=Path, metavar="FILE",
                    help="model bundle (.safetensors); default: the shipped default model")
     p.add_argument("--pixel-size", type=float, metavar="A", dest="pixel_size_a",
@@ -73,6 +76,18 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--relative-to", type=Path, metavar="ROOT",
                    help="with --claim: the daemons' watched root; outputs and leases follow "
                         "the files' folders below it, as the daemons' do")
+    c = p.add_argument_group("copick projects (interop/copick.py)")
+    c.add_argument("--copick", type=Path, metavar="CONFIG.json",
+                   help="segment the runs of this copick project and write the results back "
+                        "through copick (user id tomolive)")
+    c.add_argument("--run", action="append", default=[], metavar="NAME", dest="runs",
+                   help="a run to segment (repeatable; default: every run)")
+    c.add_argument("--copick-session", metavar="ID",
+                   help="the session id to write under (default: MODEL-vVERSION)")
+    c.add_argument("--tomo-type", metavar="T",
+                   help="the tomogram type to read (default: the first at the voxel spacing)")
+    c.add_argument("--voxel-spacing", type=float, metavar="A", dest="voxel_spacing_a",
+                   help="the voxel spacing to read (default: the one nearest the model's)")
     p.set_defaults(handler=_cmd_segment)
 
 
@@ -110,6 +125,13 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from ..core.pipeline import segment_file
     from .holds import stage_hold, with_progress, with_publish_hook
 
+    if args.copick is not None:
+        return _cmd_segment_copick(args)
+    if args.runs or args.copick_session or args.tomo_type or args.voxel_spacing_a:
+        raise CommandError("--run, --copick-session, --tomo-type and --voxel-spacing need "
+                           "--copick CONFIG.json")
+    if not args.tomograms or args.out is None:
+        raise CommandError("segment needs TOMO... and --out DIR (or --copick CONFIG.json)")
     bundle = load_model_or_default(args.model)
     options = _segment_options(args)
     network = prepare_network(bundle, options.inference.device)
@@ -135,6 +157,63 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             print(f"tomolive: error: {one_line(error)}", file=sys.stderr)
             continue
         print(tomogram_done_line(seg, out_dir))
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def _cmd_segment_copick(args: argparse.Namespace) -> int:
+    """`segment --copick`: each run's tomogram in, its results back through copick; one line
+    per run (the done line, or the error), exit status 1 if any run failed."""
+    from ..core.export import write_outputs
+    from ..core.infer import prepare_network
+    from ..core.pipeline import segment
+    from ..interop import copick as cp
+
+    if args.tomograms:
+        raise CommandError("--copick segments the project's runs: give runs with --run, "
+                           "not tomogram files")
+    if args.claim:
+        raise CommandError("--claim does not apply to --copick")
+    if args.pixel_size_a is not None:
+        raise CommandError("--pixel-size does not apply to --copick (the voxel size is the "
+                           "voxel spacing's; choose one with --voxel-spacing)")
+    project = cp.open_project(args.copick)
+    bundle = load_model_or_default(args.model)
+    session = (cp.check_session_id(args.copick_session) if args.copick_session else
+               cp.default_session_id(bundle.meta.name, bundle.meta.version))
+    options = _segment_options(args)
+    match = cp.match_objects(project, bundle.classes)
+    network = prepare_network(bundle, options.inference.device)
+    print(f"model {bundle.meta.name} v{bundle.meta.version} ({bundle.sha256[:12]}) "
+          f"at {bundle.meta.voxel_size_a:g} Å on {options.inference.device}; copick "
+          f"{args.copick} as {cp.USER_ID}/{session}", file=sys.stderr)
+    for warning in match.warnings:
+        print(f"warning: {one_line(warning)}", file=sys.stderr)
+    failures = 0
+    for name in args.runs or project.run_names:
+        try:
+            start = time.perf_counter()
+            source = cp.find_tomogram(project, name, float(bundle.meta.voxel_size_a),
+                                      args.voxel_spacing_a, args.tomo_type)
+            timings_s: dict[str, float] = {}
+            read_start = time.perf_counter()
+            volume = cp.read_tomogram(source)
+            timings_s["read"] = time.perf_counter() - read_start
+            with _StageProgress(name) as progress:
+                seg = segment(volume, bundle, options, network=network, progress=progress,
+                              stem=name, timings_s=timings_s)
+            if args.out is not None:
+                write_outputs(args.out, seg, tomogram=volume.data, start_time=start)
+            write_start = time.perf_counter()
+            written = cp.write_results(project, source, seg, session, match)
+            seg.timings_s["write"] = (seg.timings_s.get("write", 0.0)
+                                      + time.perf_counter() - write_start)
+        except (ValueError, OSError, RuntimeError) as error:
+            failures += 1
+            print(f"tomolive: error: {one_line(error)}", file=sys.stderr)
+            continue
+        destination = (f"copick {name} ({source.tomo_type} at {source.voxel_size_a:g} Å; "
+                       f"{cp.USER_ID}/{session}: {', '.join(written)})")
+        print(tomogram_done_line(seg, destination))
     return EXIT_FAILED if failures else EXIT_OK
 
 

@@ -211,8 +211,8 @@ def _cmd_segment_copick(args: argparse.Namespace) -> int:
             failures += 1
             print(f"tomolive: error: {one_line(error)}", file=sys.stderr)
             continue
-        destination = (f"copick {name} ({source.tomo_type} at {source.voxel_size_a:g} Å; "
-                       f"{cp.USER_ID}/{session}: {', '.join(written)})")
+        destination = (f"copick {name} ({source.tomo_type} at {source.voxel_size_a:g} Å, "
+                       f"{cp.USER_ID}/{session}: {len(written)} records)")
         print(tomogram_done_line(seg, destination))
     return EXIT_FAILED if failures else EXIT_OK
 

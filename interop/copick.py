@@ -11,7 +11,7 @@ no fixed order). Only the OME-Zarr's first multiscale level (full resolution) is
 into a float32 [z, y, x] array; the voxel size is the spacing's.
 
 Writing, under user id `tomolive` and one session id (default: the model's name and version,
-`default-v3`), replacing what that user and session wrote before and nothing else:
+`tomolive-default-v1`), replacing what that user and session wrote before and nothing else:
 
 - picks per particle class (one copick point per particle, `score` the particle's score,
   identity transforms, `trust_orientation` false: tomolive does not measure orientations);
@@ -184,7 +184,8 @@ def read_tomogram(source: TomogramSource) -> Volume:
 
 
 def default_session_id(model_name: str, model_version: int | str) -> str:
-    """The session id results go under unless one is given: `NAME-vVERSION`, made valid."""
+    """The session id results go under unless one is given: `NAME-vVERSION`
+    (`tomolive-default-v1`), made valid."""
     from copick.util.escape import sanitize_name
 
     return sanitize_name(f"{model_name}-v{model_version}", suppress_warnings=True)

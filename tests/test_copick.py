@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+# copick comes with the test extra: these tests run in CI, never skip.
+import copick
 import mrcfile
 import numpy as np
 import pytest
@@ -19,8 +21,6 @@ from tomolive.core.synth import synthesize
 from tomolive.interop import copick as cp
 
 from tests.daemon_harness import write_tiny_model
-
-copick = pytest.importorskip("copick")
 
 VOXEL_A = 10.0
 SHAPE_ZYX = (32, 64, 64)

@@ -140,6 +140,7 @@ def find_tomogram(project: Project, run_name: str, model_voxel_a: float,
             types = [t for t in types if t == tomo_type]
         if types:
             candidates.append((float(spacing.voxel_size), spacing, types))
+    candidates.sort(key=lambda c: c[0])  # copick lists spacings in no fixed order
     what = f"no {tomo_type!r} tomogram" if tomo_type else "no tomogram"
     if not candidates:
         raise ValueError(f"{where}: {what} at any voxel spacing")

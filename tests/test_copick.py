@@ -67,6 +67,17 @@ def make_project(folder: Path, runs: dict[str, np.ndarray | None], objects=OBJEC
     return config
 
 
+def segment_here(capsys, config: Path, model: Path, *args: str) -> tuple[int, str, str]:
+    """`tomolive segment --copick CONFIG --model MODEL --device cpu ARGS` in this process (no
+    interpreter start: the failure cases stay fast); exit status, stdout, stderr."""
+    from tomolive.daemon.cli import main
+
+    code = main(["segment", "--copick", str(config), "--model", str(model), "--device", "cpu",
+                 *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def tree(folder: Path) -> dict[str, int]:
     """Every file below `folder` with its size: what a failed command must leave unchanged."""
     return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
@@ -145,67 +156,66 @@ def test_round_trip_filament_centre_lines_are_picks(roundtrip):
         assert (ids >= 1).all()
 
 
-def test_no_config_no_runs_and_no_tomogram_fail_with_one_line_each(tmp_path):
+def test_no_config_no_runs_and_no_tomogram_fail_with_one_line_each(tmp_path, capsys):
     model = write_tiny_model(tmp_path / "tiny.safetensors")
     missing = tmp_path / "nowhere.json"
-    run = tomolive("segment", "--copick", missing, "--model", model, "--device", "cpu")
-    assert run.returncode == 1
-    assert run.stderr.strip().splitlines() == [
+    code, out, err = segment_here(capsys, missing, model)
+    assert code == 1
+    assert err.strip().splitlines() == [
         f"tomolive: error: {missing}: copick config not found"]
 
     empty = tmp_path / "empty"
     empty.mkdir()
     config = write_config(empty)
     before = tree(empty)
-    run = tomolive("segment", "--copick", config, "--model", model, "--device", "cpu")
-    assert run.returncode == 1
-    lines = run.stderr.strip().splitlines()
+    code, out, err = segment_here(capsys, config, model)
+    assert code == 1
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"tomolive: error: {config}: "), lines
     assert "no runs" in lines[0]
     assert tree(empty) == before
 
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    run = tomolive("segment", "--copick", bad, "--model", model, "--device", "cpu")
-    assert run.returncode == 1
-    lines = run.stderr.strip().splitlines()
+    code, out, err = segment_here(capsys, bad, model)
+    assert code == 1
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and f"{bad}: not a copick config (invalid JSON" in lines[0], lines
 
     project = tmp_path / "no-tomogram"
     config = make_project(project, {"TS_empty": None})
     before = tree(project)
-    run = tomolive("segment", "--copick", config, "--model", model, "--device", "cpu")
-    assert run.returncode == 1
-    errors = [line for line in run.stderr.splitlines() if line.startswith("tomolive: error:")]
+    code, out, err = segment_here(capsys, config, model)
+    assert code == 1
+    errors = [line for line in err.splitlines() if line.startswith("tomolive: error:")]
     assert errors == [f"tomolive: error: {config}: run TS_empty: no tomogram at any voxel "
-                      "spacing"], run.stderr
+                      "spacing"], err
     assert tree(project) == before
 
 
-def test_a_failed_run_does_not_stop_the_others(tmp_path):
+def test_a_failed_run_does_not_stop_the_others(tmp_path, capsys):
     model = write_tiny_model(tmp_path / "tiny.safetensors")
     data = np.random.default_rng(0).standard_normal((16, 32, 32)).astype(np.float32)
     config = make_project(tmp_path / "p", {"TS_a": data, "TS_b": None})
-    run = tomolive("segment", "--copick", config, "--model", model, "--device", "cpu")
-    assert run.returncode == 1
-    assert "TS_a: done in" in run.stdout
-    assert "run TS_b: no tomogram" in run.stderr
+    code, out, err = segment_here(capsys, config, model)
+    assert code == 1
+    assert "TS_a: done in" in out
+    assert "run TS_b: no tomogram" in err
     root = copick.from_file(str(config))
     assert root.get_run("TS_a").get_segmentations(user_id="tomolive")
     assert not root.get_run("TS_b").get_segmentations()
     assert not root.get_run("TS_b").picks
 
 
-def test_a_class_without_an_object_is_skipped_with_a_warning(tmp_path):
+def test_a_class_without_an_object_is_skipped_with_a_warning(tmp_path, capsys):
     model = write_tiny_model(tmp_path / "tiny.safetensors", name="tiny", version=7)
     data = np.random.default_rng(1).standard_normal((16, 32, 32)).astype(np.float32)
     objects = [o for o in OBJECTS if o["name"] not in ("gold", "actin")]
     config = make_project(tmp_path / "p", {"TS_a": data}, objects=objects)
     config_text = config.read_text()
-    run = tomolive("segment", "--copick", config, "--model", model, "--device", "cpu",
-                   "--run", "TS_a")
-    assert run.returncode == 0, run.stderr
-    warnings = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
+    code, out, err = segment_here(capsys, config, model, "--run", "TS_a")
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 2 and any("class gold" in w for w in warnings)
     assert any("class actin" in w for w in warnings)
     assert config.read_text() == config_text  # never rewritten
@@ -215,19 +225,17 @@ def test_a_class_without_an_object_is_skipped_with_a_warning(tmp_path):
     assert all(p.session_id == "tiny-v7" for p in copick_run.picks)  # the default session
 
 
-def test_unknown_run_and_invalid_session_are_one_line_errors(tmp_path):
+def test_unknown_run_and_invalid_session_are_one_line_errors(tmp_path, capsys):
     model = write_tiny_model(tmp_path / "tiny.safetensors")
     data = np.zeros((16, 32, 32), np.float32)
     config = make_project(tmp_path / "p", {"TS_a": data})
     before = tree(tmp_path / "p")
-    run = tomolive("segment", "--copick", config, "--model", model, "--run", "TS_x",
-                   "--device", "cpu")
-    assert run.returncode == 1
-    assert f"tomolive: error: {config}: run TS_x: no such run in the project" in run.stderr
-    run = tomolive("segment", "--copick", config, "--model", model,
-                   "--copick-session", "my session", "--device", "cpu")
-    assert run.returncode == 1
-    assert run.stderr.strip().splitlines()[-1].startswith(
+    code, out, err = segment_here(capsys, config, model, "--run", "TS_x")
+    assert code == 1
+    assert f"tomolive: error: {config}: run TS_x: no such run in the project" in err
+    code, out, err = segment_here(capsys, config, model, "--copick-session", "my session")
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith(
         "tomolive: error: copick session id 'my session' is not valid")
     assert tree(tmp_path / "p") == before
 

@@ -133,13 +133,16 @@ def find_tomogram(project: Project, run_name: str, model_voxel_a: float,
     if run is None:
         raise ValueError(f"{where}: no such run in the project "
                          f"({_listed(project.run_names, 'runs')})")
-    candidates = []  # (voxel size, tomogram types)
-    for spacing in run.voxel_spacings:
-        types = sorted({t.tomo_type for t in spacing.tomograms})
-        if tomo_type is not None:
-            types = [t for t in types if t == tomo_type]
-        if types:
-            candidates.append((float(spacing.voxel_size), spacing, types))
+    candidates = []  # (voxel size, spacing, tomogram types)
+    try:
+        for spacing in run.voxel_spacings:
+            types = sorted({t.tomo_type for t in spacing.tomograms})
+            if tomo_type is not None:
+                types = [t for t in types if t == tomo_type]
+            if types:
+                candidates.append((float(spacing.voxel_size), spacing, types))
+    except Exception as error:  # the storage behind the project (fsspec) failed
+        raise ValueError(f"{where}: cannot list its tomograms ({_first_line(error)})") from None
     candidates.sort(key=lambda c: c[0])  # copick lists spacings in no fixed order
     what = f"no {tomo_type!r} tomogram" if tomo_type else "no tomogram"
     if not candidates:
@@ -225,7 +228,17 @@ def match_objects(project: Project, classes: Sequence[ClassSpec]) -> ObjectMatch
 def write_results(project: Project, source: TomogramSource, seg: Segmentation,
                   session_id: str, match: ObjectMatch) -> list[str]:
     """Write `seg` (on `source`'s grid) into the run through copick; returns what was written,
-    one short description each (`ribosome picks (12)`)."""
+    one short description each (`ribosome picks (12)`). A failure part way (a full disk, a
+    read-only overlay) is a ValueError naming the run; what was written before it stays."""
+    try:
+        return _write_results(project, source, seg, session_id, match)
+    except Exception as error:  # copick, zarr and fsspec raise what they like
+        raise ValueError(f"{project.config_path}: run {source.run_name}: writing the results "
+                         f"through copick failed ({_first_line(error)})") from None
+
+
+def _write_results(project: Project, source: TomogramSource, seg: Segmentation,
+                   session_id: str, match: ObjectMatch) -> list[str]:
     run = project.root.get_run(source.run_name)
     voxel = source.voxel_size_a
     written = []

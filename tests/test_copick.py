@@ -301,3 +301,37 @@ def test_default_model_session_id():
     session = cp.default_session_id(bundle.meta.name, bundle.meta.version)
     assert session == cp.check_session_id(session)
     assert "_" not in session
+
+
+def test_a_static_tomogram_is_read_and_results_go_to_the_overlay(tmp_path, capsys):
+    """A portal-style project: the tomogram in the read-only static root, results in the
+    overlay; a re-run replaces tomolive's session and leaves another user's picks alone."""
+    model = write_tiny_model(tmp_path / "tiny.safetensors")
+    data = np.random.default_rng(3).standard_normal((16, 32, 32)).astype(np.float32)
+    folder = tmp_path / "p"
+    folder.mkdir()
+    config = write_config(folder)
+    # Write the tomogram with a config whose overlay is the project's static root.
+    static_config = json.loads(config.read_text())
+    static_config["overlay_root"] = static_config.pop("static_root")
+    staged = tmp_path / "static_config.json"
+    staged.write_text(json.dumps(static_config))
+    copick.from_file(str(staged)).new_run("TS_s").new_voxel_spacing(VOXEL_A) \
+        .new_tomogram("wbp").from_numpy(data)
+    root = copick.from_file(str(config))
+    alice = root.get_run("TS_s").new_picks("ribosome", "manual", user_id="alice")
+    alice.from_numpy(np.array([[100.0, 200.0, 50.0]]))
+    static_before = tree(folder / "static")
+    for _ in range(2):
+        code, out, err = segment_here(capsys, config, model, "--copick-session", "s1")
+        assert code == 0, err
+    assert tree(folder / "static") == static_before
+    run = copick.from_file(str(config)).get_run("TS_s")
+    ours = [p for p in run.picks if p.user_id == "tomolive"]
+    assert sorted(p.pickable_object_name for p in ours) == [
+        "actin", "gold", "microtubule", "ribosome"]  # once each after two runs
+    (theirs,) = [p for p in run.picks if p.user_id == "alice"]
+    np.testing.assert_allclose(theirs.numpy()[0], [[100.0, 200.0, 50.0]])
+    segs = run.get_segmentations(user_id="tomolive", session_id="s1")
+    assert len(segs) == 4  # the multilabel one and membrane, microtubule, actin
+    assert all(s.numpy().shape == data.shape for s in segs)

@@ -178,14 +178,15 @@ def _write_files(files: dict[str, Path], seg: Segmentation, tomogram: np.ndarray
         spec.name: seg.particles.get(spec.name) or ParticleTable.empty(spec.name)
         for spec in seg.classes if spec.is_particle
     }
+    tomo_name = seg.tilt_series_name or seg.stem  # what RELION and Warp know it as
     for name, table in tables.items():
-        write_particle_star(files[f"star:{name}"], table, seg.stem, seg.labels.shape,
+        write_particle_star(files[f"star:{name}"], table, tomo_name, seg.labels.shape,
                             seg.voxel_size_a)
     write_particle_csv(files["particles_csv"], list(tables.values()))
     for spec in seg.classes:
         if spec.is_filament:
             write_filament_star(files[f"filaments:{spec.name}"], seg.filaments.get(spec.name, []),
-                                seg.stem, seg.labels.shape, seg.voxel_size_a)
+                                tomo_name, seg.labels.shape, seg.voxel_size_a)
     for spec in seg.classes:  # for 3dmod: imod.py
         if spec.is_particle:
             write_particle_model(files[f"imod:{spec.name}"], tables[spec.name], spec,

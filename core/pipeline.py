@@ -28,6 +28,7 @@ from .preprocess import apply_recipe
 from .resample import GridMap, fourier_rescale, grid_for, labels_to_input_refined
 from .segmentation import Segmentation
 from .stages import Progress
+from .star import WARP_RECONSTRUCTION_NAME, tilt_series_name
 from .volume import (
     DEFAULT_MAX_MODEL_VOXELS,
     DEFAULT_VOXEL_SIZE_BOUNDS_A,
@@ -55,6 +56,9 @@ class SegmentOptions:
     # refused with a one-line error before anything is allocated.
     voxel_size_bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A
     max_model_voxels: int = DEFAULT_MAX_MODEL_VOXELS
+    # How the STAR files name the tilt series (core.star.tilt_series_name), from the input's
+    # stem; None: the stem as it is.
+    tilt_series_pattern: str | None = WARP_RECONSTRUCTION_NAME
 
     def to_json(self) -> dict[str, Any]:
         inference = self.inference
@@ -68,6 +72,7 @@ class SegmentOptions:
             "voxel_size_override_a": self.voxel_size_a,
             "voxel_size_bounds_a": list(self.voxel_size_bounds_a),
             "max_model_voxels": self.max_model_voxels,
+            "tilt_series_pattern": self.tilt_series_pattern,
         }
 
 
@@ -222,6 +227,8 @@ def segment_file(
     seg = segment(volume, bundle, options, network=network, progress=progress,
                   stem=stem, timings_s=timings_s)
     seg.input["fingerprint"] = fingerprint
+    # From the input's name, not the output folder's (TS_01_mrc when TS_01.rec is beside it).
+    seg.tilt_series_name = tilt_series_name(path.stem, options.tilt_series_pattern)
     out_dir = write_outputs(Path(out_parent), seg, tomogram=volume.data, start_time=start,
                             before_publish=before_publish)
     _report(progress, "write", 1.0)

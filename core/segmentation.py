@@ -34,6 +34,8 @@ class Segmentation:
     model: dict[str, Any] = field(default_factory=dict)  # name, version, sha256
     input: dict[str, Any] = field(default_factory=dict)  # path, fingerprint, shape, mode, ...
     settings: dict[str, Any] = field(default_factory=dict)
+    # The tilt series' name, for the STAR files (core.star.tilt_series_name); "": the stem.
+    tilt_series_name: str = ""
 
     def class_index(self, name: str) -> int:
         for i, spec in enumerate(self.classes):

@@ -10,6 +10,13 @@ Z axis along the filament (RELION's helical convention; the twist `rlnAngleRot` 
 direction (x, y, z) = (-sin(tilt) cos(psi), sin(tilt) sin(psi), cos(tilt)).
 The CSV is `class,x,y,z[,score]` in the same voxel indices.
 
+Names: `rlnTomoName` is the tilt series' name, which RELION 5's tomograms.star and Warp's
+`.tomostar` files use, not the output folder's: `tilt_series_name` takes it from the input file's
+name (Warp(Tools) writes reconstructions as `TS_01_10.00Apx.mrc`: the tilt series is `TS_01`),
+through a configurable pattern. `rlnMicrographName` is `NAME.tomostar`, what WarpTools'
+`ts_export_particles` matches rows to tilt series by; `rlnDetectorPixelSize` is the pixel size
+(Å) of the pixel coordinates, what `--coords_angpix` must be given as.
+
 Text in, text out: the callers write it (core.export fsyncs it into the folder it publishes).
 """
 
@@ -18,6 +25,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -62,23 +70,48 @@ def _fmt(values: np.ndarray, digits: int) -> list[str]:
     return [f"{v:.{digits}f}" for v in np.asarray(values, dtype=np.float64)]
 
 
+# Warp(Tools)' reconstruction names: the tilt series, then the pixel size (TS_01_10.00Apx).
+WARP_RECONSTRUCTION_NAME = r"^(?P<name>.+?)_\d+(?:\.\d+)?Apx$"
+
+
+def tilt_series_name(input_stem: str, pattern: str | None = WARP_RECONSTRUCTION_NAME) -> str:
+    """The name of the tilt series a tomogram was reconstructed from: the `name` group of
+    `pattern` (a regular expression) matched against the input file's stem, or the stem when
+    it does not match (or `pattern` is None)."""
+    found = re.fullmatch(pattern, input_stem) if pattern else None
+    return found.group("name") if found and found.group("name") else input_stem
+
+
+def check_name_pattern(pattern: str) -> str:
+    """`pattern` if it is a regular expression with a `name` group, else ValueError."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"not a regular expression ({error})") from None
+    if "name" not in compiled.groupindex:
+        raise ValueError("needs a group (?P<name>...) for the tilt series' name")
+    return pattern
+
+
 def _coordinate_columns(
-    zyx: np.ndarray, stem: str, shape_zyx: tuple[int, ...], voxel_size_a: float
+    zyx: np.ndarray, tomo_name: str, shape_zyx: tuple[int, ...], voxel_size_a: float
 ) -> dict[str, list[str]]:
-    columns = {"rlnTomoName": [star_string(stem)] * len(zyx)}
+    columns = {"rlnTomoName": [star_string(tomo_name)] * len(zyx),
+               "rlnMicrographName": [star_string(f"{tomo_name}.tomostar")] * len(zyx)}
     for axis, k in (("X", 2), ("Y", 1), ("Z", 0)):
         columns[f"rlnCoordinate{axis}"] = _fmt(zyx[:, k], 3)
     for axis, k in (("X", 2), ("Y", 1), ("Z", 0)):
         centred = (zyx[:, k] - shape_zyx[k] / 2.0) * voxel_size_a
         columns[f"rlnCenteredCoordinate{axis}Angst"] = _fmt(centred, 3)
+    columns["rlnDetectorPixelSize"] = [f"{voxel_size_a:.4f}"] * len(zyx)
     return columns
 
 
 def particle_star_text(
-    table: ParticleTable, stem: str, shape_zyx: tuple[int, ...], voxel_size_a: float
+    table: ParticleTable, tomo_name: str, shape_zyx: tuple[int, ...], voxel_size_a: float
 ) -> str:
     """One particle class as a RELION 5 style STAR file (block `particles`)."""
-    columns = _coordinate_columns(table.zyx, stem, shape_zyx, voxel_size_a)
+    columns = _coordinate_columns(table.zyx, tomo_name, shape_zyx, voxel_size_a)
     columns["rlnAutopickFigureOfMerit"] = _fmt(table.score, 5)
     return star_text("particles", columns)
 
@@ -111,7 +144,7 @@ def relion_tilt_psi_deg(directions_zyx: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def filament_star_text(
     filaments: list[Filament],
-    stem: str,
+    tomo_name: str,
     shape_zyx: tuple[int, ...],
     voxel_size_a: float,
 ) -> str:
@@ -121,7 +154,7 @@ def filament_star_text(
     tube = np.concatenate([np.full(len(f), i, dtype=np.int64)
                            for i, f in enumerate(filaments, start=1)] or [np.zeros(0, np.int64)])
     track = np.concatenate([_track_length(f.points_zyx) for f in filaments] or [np.zeros(0)])
-    columns = _coordinate_columns(zyx, stem, shape_zyx, voxel_size_a)
+    columns = _coordinate_columns(zyx, tomo_name, shape_zyx, voxel_size_a)
     columns["rlnHelicalTubeID"] = [str(int(t)) for t in tube]
     columns["rlnHelicalTrackLengthAngst"] = _fmt(track * voxel_size_a, 2)
     tilt, psi = relion_tilt_psi_deg(dirs)
@@ -133,6 +166,53 @@ def filament_star_text(
 def _track_length(points_zyx: np.ndarray) -> np.ndarray:
     steps = np.linalg.norm(np.diff(points_zyx, axis=0), axis=1)
     return np.concatenate([[0.0], np.cumsum(steps)])
+
+
+class StarError(ValueError):
+    """A STAR file that is not one loop of tomolive's own form; the message names the file."""
+
+
+def star_columns(text: str, source: str = "STAR text") -> tuple[str, dict[str, list[str]]]:
+    """(block name, label -> values as text) of a single-loop STAR text as `star_text` writes
+    it; a value in double quotes keeps its spaces. Raises StarError for anything else."""
+    block, labels, rows = None, [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#") or line == "loop_":
+            continue
+        if line.startswith("data_"):
+            if block is not None:
+                raise StarError(f"{source}: line {number}: a second data block")
+            block = line[len("data_"):]
+        elif line.startswith("_"):
+            if rows:
+                raise StarError(f"{source}: line {number}: a label after the rows")
+            labels.append(line[1:].split()[0])
+        else:
+            values = [a or b for a, b in re.findall(r'"([^"]*)"|(\S+)', line)]
+            if len(values) != len(labels):
+                raise StarError(f"{source}: line {number}: {len(values)} values for "
+                                f"{len(labels)} labels")
+            rows.append(values)
+    if block is None or not labels:
+        raise StarError(f"{source}: not a STAR loop (no data block or no labels)")
+    return block, {label: [row[i] for row in rows] for i, label in enumerate(labels)}
+
+
+def combined_star_text(tables: list[tuple[str, dict[str, list[str]]]], source: str) -> str:
+    """One STAR text holding the rows of every (block, columns) table, which must all have the
+    same block and labels (tomolive's files of one kind and version)."""
+    if not tables:
+        raise StarError(f"{source}: nothing to combine")
+    block, first = tables[0]
+    combined: dict[str, list[str]] = {label: [] for label in first}
+    for other_block, columns in tables:
+        if other_block != block or list(columns) != list(first):
+            raise StarError(f"{source}: tables differ in block or labels "
+                            f"({other_block}: {', '.join(columns)})")
+        for label, values in columns.items():
+            combined[label] += [star_string(v) for v in values]
+    return star_text(block, combined)
 
 
 def read_particle_csv(path: str | os.PathLike) -> ParticleTables:

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tomolive {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in (_add_demo, _add_run, _add_segment, _add_train, _add_distill, _add_synth,
-                     _add_evaluate, _add_models, _add_status, _add_retry, _add_batch):
+                     _add_evaluate, _add_models, _add_status, _add_retry, _add_batch,
+                     _add_star_combine):
         register(sub)
     return parser
 
@@ -69,6 +70,11 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    help="model bundle (.safetensors); default: the shipped default model")
     p.add_argument("--pixel-size", type=float, metavar="A", dest="pixel_size_a",
                    help="voxel size in Å, overriding the file headers")
+    p.add_argument("--tilt-series-pattern", metavar="REGEX", type=_name_pattern,
+                   default=_default_name_pattern(),
+                   help="how the STAR files name each tilt series (rlnTomoName): the group "
+                        "(?P<name>...) matched against the file's stem, else the stem; "
+                        "default: Warp's TS_01_10.00Apx -> TS_01; '' for the stem as it is")
     _add_device_args(p)
     p.add_argument("--claim", action="store_true",
                    help="take leases in the output folder (batch jobs beside running daemons)")
@@ -107,7 +113,23 @@ def _segment_options(args: argparse.Namespace):
                                  precision=args.precision)
     if args.batch_size:
         inference.batch_size = args.batch_size
-    return SegmentOptions(inference=inference, voxel_size_a=args.pixel_size_a)
+    return SegmentOptions(inference=inference, voxel_size_a=args.pixel_size_a,
+                          tilt_series_pattern=args.tilt_series_pattern or None)
+
+
+def _default_name_pattern() -> str:
+    from ..core.star import WARP_RECONSTRUCTION_NAME
+
+    return WARP_RECONSTRUCTION_NAME
+
+
+def _name_pattern(text: str) -> str:
+    from ..core.star import check_name_pattern
+
+    try:
+        return check_name_pattern(text) if text else ""
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
 
 
 def load_model_or_default(path: Path | None):
@@ -118,6 +140,19 @@ def load_model_or_default(path: Path | None):
     if not Path(bundle_path).exists():
         raise CommandError(f"{bundle_path}: model file not found")
     return load_bundle(bundle_path)
+
+
+def _refuse_shared_outputs(tomograms: Sequence[Path], out: Path) -> None:
+    """One line, before any work, when two inputs from different folders would write the same
+    output folder (a/TS_01.mrc and b/TS_01.mrc both into OUT/TS_01): the second would replace
+    the first's result."""
+    first: dict[str, Path] = {}
+    for path in tomograms:
+        stem = output_stem(path, out)
+        if stem in first and first[stem].resolve() != path.resolve():
+            raise CommandError(f"{first[stem]} and {path} would both write {out / stem}; "
+                               "segment them into different --out folders")
+        first.setdefault(stem, path)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -132,6 +167,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                            "--copick CONFIG.json")
     if not args.tomograms or args.out is None:
         raise CommandError("segment needs TOMO... and --out DIR (or --copick CONFIG.json)")
+    if not args.claim:  # with --claim, --relative-to keeps the folders apart (batch.py)
+        _refuse_shared_outputs(args.tomograms, args.out)
     bundle = load_model_or_default(args.model)
     options = _segment_options(args)
     network = prepare_network(bundle, options.inference.device)
@@ -166,6 +203,7 @@ def _cmd_segment_copick(args: argparse.Namespace) -> int:
     from ..core.export import write_outputs
     from ..core.infer import prepare_network
     from ..core.pipeline import segment
+    from ..core.star import tilt_series_name
     from ..interop import copick as cp
 
     if args.tomograms:
@@ -201,7 +239,8 @@ def _cmd_segment_copick(args: argparse.Namespace) -> int:
             with _StageProgress(name) as progress:
                 seg = segment(volume, bundle, options, network=network, progress=progress,
                               stem=name, timings_s=timings_s)
-            if args.out is not None:
+            if args.out is not None:  # STAR files name the tilt series after the run
+                seg.tilt_series_name = tilt_series_name(name, options.tilt_series_pattern)
                 write_outputs(args.out, seg, tomogram=volume.data, start_time=start)
             write_start = time.perf_counter()
             written = cp.write_results(project, source, seg, session, match)
@@ -552,6 +591,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     report = status_report(_load_config(args.config))
     print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return EXIT_OK
+
+
+def _add_star_combine(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("star-combine",
+                       help="one STAR file per class for a session: DIR/<class>_particles.star")
+    p.add_argument("folder", type=Path, metavar="DIR",
+                   help="an output folder, or one session's folder in it")
+    p.set_defaults(handler=_cmd_star_combine)
+
+
+def _cmd_star_combine(args: argparse.Namespace) -> int:
+    from ..core.star import StarError
+    from .star_combine import combine_session_stars
+
+    if not args.folder.is_dir():
+        raise CommandError(f"{args.folder}: not a folder")
+    try:
+        written = combine_session_stars(args.folder)
+    except (StarError, OSError) as error:
+        raise CommandError(one_line(error)) from None
+    if not written:
+        raise CommandError(f"{args.folder}: no finished tomograms with STAR files below it")
+    for path, rows in written.items():
+        print(f"{path}: {rows} rows")
     return EXIT_OK
 
 

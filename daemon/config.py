@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..core.star import WARP_RECONSTRUCTION_NAME, check_name_pattern
 from ..core.volume import DEFAULT_MAX_MODEL_VOXELS, DEFAULT_VOXEL_SIZE_BOUNDS_A
 
 DEFAULT_PATTERNS = ["*.mrc", "*.rec"]
@@ -111,6 +112,16 @@ class Config(_Strict):
     voxel_size_bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A
     # Largest model grid a tomogram may need (voxels; float32 is 4 bytes each).
     max_model_voxels: int = Field(DEFAULT_MAX_MODEL_VOXELS, ge=1, strict=True)
+    # How STAR files name each tomogram's tilt series (rlnTomoName, rlnMicrographName =
+    # NAME.tomostar): the group `name` of this regular expression matched against the input
+    # file's stem, or the stem when it does not match; null: always the stem. The default takes
+    # Warp's reconstruction names apart (TS_01_10.00Apx -> TS_01).
+    tilt_series_name_pattern: str | None = WARP_RECONSTRUCTION_NAME
+
+    @field_validator("tilt_series_name_pattern")
+    @classmethod
+    def _check_name_pattern(cls, value: str | None) -> str | None:
+        return None if value is None else check_name_pattern(value)
 
     @field_validator("devices", mode="before")
     @classmethod

@@ -67,6 +67,7 @@ def row_from_summary(summary: dict[str, Any], rel: str, mtime_s: float = 0.0) ->
         "fractions": {str(k): summary_number(v) for k, v in
                       (summary.get("class_fractions") or {}).items()},
         "confidence": summary_number(summary.get("confidence")),
+        "uncertain_fraction": summary_number(summary.get("uncertain_fraction")),
         "cleanup_removed_fraction": {k: summary_number(v) for k, v in removed.items()}
         if isinstance(removed, dict) else {},
         "seconds": summary_number((summary.get("timings_s") or {}).get("total")),

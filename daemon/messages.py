@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.star import WARP_RECONSTRUCTION_NAME
 from ..core.volume import DEFAULT_MAX_MODEL_VOXELS, DEFAULT_VOXEL_SIZE_BOUNDS_A
 
 
@@ -28,6 +29,7 @@ class Job:
     # Plausibility bounds from the configuration.
     voxel_size_bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A
     max_model_voxels: int = DEFAULT_MAX_MODEL_VOXELS
+    tilt_series_pattern: str | None = WARP_RECONSTRUCTION_NAME  # core.star.tilt_series_name
 
 
 # -- service -> worker --------------------------------------------------------------------------

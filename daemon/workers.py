@@ -330,6 +330,7 @@ class _JobRunner:
             voxel_size_a=job.voxel_size_a,
             voxel_size_bounds_a=tuple(job.voxel_size_bounds_a),
             max_model_voxels=job.max_model_voxels,
+            tilt_series_pattern=job.tilt_series_pattern,
         )
         seg, out_dir = segment_file(
             job.path, job.out_parent, bundle, options, network=network, stem=job.stem,

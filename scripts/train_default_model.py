@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                         "instead of random ones; recorded as the model's parent")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    init = load_bundle(args.init) if args.init is not None else None  # a bad path fails first
     start = time.perf_counter()
     plan = tomogram_plan(args.tomograms)
     with tempfile.TemporaryDirectory(prefix="tomolive-default-") as tmp:
@@ -102,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"(core.microscope: {len(plan)} tomograms of a {BOX_NM[0] + 1:g} x "
                 f"{BOX_NM[1] + 1:g} x {BOX_NM[2] + 1:g} nm box, seeds {plan[0][0]}.."
                 f"{plan[-1][0]}, voxel sizes {VOXEL_RANGE_A[0]:g}-{VOXEL_RANGE_A[1]:g} Å, "
-                "every specimen and imaging parameter drawn from its documented range), never "
-                "on real tomograms nor on shared/validation. Reproduce with "
-                "scripts/train_default_model.py."
+                "every specimen and imaging parameter drawn from its documented range)"
+                + (f", starting from the weights of {args.init.name} (see parent)"
+                   if args.init is not None else "")
+                + ", never on real tomograms nor on shared/validation. Reproduce with "
+                "scripts/train_default_model.py"
+                + (f" --init {args.init.name}." if args.init is not None else ".")
             ),
         )
 
@@ -114,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"step {report.step}/{report.total_steps} {report.elapsed_s:.0f}s "
                       f"loss {report.loss:.3f} val {dice}", file=sys.stderr, flush=True)
 
-        init = load_bundle(args.init) if args.init is not None else None
         trained = train(sources, class_specs_for(SYNTH_CLASS_NAMES, CLASS_OVERRIDES), options,
                         init_bundle=init, progress=progress)
     # Temporary paths mean nothing to a reader: record what made the data instead.

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import time
 import types
@@ -25,7 +26,12 @@ from tomolive.core.filaments import Filament
 from tomolive.core.imod import imod_xyz_to_voxels
 from tomolive.core.particles import ParticleTable
 from tomolive.core.segmentation import Segmentation
-from tomolive.core.star import relion_tilt_psi_deg
+from tomolive.core.star import (
+    WARP_RECONSTRUCTION_NAME,
+    check_name_pattern,
+    relion_tilt_psi_deg,
+    tilt_series_name,
+)
 
 SHAPE = (16, 40, 48)  # z, y, x all different so that axis mix-ups show
 VOXEL_A = 13.2
@@ -90,11 +96,13 @@ def test_particle_star_and_csv(tmp_path):
     paths = output_paths(tmp_path, "TS_01", seg.classes)
     df = starfile.read(paths["star:ribosome"])
     assert list(df.columns) == [
-        "rlnTomoName", "rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ",
-        "rlnCenteredCoordinateXAngst", "rlnCenteredCoordinateYAngst",
-        "rlnCenteredCoordinateZAngst", "rlnAutopickFigureOfMerit",
+        "rlnTomoName", "rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY",
+        "rlnCoordinateZ", "rlnCenteredCoordinateXAngst", "rlnCenteredCoordinateYAngst",
+        "rlnCenteredCoordinateZAngst", "rlnDetectorPixelSize", "rlnAutopickFigureOfMerit",
     ]
     assert list(df.rlnTomoName) == ["TS_01", "TS_01"]
+    assert list(df.rlnMicrographName) == ["TS_01.tomostar"] * 2  # what WarpTools matches
+    assert np.allclose(df.rlnDetectorPixelSize, VOXEL_A)  # the pixel coordinates' pixel size
     assert np.allclose(df.rlnCoordinateX, [11.5, 5.25])
     assert np.allclose(df.rlnCoordinateY, [31.5, 4.0])
     assert np.allclose(df.rlnCoordinateZ, [11.5, 3.0])
@@ -368,3 +376,35 @@ def test_summary_has_the_filament_length_per_class(tmp_path):
     expected = sum(float(np.linalg.norm(np.diff(f.points_zyx, axis=0), axis=1).sum())
                    for f in seg.filaments.get("microtubule", [])) * seg.voxel_size_a / 10
     assert lengths["microtubule"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("input_stem, pattern, expected", [
+    ("TS_01_10.00Apx", WARP_RECONSTRUCTION_NAME, "TS_01"),  # Warp(Tools)' reconstruction name
+    ("TS_01_7Apx", WARP_RECONSTRUCTION_NAME, "TS_01"),
+    ("TS_01", WARP_RECONSTRUCTION_NAME, "TS_01"),
+    ("Apx", WARP_RECONSTRUCTION_NAME, "Apx"),
+    ("TS_01_10.00Apx", None, "TS_01_10.00Apx"),
+    ("lamella3_rec_bin4", r"(?P<name>.+)_rec_bin\d+", "lamella3"),
+])
+def test_tilt_series_names_come_from_the_input_stem(input_stem, pattern, expected):
+    assert tilt_series_name(input_stem, pattern) == expected
+
+
+def test_star_files_name_the_tilt_series_not_the_output_folder(tmp_path):
+    """A Warp reconstruction in a folder shared with another file of its stem: the output
+    folder is qualified, the STAR rows still name the tilt series as RELION and Warp know it."""
+    seg = _segmentation()
+    seg.stem, seg.tilt_series_name = "TS_01_10.00Apx_mrc", "TS_01"
+    write_outputs(tmp_path, seg)
+    for key in ("star:ribosome", "filaments:microtubule"):
+        df = starfile.read(output_paths(tmp_path, seg.stem, seg.classes)[key])
+        assert set(df.rlnTomoName) <= {"TS_01"} and set(df.rlnMicrographName) <= {
+            "TS_01.tomostar"}
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("(unclosed", "not a regular expression"), ("TS_(.+)", "needs a group (?P<name>"),
+])
+def test_a_bad_name_pattern_is_refused_with_the_reason(pattern, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_name_pattern(pattern)

@@ -29,7 +29,8 @@ from tomolive.daemon.metrics import Metrics
 SHAPE = (8, 24, 32)
 
 
-def publish(out_parent: Path, stem: str, n_ribosomes: int = 2) -> Path:
+def publish(out_parent: Path, stem: str, n_ribosomes: int = 2,
+            uncertain_fraction: float = float("nan")) -> Path:
     """A real result folder (core.export), tiny."""
     labels = np.zeros(SHAPE, dtype=np.int8)
     labels[2:4, 4:10, 4:12] = 1
@@ -42,7 +43,8 @@ def publish(out_parent: Path, stem: str, n_ribosomes: int = 2) -> Path:
         particles={"ribosome": ribo},
         filaments={"microtubule": [Filament([[5, 12, 2], [5, 12, 29]], [[0, 0, 1]] * 2)]},
         class_fractions={"membrane": 0.05, "microtubule": 0.01, "ribosome": 0.0},
-        confidence=0.87, timings_s={"inference": 1.0, "total": 2.5},
+        confidence=0.87, uncertain_fraction=uncertain_fraction,
+        timings_s={"inference": 1.0, "total": 2.5},
         model={"name": "tiny", "version": "3", "sha256": "cd" * 32},
         input={"path": f"/data/{stem}.mrc", "fingerprint": "x"}, settings={})
     tomogram = np.random.default_rng(0).normal(size=SHAPE).astype(np.float32)
@@ -390,3 +392,18 @@ def test_a_page_that_fails_answers_500_and_the_server_goes_on(served, monkeypatc
     assert get(server.url + "/")[0] == 500
     assert get(server.url + "/metrics")[0] == 200
     assert get(server.url + "/t/session1/TS_01")[0] == 200
+
+
+def test_the_model_fit_signal_is_shown_and_flagged_when_the_model_does_not_fit(out):
+    publish(out, "TS_fits", uncertain_fraction=0.07)
+    publish(out, "TS_misfit", uncertain_fraction=0.25)
+    publish(out, "TS_older")  # a summary from before the signal: no value
+    pages = gallery.SessionPages(out)
+    html = pages.session_html()
+    assert ">0.070<" in html and "n/a" in html
+    assert 'class="num error">0.250<' in html  # over the alert's 0.15
+    gallery.Gallery(out).add(out / "TS_misfit")
+    header, *rows = (out / "index.csv").read_text().splitlines()
+    assert "uncertain_fraction" in header.split(",")
+    assert "0.2500" in next(r for r in rows if r.startswith("TS_misfit"))
+    assert "0.250" in pages.tomogram_html("TS_misfit")

@@ -23,7 +23,7 @@ def test_every_subcommand_in_the_readme_exists():
     parser = build_parser()
     subcommands = next(a for a in parser._actions if a.dest == "command").choices
     block = README.split("## Command line", 1)[1].split("```")[1]
-    documented = set(re.findall(r"^tomolive (\w+)", block, re.MULTILINE))
+    documented = set(re.findall(r"^tomolive ([\w-]+)", block, re.MULTILINE))
     assert documented == set(subcommands), documented ^ set(subcommands)
 
 

@@ -162,3 +162,37 @@ def test_synth_then_evaluate_truth_against_itself(tmp_path):
                    tmp_path / "p.csv")
     assert run.returncode == 0, run.stderr
     assert "membrane" in run.stdout and "1.000" in run.stdout
+
+
+def test_star_rows_name_a_warp_reconstructions_tilt_series(tmp_path):
+    """`TS_07_10.00Apx.mrc` is Warp's reconstruction of tilt series TS_07: the output folder
+    keeps the file's stem, the STAR rows say TS_07 (and TS_07.tomostar for WarpTools)."""
+    from tomolive.core.model import default_bundle_path, load_bundle
+    from tomolive.core.pipeline import segment_file
+    from tomolive.core.synth import synthesize, write_synth
+
+    path = tmp_path / "TS_07_10.00Apx.mrc"
+    write_synth(synthesize((48, 128, 128), 10.0, seed=2, simulator="cartoon"), path)
+    bundle = load_bundle(default_bundle_path())
+    seg, out_dir = segment_file(path, tmp_path / "out", bundle)
+    assert out_dir.name == "TS_07_10.00Apx" and seg.tilt_series_name == "TS_07"
+    tables = [starfile.read(p) for p in sorted(out_dir.glob("*.star"))]
+    names = {(t, m) for df in tables
+             for t, m in zip(df.rlnTomoName, df.rlnMicrographName, strict=True)}
+    assert sum(len(df) for df in tables) > 0  # particles or filament points to check
+    assert names == {("TS_07", "TS_07.tomostar")}
+    assert all((df.rlnDetectorPixelSize == seg.voxel_size_a).all() for df in tables)
+
+
+def test_two_inputs_that_would_share_an_output_folder_are_refused_before_any_work(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "TS_01.mrc").write_bytes(b"not read: refused first")
+    run = subprocess.run([sys.executable, "-m", "tomolive", "segment", "a/TS_01.mrc",
+                          "b/TS_01.mrc", "--out", "out"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        "tomolive: error: a/TS_01.mrc and b/TS_01.mrc would both write out/TS_01; segment "
+        "them into different --out folders")
+    assert not (tmp_path / "out").exists()

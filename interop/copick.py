@@ -25,7 +25,8 @@ Writing, under user id `tomolive` and one session id (default: the model's name 
 - a binary segmentation (0/1) per non-particle class (membranes, filaments, other masks),
   named after its object.
 
-Segmentations are on the tomogram's grid at its voxel spacing.
+Segmentations are on the tomogram's grid at its voxel spacing. The multilabel one is written
+last: its presence marks a run done (`is_done`, for `segment --copick --watch`).
 
 Coordinates: copick points are (x, y, z) in Ångström with the origin at voxel index 0,
 `location = index * voxel_size` for 0-based indices on the tomogram's grid (copick's own
@@ -90,10 +91,10 @@ class ObjectMatch:
     warnings: list[str] = field(default_factory=list)
 
 
-def open_project(config_path: str | Path) -> Project:
+def open_project(config_path: str | Path, require_runs: bool = True) -> Project:
     """Open a copick project from its config file; ValueError (one line, naming the file) for a
-    missing or unreadable file, invalid JSON, a config copick refuses, or a project with no
-    runs. Opening writes nothing."""
+    missing or unreadable file, invalid JSON, a config copick refuses, or (`require_runs`) a
+    project with no runs. Opening writes nothing."""
     import copick
 
     path = Path(config_path)
@@ -118,7 +119,7 @@ def open_project(config_path: str | Path) -> Project:
     except Exception as error:  # the storage behind the config (fsspec) failed
         raise ValueError(f"{path}: cannot list the project's runs ({_first_line(error)})")\
             from None
-    if not names:
+    if require_runs and not names:
         raise ValueError(f"{path}: the copick project has no runs ({_roots(root)})")
     return project
 
@@ -259,11 +260,6 @@ def _write_results(project: Project, source: TomogramSource, seg: Segmentation,
             _store_picks(run, obj.name, session_id, voxel, xyz, transforms=transforms,
                          instance_ids=ids, trust_orientation=True)
             written.append(f"{spec.name} centre lines ({len(found)}, {len(xyz)} points)")
-    lut = label_lookup(seg.classes, match)
-    multilabel = run.new_segmentation(voxel, MULTILABEL_NAME, session_id, is_multilabel=True,
-                                      user_id=USER_ID, exist_ok=True)
-    multilabel.from_numpy(lut[seg.labels.view(np.uint8)])
-    written.append(f"{MULTILABEL_NAME} segmentation")
     for index, spec in enumerate(seg.classes, start=1):
         obj = match.objects.get(spec.name)
         if obj is None or spec.is_particle:
@@ -272,7 +268,44 @@ def _write_results(project: Project, source: TomogramSource, seg: Segmentation,
                                       user_id=USER_ID, exist_ok=True)
         binary.from_numpy((seg.labels == index).view(np.uint8))
         written.append(f"{spec.name} segmentation")
+    # Last: its presence says the run's results are complete (`is_done`, for --watch).
+    lut = label_lookup(seg.classes, match)
+    multilabel = run.new_segmentation(voxel, MULTILABEL_NAME, session_id, is_multilabel=True,
+                                      user_id=USER_ID, exist_ok=True)
+    multilabel.from_numpy(lut[seg.labels.view(np.uint8)])
+    written.append(f"{MULTILABEL_NAME} segmentation")
     return written
+
+
+def is_done(project: Project, source: TomogramSource, session_id: str) -> bool:
+    """Whether tomolive's results for `source` are in the project under `session_id`: the
+    multilabel segmentation, written last, exists at the tomogram's voxel spacing."""
+    run = project.root.get_run(source.run_name)
+    if run is None:
+        return False
+    found = run.get_segmentations(user_id=USER_ID, session_id=session_id,
+                                  name=MULTILABEL_NAME, is_multilabel=True,
+                                  voxel_size=source.voxel_size_a)
+    return bool(found)
+
+
+def tomogram_fingerprint(source: TomogramSource) -> tuple | None:
+    """What the tomogram's store holds now (every file's name and size, and mtime where the
+    filesystem has one), or None while it has no OME-Zarr metadata yet. Two equal fingerprints
+    a poll apart: the tomogram is no longer being written (--watch)."""
+    tomogram = source.tomogram
+    read_only = getattr(tomogram, "read_only", False)
+    fs = tomogram.fs_static if read_only else tomogram.fs_overlay
+    path = tomogram.static_path if read_only else tomogram.overlay_path
+    try:
+        files = fs.find(path, detail=True)
+    except (FileNotFoundError, OSError):
+        return None
+    root_attrs = f"{path.rstrip('/')}/.zattrs"  # the group's: ome-zarr writes it after the data
+    if not any(name.rstrip("/") == root_attrs for name in files):
+        return None
+    return tuple(sorted((name, info.get("size"), info.get("mtime") or info.get("LastModified"))
+                        for name, info in files.items()))
 
 
 def voxel_indices_to_xyz_a(zyx: np.ndarray, voxel_size_a: float) -> np.ndarray:

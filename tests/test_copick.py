@@ -335,3 +335,62 @@ def test_a_static_tomogram_is_read_and_results_go_to_the_overlay(tmp_path, capsy
     segs = run.get_segmentations(user_id="tomolive", session_id="s1")
     assert len(segs) == 4  # the multilabel one and membrane, microtubule, actin
     assert all(s.numpy().shape == data.shape for s in segs)
+
+
+@pytest.mark.slow
+def test_watch_segments_runs_as_they_appear(tmp_path):
+    """`--watch`: a run there at the start and one added later are each segmented once, after
+    their tomogram stopped changing; SIGTERM stops the watcher cleanly."""
+    import signal
+    import time
+
+    model = write_tiny_model(tmp_path / "tiny.safetensors")
+    data = np.random.default_rng(4).standard_normal((16, 32, 32)).astype(np.float32)
+    config = make_project(tmp_path / "p", {"TS_a": data})
+
+    def done(name: str) -> bool:
+        run = copick.from_file(str(config)).get_run(name)
+        return run is not None and bool(run.get_segmentations(
+            user_id="tomolive", name=cp.MULTILABEL_NAME, is_multilabel=True))
+
+    def wait_for(name: str, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done(name):
+            assert watcher.poll() is None, watcher.communicate()
+            assert time.monotonic() < deadline, f"{name} not segmented"
+            time.sleep(0.2)
+
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "tomolive", "segment", "--copick", str(config), "--model",
+         str(model), "--device", "cpu", "--watch", "0.3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for("TS_a")
+        root = copick.from_file(str(config))
+        root.new_run("TS_b").new_voxel_spacing(VOXEL_A).new_tomogram("wbp").from_numpy(data)
+        wait_for("TS_b")
+        time.sleep(1.0)  # a few more looks: nothing is segmented twice
+    finally:
+        watcher.send_signal(signal.SIGTERM)
+        out, err = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0, err
+    lines = out.splitlines()
+    assert sum(line.startswith("TS_a: done in") for line in lines) == 1, out
+    assert sum(line.startswith("TS_b: done in") for line in lines) == 1, out
+    assert "tomolive: error" not in err, err
+
+
+def test_fingerprint_waits_for_the_metadata_and_follows_the_data(tmp_path):
+    data = np.zeros((16, 32, 32), np.float32)
+    config = make_project(tmp_path / "p", {"TS_a": data})
+    project = cp.open_project(config)
+    source = cp.find_tomogram(project, "TS_a", 10.0)
+    first = cp.tomogram_fingerprint(source)
+    assert first is not None and first == cp.tomogram_fingerprint(source)
+    attrs = Path(source.tomogram.overlay_path) / ".zattrs"
+    text = attrs.read_text()
+    attrs.unlink()  # as while copick is still writing the levels
+    assert cp.tomogram_fingerprint(source) is None
+    attrs.write_text(text)
+    source.tomogram.from_numpy(np.ones((16, 32, 32), np.float32))
+    assert cp.tomogram_fingerprint(source) not in (None, first)

@@ -242,7 +242,7 @@ def _cmd_segment_copick(args: argparse.Namespace) -> int:
                                                 args.voxel_spacing_a, args.tomo_type)
             timings_s: dict[str, float] = {}
             read_start = time.perf_counter()
-            volume = cp.read_tomogram(source)
+            volume = cp.read_tomogram(source, options.voxel_size_bounds_a)
             timings_s["read"] = time.perf_counter() - read_start
             with _StageProgress(name) as progress:
                 seg = segment(volume, bundle, options, network=network, progress=progress,

@@ -53,7 +53,7 @@ import numpy as np
 from ..core.classes import ClassSpec
 from ..core.filaments import Filament
 from ..core.segmentation import Segmentation
-from ..core.volume import Volume
+from ..core.volume import DEFAULT_VOXEL_SIZE_BOUNDS_A, MIN_DIM, Volume, check_voxel_size
 
 USER_ID = "tomolive"
 MULTILABEL_NAME = "tomolive-labels"
@@ -163,11 +163,18 @@ def find_tomogram(project: Project, run_name: str, model_voxel_a: float,
                           tomogram=tomogram)
 
 
-def read_tomogram(source: TomogramSource) -> Volume:
-    """The full-resolution level of `source` as a float32 [z, y, x] Volume, read once."""
+def read_tomogram(source: TomogramSource,
+                  voxel_size_bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A
+                  ) -> Volume:
+    """The full-resolution level of `source` as a float32 [z, y, x] Volume, read once; checked
+    as `core.volume.read_mrc` checks a file (plausible voxel size, 3-D, large enough, finite)."""
     import zarr
 
     where = f"run {source.run_name}: tomogram {source.tomo_type!r} at {source.voxel_size_a:g} Å"
+    try:
+        check_voxel_size(source.voxel_size_a, voxel_size_bounds_a)
+    except ValueError as error:
+        raise ValueError(f"{where}: voxel spacing {error}") from None
     try:
         group = zarr.open_group(source.tomogram.zarr(), mode="r")
         multiscales = group.attrs.get("multiscales") or [{}]
@@ -179,6 +186,9 @@ def read_tomogram(source: TomogramSource) -> Volume:
         raise ValueError(f"{where}: cannot read ({_first_line(error)})") from None
     if data.ndim != 3:
         raise ValueError(f"{where}: a {data.ndim}-D array {data.shape}, not a 3-D tomogram")
+    if min(data.shape) < MIN_DIM:
+        raise ValueError(f"{where}: too small to segment: {data.shape} (z, y, x); each axis "
+                         f"needs at least {MIN_DIM} voxels")
     if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
         raise ValueError(f"{where}: data type {data.dtype} is not a real number type")
     data = data.astype(np.float32, copy=False)

@@ -394,3 +394,14 @@ def test_fingerprint_waits_for_the_metadata_and_follows_the_data(tmp_path):
     attrs.write_text(text)
     source.tomogram.from_numpy(np.ones((16, 32, 32), np.float32))
     assert cp.tomogram_fingerprint(source) not in (None, first)
+
+
+def test_implausible_spacing_and_tiny_tomograms_are_refused_before_segmenting(tmp_path):
+    data = np.zeros((16, 32, 32), np.float32)
+    config = make_project(tmp_path / "p", {"TS_a": data, "TS_b": data[:4]}, spacing_a=1.0)
+    project = cp.open_project(config)
+    with pytest.raises(ValueError, match=r"run TS_a: .*voxel spacing 1 Å is outside"):
+        cp.read_tomogram(cp.find_tomogram(project, "TS_a", 10.0))
+    source = cp.find_tomogram(project, "TS_b", 10.0)
+    with pytest.raises(ValueError, match=r"run TS_b: .*too small to segment"):
+        cp.read_tomogram(source, voxel_size_bounds_a=(0.5, 50.0))

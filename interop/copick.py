@@ -95,7 +95,11 @@ def open_project(config_path: str | Path, require_runs: bool = True) -> Project:
     """Open a copick project from its config file; ValueError (one line, naming the file) for a
     missing or unreadable file, invalid JSON, a config copick refuses, or (`require_runs`) a
     project with no runs. Opening writes nothing."""
-    import copick
+    try:
+        import copick
+    except ImportError:  # an optional dependency: the `copick` extra
+        raise ValueError("copick is not installed: pip install 'tomolive[copick]' (or "
+                         "pip install copick beside tomolive)") from None
 
     path = Path(config_path)
     try:

@@ -42,7 +42,7 @@ def score_case(bundle, network, case: str, folder: Path) -> dict:
     seed_text, voxel_text, dtype = case.split(":")
     seed, voxel_a = int(seed_text), float(voxel_text)
     result = synthesize(physical_shape((64, 256, 256), voxel_a, 10.0), voxel_a, seed=seed,
-                        simulator="cartoon")  # comparable with the figures in its git log
+                        simulator="cartoon")  # the scenes its earlier figures were measured on
     path = folder / f"s{seed}.mrc"
     write_synth(result, path, dtype=dtype)  # through a file, as the pipeline reads it
     volume = read_mrc(path)

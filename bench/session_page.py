@@ -36,6 +36,7 @@ from tomolive.core.classes import default_class
 from tomolive.core.export import write_outputs
 from tomolive.core.filaments import Filament
 from tomolive.core.particles import ParticleTable
+from tomolive.core.result_folder import read_summary, summary_name, summary_path
 from tomolive.core.segmentation import Segmentation
 from tomolive.daemon import gallery
 from tomolive.daemon.http_server import HttpServer
@@ -57,7 +58,7 @@ def _template(scratch: Path) -> dict:
         model={"name": "bench", "version": "1", "sha256": "ef" * 32},
         input={"path": "/data/template.mrc", "fingerprint": "x"}, settings={})
     folder = write_outputs(scratch, seg)
-    return json.loads((folder / "template_summary.json").read_text())
+    return read_summary(folder)
 
 
 def _tiny_png() -> bytes:
@@ -82,9 +83,9 @@ def make_folders(out: Path, n: int, start: int, template: dict, png: bytes) -> l
                        input={"path": f"/data/{stem}.mrc", "fingerprint": str(i)},
                        counts={"particles": {"ribosome": i % 17, "gold": i % 5},
                                "filaments": {"microtubule": i % 3}},
-                       files=[f"{stem}_preview.png", f"{stem}_summary.json"])
+                       files=[f"{stem}_preview.png", summary_name(stem)])
         (folder / f"{stem}_preview.png").write_bytes(png)
-        (folder / f"{stem}_summary.json").write_text(json.dumps(summary))
+        summary_path(folder).write_text(json.dumps(summary))
         folders.append(folder)
     return folders
 

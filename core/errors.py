@@ -1,5 +1,5 @@
-"""Error text as one line: the form every error about a file takes (DESIGN.md: "a clear one-line
-error naming the file and the problem"), in logs, failure records, summaries and reject notes.
+"""Error text as one line: the form every error about a file takes (a clear one-line error naming
+the file and the problem), in logs, failure records, summaries and reject notes.
 
 File names come from whoever writes into the watched folders. A newline in one would start a
 fake log line ("TS_02.mrc: ok in 3.1s" that never happened), an ANSI escape would repaint the

@@ -1,4 +1,4 @@
-"""Writing one tomogram's results: the output folder of DESIGN.md's contract, published atomically.
+"""Writing one tomogram's results: the output folder (README, "Output files"), published atomically.
 
 Everything is written into a temporary folder beside it (summary last; the names are
 core.result_folder's), then that folder is renamed to `out_parent/STEM`: readers see the whole

@@ -29,6 +29,7 @@ from torch import nn
 from .atomic import atomic_path
 from .classes import ClassSpec
 from .errors import one_line
+from .preprocess import validate_recipe
 from .volume import DEFAULT_VOXEL_SIZE_BOUNDS_A, check_voxel_size
 
 FORMAT_VERSION = 1
@@ -279,7 +280,7 @@ class BundleMeta:
             )
         if not isinstance(self.preprocess, list):
             raise ValueError(f"preprocess must be a list of steps, not {self.preprocess!r}")
-        _validate_recipe_if_available(self.preprocess)
+        validate_recipe(self.preprocess)
         if not isinstance(self.training, dict):
             raise ValueError(f"training must be an object, not {self.training!r}")
         if not isinstance(self.description, str):
@@ -330,15 +331,6 @@ class BundleMeta:
 def _is_sha256(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and \
         all(c in "0123456789abcdef" for c in value)
-
-
-def _validate_recipe_if_available(recipe: list[dict[str, Any]]) -> None:
-    # core.preprocess is a teammate's module: validate with it once it exists.
-    try:
-        from .preprocess import validate_recipe
-    except ImportError:
-        return
-    validate_recipe(recipe)
 
 
 # --------------------------------------------------------------------------------------------

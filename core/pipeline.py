@@ -170,7 +170,7 @@ def segment(
         classes=list(classes),
         particles={name: _particles_to_input(table, grid, beam_axis)
                    for name, table in particles.items()},
-        filaments={name: [_filament_to_input(f, grid, beam_axis) for f in found]
+        filaments={name: [filament_to_input(f, grid, beam_axis) for f in found]
                    for name, found in filaments.items()},
         class_fractions=_class_fractions(labels, classes),
         confidence=_specimen_confidence(prediction.confidence),
@@ -307,20 +307,20 @@ def _uncertain_fraction(prediction: Prediction) -> float:
     return uncertain / candidates if candidates else float("nan")
 
 
-def _points_to_input(zyx_model: np.ndarray, grid: GridMap, beam_axis: int) -> np.ndarray:
+def points_to_input(zyx_model: np.ndarray, grid: GridMap, beam_axis: int) -> np.ndarray:
     """Model-grid (canonical) voxel coordinates -> the input file's own voxel coordinates."""
     zyx = grid.to_input(np.asarray(zyx_model, dtype=np.float64).reshape(-1, 3))
     return swap_zyx_columns(zyx, beam_axis)
 
 
 def _particles_to_input(table: ParticleTable, grid: GridMap, beam_axis: int) -> ParticleTable:
-    return replace(table, zyx=_points_to_input(table.zyx, grid, beam_axis))
+    return replace(table, zyx=points_to_input(table.zyx, grid, beam_axis))
 
 
-def _filament_to_input(filament: Filament, grid: GridMap, beam_axis: int) -> Filament:
+def filament_to_input(filament: Filament, grid: GridMap, beam_axis: int) -> Filament:
     directions = np.asarray(filament.directions_zyx, dtype=np.float64).reshape(-1, 3)
     directions = directions * np.asarray(grid.scale_zyx)  # tangents stretch with the grid
     norms = np.linalg.norm(directions, axis=1, keepdims=True)
     directions = directions / np.where(norms > 0, norms, 1.0)
-    return Filament(points_zyx=_points_to_input(filament.points_zyx, grid, beam_axis),
+    return Filament(points_zyx=points_to_input(filament.points_zyx, grid, beam_axis),
                     directions_zyx=swap_zyx_columns(directions, beam_axis))

@@ -13,7 +13,7 @@ from typing import Any
 from ..core.errors import printable
 
 
-class _EscapeArguments(logging.Filter):
+class EscapeArguments(logging.Filter):
     """Escapes the interpolated values of every record (the format strings are ours; a
     traceback is attached through exc_info, which stays multi-line)."""
 
@@ -37,5 +37,5 @@ def configure_logging(level: int = logging.INFO) -> None:
     """One line per record on stdout (the journal's), every interpolated value escaped."""
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout)
     for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _EscapeArguments) for f in handler.filters):
-            handler.addFilter(_EscapeArguments())
+        if not any(isinstance(f, EscapeArguments) for f in handler.filters):
+            handler.addFilter(EscapeArguments())

@@ -1,4 +1,4 @@
-"""Which output folder belongs to which input file (DESIGN.md: `output_dir/REL/STEM/`).
+"""Which output folder belongs to which input file (`output_dir/REL/STEM/`, README "Output files").
 
 A tomogram's outputs go to a folder named after its stem: `TS_01.mrc` -> `TS_01/`. Two inputs
 in one folder may share a stem (`TS_01.mrc` beside `TS_01.rec`, as reconstruction and a

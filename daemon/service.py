@@ -100,7 +100,7 @@ class Service:
         self.config = config
         self.config_path = config_path
         self.host = socket.gethostname()
-        self.devices = _resolve_devices(config)
+        self.devices = resolve_devices(config)
         self.notifier = SystemdNotifier()
         self.metrics = Metrics(devices=sorted(set(self.devices)))
         self.queue = WorkQueue(config.order)
@@ -764,7 +764,7 @@ class Service:
         return max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
 
 
-def _resolve_devices(config: Config) -> list[str]:
+def resolve_devices(config: Config) -> list[str]:
     """One entry per worker process: `auto` = every visible GPU (else the CPU), `cpu`, or a
     list of GPU ids; each GPU gets `workers_per_gpu` workers, the CPU `cpu_workers`."""
     setting = config.devices

@@ -90,7 +90,7 @@ class Candidate:
 
     @property
     def rel_output(self) -> str:
-        """The output folder relative to output_dir: `session1/TS_01` (DESIGN.md)."""
+        """The output folder relative to output_dir: `session1/TS_01`."""
         return (self.rel_parent / self.stem).as_posix()
 
     @property

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # A wheel built from the repo installs and imports in a clean virtual environment, ships the
-# default model, and its `tomolive` command runs (DESIGN.md: "a wheel built from the repo must
-# install and import in a clean virtual environment").
+# default model, the napari manifest and the page templates, and its `tomolive` command runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}

@@ -152,12 +152,12 @@ def test_example_file_documents_every_setting_with_its_default():
 
 def test_devices_give_one_worker_entry_per_process(tmp_path):
     """Every listed GPU gets `workers_per_gpu` workers; a CPU host gets `cpu_workers`."""
-    from tomolive.daemon.service import _resolve_devices
+    from tomolive.daemon.service import resolve_devices
 
     gpus = load_config(_write(tmp_path, "devices: [0, 2]\nworkers_per_gpu: 2\n"), tmp_path)
-    assert _resolve_devices(gpus) == ["cuda:0", "cuda:0", "cuda:2", "cuda:2"]
+    assert resolve_devices(gpus) == ["cuda:0", "cuda:0", "cuda:2", "cuda:2"]
     cpu = load_config(_write(tmp_path, "devices: cpu\ncpu_workers: 3\n"), tmp_path)
-    assert _resolve_devices(cpu) == ["cpu"] * 3
+    assert resolve_devices(cpu) == ["cpu"] * 3
 
 
 def test_plausibility_bounds_defaults_and_override(tmp_path):

@@ -1,5 +1,5 @@
 """The layout's rules, checked on the source: core never imports daemon or interop (pure
-functions on arrays, DESIGN.md), and no module imports itself back through others."""
+functions on arrays), and no module imports itself back through others."""
 
 from __future__ import annotations
 

@@ -7,13 +7,13 @@ import logging
 from pathlib import Path
 
 from tomolive.core.errors import one_line, printable
-from tomolive.daemon.logs import _EscapeArguments
+from tomolive.daemon.logs import EscapeArguments
 
 
 def _logger(stream: io.StringIO) -> logging.Logger:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.addFilter(_EscapeArguments())  # what configure_logging adds to the root handler
+    handler.addFilter(EscapeArguments())  # what configure_logging adds to the root handler
     logger = logging.getLogger(f"test-logs-{id(stream)}")
     logger.propagate = False
     logger.addHandler(handler)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from tomolive.core.filaments import Filament
-from tomolive.core.pipeline import _filament_to_input, _points_to_input
+from tomolive.core.pipeline import filament_to_input, points_to_input
 from tomolive.core.resample import grid_for
 from tomolive.core.volume import thin_axis, to_canonical
 
@@ -21,7 +21,7 @@ def test_a_voxel_marked_in_the_file_comes_back_to_the_same_file_voxel(file_shape
     grid = grid_for(canonical.shape, 10.0, 13.2)
     canonical_zyx = np.argwhere(canonical == 1).astype(np.float64)
     model_zyx = grid.to_model(canonical_zyx)
-    assert np.allclose(_points_to_input(model_zyx, grid, beam_axis), file_zyx)
+    assert np.allclose(points_to_input(model_zyx, grid, beam_axis), file_zyx)
 
 
 def test_filament_directions_follow_the_axes_of_the_file():
@@ -29,6 +29,6 @@ def test_filament_directions_follow_the_axes_of_the_file():
     grid = grid_for((40, 80, 100), 10.0, 10.0)
     along_canonical_z = Filament(points_zyx=np.array([[1.0, 2.0, 3.0]]),
                                  directions_zyx=np.array([[1.0, 0.0, 0.0]]))
-    mapped = _filament_to_input(along_canonical_z, grid, thin_axis(file_shape))
+    mapped = filament_to_input(along_canonical_z, grid, thin_axis(file_shape))
     assert np.allclose(mapped.directions_zyx, [[0.0, 0.0, 1.0]])  # the file's x axis
     assert np.allclose(mapped.points_zyx, [[3.0, 2.0, 1.0]])

@@ -18,7 +18,7 @@ from ..volume import read_mrc, thin_axis, to_canonical
 from .options import IGNORE, TrainingSource, format_region
 
 # Fewer separate annotated objects (connected regions) of a class than this in the training part
-# of the regions draws a warning: in the issue-4 benchmark, a region holding one short
+# of the regions draws a warning: in bench/train_quality.py, a region holding one short
 # microtubule gave a model that called a fifth of the other tomograms' membrane microtubule.
 MIN_EXAMPLES_PER_CLASS = 3
 

@@ -18,7 +18,7 @@ XY rotations, intensity scale/shift and noise; K is 31 by default (TrainOptions.
 Loss: cross-entropy (ignore_index 255) + soft Dice over the foreground classes present in the
 batch (optionally class-weighted cross-entropy).
 AdamW with a warm-up and cosine decay over the run, whose length is `steps` or `max_minutes`,
-whichever ends first. Options (off by default, not better in the issue-4 benchmark): validate and
+whichever ends first. Options (off by default, not better in bench/train_quality.py): validate and
 save a moving average of the weights, with BatchNorm statistics re-estimated on whole training
 slices (what inference sees) rather than on the class-balanced patches. Deterministic for a seed
 on CPU.

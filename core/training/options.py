@@ -74,11 +74,11 @@ class TrainOptions:
     base_width: int = 16
     # z-slices the network sees around each labelled slice (odd). 31 (31 nm at 10 Å), not the
     # protocol's 5: with 5, a model trained on one region took a microtubule's side walls for
-    # two membranes; in the issue-4 benchmark 21 raised actin Dice from 0.60/0.56 to 0.75/0.66,
+    # two membranes; in bench/train_quality.py 21 raised actin Dice from 0.60/0.56 to 0.75/0.66,
     # and 31 raised microtubule Dice by 0.05-0.22 and membrane by up to 0.06 over 21 on six
     # tomograms (vesicle caps, which the missing wedge hides, are inferred from the slices
     # around them); 41 was worse in its one run. The first conv only grows: +3% inference
-    # FLOPs over 21 (git log of this file).
+    # FLOPs over 21.
     in_slices: int = 31
     levels: int = 5
     model_voxel_size_a: float | None = None  # default: the first tomogram's voxel size
@@ -89,10 +89,10 @@ class TrainOptions:
     augment: bool = True
     # Augmentation: arbitrary in-plane angles, not only 90°. On by default: trained on one
     # region whose microtubules all ran diagonally, a 21-slice model scored microtubule Dice
-    # 0.59/0.08 without it and 0.90/0.88 with it (issue-4 benchmark, seed-20 region).
+    # 0.59/0.08 without it and 0.90/0.88 with it (bench/train_quality.py, seed-20 region).
     rotate_any_angle: bool = True
     # Augmentation: half the patches blurred in-plane with a Gaussian of sigma up to this many
-    # pixels (0 = off). Tried once for the 13.2 Å test's membranes (git log of this file).
+    # pixels (0 = off). The default model's script uses 1.5 (simulated resolution varies).
     blur_max_px: float = 0.0
     # Augmentation: half the patches get a random in-plane amplitude spectrum, a radial gain
     # exp(u * k / Nyquist) with u drawn from +-spectrum_jitter, times a soft low-pass at 0.25-0.5
@@ -101,8 +101,8 @@ class TrainOptions:
     # the patch's mean and spread are kept, so only the spectrum's shape changes. Off by
     # default: issue 14's "model B" used 1.0 with two other changes and was not better.
     spectrum_jitter: float = 0.0
-    # The options below are off by default: in the issue-4 benchmark (10 min, 1 thread, shared
-    # CPU) they did not help (figures in the git log of this file).
+    # The options below are off by default: in bench/train_quality.py (10 min, 1 thread,
+    # shared CPU) none of them raised the test tomograms' Dice.
     # Cross-entropy weight of class c: (background voxels / class-c voxels in the training
     # parts) ** power, at most 10 (0 = unweighted; patches are class-balanced either way).
     class_weight_power: float = 0.0
@@ -110,8 +110,8 @@ class TrainOptions:
     calibrate_bn: bool = False  # BatchNorm statistics re-estimated on whole training slices
     # Which weights the bundle gets: "final" (the end of the cosine schedule) or "best" (the
     # best mean validation Dice seen). "final" by default: the validation strip of a small
-    # region holds few voxels of some classes, and in the issue-4 benchmark "best" picked
-    # step 686 of 2358, whose test Dice was far below the end's (git log of this file).
+    # region holds few voxels of some classes, and in bench/train_quality.py "best" picked
+    # step 686 of 2358, whose test Dice was far below the end's.
     keep: str = "final"
 
     def check(self) -> None:

@@ -120,7 +120,7 @@ def rotate_patch(image: np.ndarray, labels: np.ndarray, angle_deg: float, size: 
     """The centred size x size box of image [K, Q, Q] (bilinear, reflected at the border) and
     labels [Q, Q] (nearest; outside = 255) turned in-plane by `angle_deg`. Filaments and
     membranes run at any angle in a tomogram; 90-degree turns alone teach only four of them
-    (issue 4: a model trained on diagonal microtubules called an upright one membrane).
+    (a model trained on diagonal microtubules called an upright one membrane).
 
     Only the output box is sampled (torch grid_sample), not the whole rotated Q x Q patch:
     1 ms instead of scipy.ndimage.rotate's 24 ms (rotating all of Q x Q) for a 21-slice patch,

@@ -405,3 +405,55 @@ def test_implausible_spacing_and_tiny_tomograms_are_refused_before_segmenting(tm
     source = cp.find_tomogram(project, "TS_b", 10.0)
     with pytest.raises(ValueError, match=r"run TS_b: .*too small to segment"):
         cp.read_tomogram(source, voxel_size_bounds_a=(0.5, 50.0))
+
+
+def test_write_results_of_a_known_segmentation_read_back_with_copick(tmp_path):
+    """Known particles and a known filament, written through copick and read back: points in Å
+    (x, y, z = index * voxel size), scores, filament ids in order, +Z along the tangent."""
+    from tomolive.core.particles import ParticleTable
+    from tomolive.core.segmentation import Segmentation
+
+    data = np.zeros((16, 32, 32), np.float32)
+    config = make_project(tmp_path / "p", {"TS_a": data}, spacing_a=7.5)
+    project = cp.open_project(config)
+    source = cp.find_tomogram(project, "TS_a", 10.0)
+    classes = [default_class(n) for n in ("membrane", "microtubule", "actin", "ribosome",
+                                          "gold")]
+    labels = np.zeros(data.shape, np.int8)
+    labels[2:4] = 1
+    labels[8, 10:20, 5] = 2
+    particles = {"ribosome": ParticleTable("ribosome", [[1.0, 2.0, 3.0], [4.5, 5.25, 6.0]],
+                                           [0.9, 0.6], [10, 12]),
+                 "gold": ParticleTable("gold", np.zeros((0, 3)), [], [])}
+    tangent = np.tile([0.0, 1.0, 0.0], (3, 1))
+    filament = Filament(points_zyx=[[8.0, 10.0, 5.0], [8.0, 14.0, 5.0], [8.0, 18.0, 5.0]],
+                        directions_zyx=tangent)
+    seg = Segmentation(stem="TS_a", labels=labels, voxel_size_a=7.5, origin_xyz_a=(0, 0, 0),
+                       classes=classes, particles=particles,
+                       filaments={"microtubule": [filament], "actin": []})
+    match = cp.match_objects(project, classes)
+    written = cp.write_results(project, source, seg, "known", match)
+    assert written[-1] == f"{cp.MULTILABEL_NAME} segmentation"
+    run = copick.from_file(str(config)).get_run("TS_a")
+
+    (ribosomes,) = run.get_picks(object_name="ribosome", user_id="tomolive", session_id="known")
+    xyz, _ = ribosomes.numpy()
+    np.testing.assert_allclose(xyz, [[22.5, 15.0, 7.5], [45.0, 39.375, 33.75]])
+    np.testing.assert_allclose(ribosomes.scores(), [0.9, 0.6], rtol=1e-6)
+    (gold,) = run.get_picks(object_name="gold", user_id="tomolive", session_id="known")
+    assert gold.numpy()[0].shape == (0, 3)
+
+    (tubes,) = run.get_picks(object_name="microtubule", user_id="tomolive", session_id="known")
+    xyz, transforms = tubes.numpy()
+    np.testing.assert_allclose(xyz, [[37.5, 75.0, 60.0], [37.5, 105.0, 60.0],
+                                     [37.5, 135.0, 60.0]])
+    assert list(tubes.instance_ids()) == [1, 1, 1]
+    np.testing.assert_allclose(transforms[:, :3, :3] @ [0, 0, 1.0], [[0, 1.0, 0]] * 3,
+                               atol=1e-12)
+
+    (multilabel,) = run.get_segmentations(user_id="tomolive", session_id="known",
+                                          is_multilabel=True)
+    np.testing.assert_array_equal(multilabel.numpy(), labels)
+    assert multilabel.voxel_size == 7.5
+    assert cp.is_done(cp.open_project(config), source, "known")
+    assert not cp.is_done(cp.open_project(config), source, "other")

@@ -60,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 # --- segment ----------------------------------------------------------------------------------
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("segment", help="segment tomogram files into DIR/STEM/")
-    p.add_argument("tomograms", nargs="+", metavar="TOMO", type=Path)
-    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p = sub.add_parser("segment", help="segment tomogram files into DIR/STEM/, or the runs of "
+                                       "a copick project back into it (--copick)")
+    p.add_argument("tomograms", nargs="*", metavar="TOMO", type=Path)
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="the output folder (required for files; with --copick, also write "
+                        "the usual result folders there)")
     p.add_argument("--model", type=Path, metavar="FILE",
                    help="model bundle (.safetensors); default: the shipped default model")
     p.add_argument("--pixel-size", type=float, metavar="A", dest="pixel_size_a",
@@ -79,6 +82,21 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--relative-to", type=Path, metavar="ROOT",
                    help="with --claim: the daemons' watched root; outputs and leases follow "
                         "the files' folders below it, as the daemons' do")
+    c = p.add_argument_group("copick projects (interop/copick.py)")
+    c.add_argument("--copick", type=Path, metavar="CONFIG.json",
+                   help="segment the runs of this copick project and write the results back "
+                        "through copick (user id tomolive)")
+    c.add_argument("--run", action="append", default=[], metavar="NAME", dest="runs",
+                   help="a run to segment (repeatable; default: every run)")
+    c.add_argument("--copick-session", metavar="ID",
+                   help="the session id to write under (default: MODEL-vVERSION)")
+    c.add_argument("--tomo-type", metavar="T",
+                   help="the tomogram type to read (default: the first at the voxel spacing)")
+    c.add_argument("--voxel-spacing", type=float, metavar="A", dest="voxel_spacing_a",
+                   help="the voxel spacing to read (default: the one nearest the model's)")
+    c.add_argument("--watch", type=float, metavar="SECONDS",
+                   help="keep watching the project: segment new runs and tomograms as they "
+                        "appear, looking every SECONDS")
     p.set_defaults(handler=_cmd_segment)
 
 
@@ -145,6 +163,14 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from ..core.pipeline import segment_file
     from .holds import stage_hold, with_progress, with_publish_hook
 
+    if args.copick is not None:
+        return _cmd_segment_copick(args)
+    if (args.runs or args.copick_session or args.tomo_type or args.voxel_spacing_a
+            or args.watch is not None):
+        raise CommandError("--run, --copick-session, --tomo-type, --voxel-spacing and --watch "
+                           "need --copick CONFIG.json")
+    if not args.tomograms or args.out is None:
+        raise CommandError("segment needs TOMO... and --out DIR (or --copick CONFIG.json)")
     if not args.claim:  # with --claim, --relative-to keeps the folders apart (batch.py)
         _refuse_shared_outputs(args.tomograms, args.out)
     bundle = load_model_or_default(args.model)
@@ -173,6 +199,126 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             continue
         print(tomogram_done_line(seg, out_dir))
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def _cmd_segment_copick(args: argparse.Namespace) -> int:
+    """`segment --copick`: each run's tomogram in, its results back through copick; one line
+    per run (the done line, or the error), exit status 1 if any run failed."""
+    from ..core.export import write_outputs
+    from ..core.infer import prepare_network
+    from ..core.pipeline import segment
+    from ..core.star import tilt_series_name
+    from ..interop import copick as cp
+
+    if args.tomograms:
+        raise CommandError("--copick segments the project's runs: give runs with --run, "
+                           "not tomogram files")
+    if args.claim:
+        raise CommandError("--claim does not apply to --copick")
+    if args.pixel_size_a is not None:
+        raise CommandError("--pixel-size does not apply to --copick (the voxel size is the "
+                           "voxel spacing's; choose one with --voxel-spacing)")
+    # Watching may start before the first run exists; a plain run needs one.
+    project = cp.open_project(args.copick, require_runs=args.watch is None)
+    bundle = load_model_or_default(args.model)
+    session = (cp.check_session_id(args.copick_session) if args.copick_session else
+               cp.default_session_id(bundle.meta.name, bundle.meta.version))
+    options = _segment_options(args)
+    match = cp.match_objects(project, bundle.classes)
+    network = prepare_network(bundle, options.inference.device)
+    print(f"model {bundle.meta.name} v{bundle.meta.version} ({bundle.sha256[:12]}) "
+          f"at {bundle.meta.voxel_size_a:g} Å on {options.inference.device}; copick "
+          f"{args.copick} as {cp.USER_ID}/{session}", file=sys.stderr)
+    for warning in match.warnings:
+        print(f"warning: {one_line(warning)}", file=sys.stderr)
+    def one(name: str, source=None, current=None) -> bool:
+        """Segment run `name` (its tomogram `source`, when already chosen) and write back
+        into `current` (the project as last opened; default: as opened here); one line
+        either way; True when it worked."""
+        target = current or project
+        try:
+            start = time.perf_counter()
+            source = source or cp.find_tomogram(target, name, float(bundle.meta.voxel_size_a),
+                                                args.voxel_spacing_a, args.tomo_type)
+            timings_s: dict[str, float] = {}
+            read_start = time.perf_counter()
+            volume = cp.read_tomogram(source, options.voxel_size_bounds_a)
+            timings_s["read"] = time.perf_counter() - read_start
+            with _StageProgress(name) as progress:
+                seg = segment(volume, bundle, options, network=network, progress=progress,
+                              stem=name, timings_s=timings_s)
+            if args.out is not None:  # STAR files name the tilt series after the run
+                seg.tilt_series_name = tilt_series_name(name, options.tilt_series_pattern)
+                write_outputs(args.out, seg, tomogram=volume.data, start_time=start)
+            write_start = time.perf_counter()
+            written = cp.write_results(target, source, seg, session, match)
+            seg.timings_s["write"] = (seg.timings_s.get("write", 0.0)
+                                      + time.perf_counter() - write_start)
+        except (ValueError, OSError, RuntimeError) as error:
+            print(f"tomolive: error: {one_line(error)}", file=sys.stderr, flush=True)
+            return False
+        destination = (f"copick {name} ({source.tomo_type} at {source.voxel_size_a:g} Å, "
+                       f"{cp.USER_ID}/{session}: {len(written)} records)")
+        print(tomogram_done_line(seg, destination), flush=True)
+        return True
+
+    if args.watch is not None:
+        return _watch_copick(args, project, session, bundle, one)
+    failures = sum(not one(name) for name in args.runs or project.run_names)
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def _watch_copick(args: argparse.Namespace, project, session: str, bundle,
+                  one: Callable[..., bool]) -> int:
+    """`segment --copick --watch S`: every S seconds, the runs (of --run, else all, new ones
+    included) whose tomogram has no results under this session yet and has not changed since
+    the previous look (still being written otherwise) are segmented. A failed tomogram is not
+    retried until it changes. Runs until interrupted (Ctrl-C, SIGTERM)."""
+    import signal
+
+    from ..interop import copick as cp
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    seen: dict[str, tuple] = {}  # run -> the fingerprint at the previous look
+    failed: dict[str, tuple] = {}  # run -> the fingerprint it failed with
+    last_error = ""
+    print(f"watching {args.copick} every {args.watch:g} s (Ctrl-C stops)", file=sys.stderr,
+          flush=True)
+    try:
+        while True:
+            try:
+                project = cp.open_project(args.copick, require_runs=False)  # new runs
+                names = args.runs or project.run_names
+            except ValueError as error:  # the config is being rewritten, say: look again
+                if one_line(error) != last_error:  # once, not at every look
+                    print(f"tomolive: error: {one_line(error)}", file=sys.stderr, flush=True)
+                last_error, names = one_line(error), []
+            else:
+                last_error = ""
+            for name in names:
+                try:
+                    source = cp.find_tomogram(project, name, float(bundle.meta.voxel_size_a),
+                                              args.voxel_spacing_a, args.tomo_type)
+                    if cp.is_done(project, source, session):
+                        continue
+                    fingerprint = cp.tomogram_fingerprint(source)
+                except ValueError:
+                    continue  # no tomogram (yet)
+                previous = seen.get(name)
+                seen[name] = fingerprint
+                if fingerprint is None or fingerprint != previous:
+                    continue  # new or still changing: wait one more look
+                if failed.get(name) == fingerprint:
+                    continue
+                if not one(name, source, project):
+                    failed[name] = fingerprint
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        print("tomolive: stopped watching", file=sys.stderr)
+        return EXIT_OK
 
 
 class _StageProgress:

@@ -1,1 +1,2 @@
-"""Adapters that let other tools open tomolive's results (napari; more to come: copick)."""
+"""Adapters that let other tools open tomolive's results (napari) and that segment other tools'
+projects in place (copick)."""

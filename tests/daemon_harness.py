@@ -274,8 +274,26 @@ def descendant_pids(pid: int) -> list[int]:
 
 
 def partial_outputs(outputs: Path) -> list[Path]:
-    """Hidden temporary or set-aside folders a crash could leave (core.result_folder)."""
-    return [p for p in outputs.rglob(".*") if is_unfinished_name(p.name)]
+    """Hidden temporary or set-aside result folders a crash could leave (core.result_folder).
+    Folders only: while a daemon runs, the gallery's atomic file writes (core.atomic) show the
+    same infix for an instant after a summary appears; `unfinished_files` checks them once the
+    daemon has stopped."""
+    return [p for p in _names_under(outputs) if is_unfinished_name(p.name) and p.is_dir()]
+
+
+def unfinished_files(outputs: Path) -> list[Path]:
+    """Everything under `outputs` still under a temporary or set-aside name: after a clean stop
+    (no write in flight) this must be empty, files and folders alike."""
+    return [p for p in _names_under(outputs) if is_unfinished_name(p.name)]
+
+
+def _names_under(folder: Path) -> list[Path]:
+    """Every file and folder under `folder`; os.walk, unlike Path.rglob, shrugs off a folder
+    renamed away while it walks (a publish finishing meanwhile)."""
+    found = []
+    for parent, folders, files in os.walk(folder):
+        found += [Path(parent) / name for name in folders + files]
+    return found
 
 
 def summary_counts(outputs: Path) -> dict[str, int]:

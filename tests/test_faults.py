@@ -36,6 +36,7 @@ from .daemon_harness import (
     partial_outputs,
     pid_alive,
     tomogram_bytes,
+    unfinished_files,
     wait_until,
     write_tiny_model,
 )
@@ -135,6 +136,7 @@ def test_a_stopped_worker_is_killed_replaced_and_its_tomogram_done_without_an_at
         assert _sample(metrics, "tomolive_unkillable_workers") == 0
         assert _healthz(d) == 200
         assert d.stop() == 0
+        assert unfinished_files(d.outputs) == []  # no write in flight now: none half-done
     finally:
         with_pid = locals().get("pid")
         if with_pid and pid_alive(with_pid):
@@ -199,6 +201,7 @@ def test_a_full_output_disk_pauses_work_names_the_cause_and_resumes_when_freed(t
         assert _sample(metrics, "tomolive_faults_total", category="environment") >= 1
         assert _sample(metrics, "tomolive_dispatch_paused") == 0
         assert d.stop() == 0
+        assert unfinished_files(d.outputs) == []
     finally:
         d.kill()
         subprocess.run(["umount", "-l", str(d.outputs)], capture_output=True)

@@ -26,6 +26,7 @@ from .daemon_harness import (
     partial_outputs,
     summary_counts,
     tomogram_bytes,
+    unfinished_files,
     write_tiny_model,
 )
 
@@ -253,3 +254,4 @@ def test_holder_stopped_while_writing_its_temporary_folder_records_no_failure(sh
     assert summary_counts(b.outputs) == {"big": 1}
     assert partial_outputs(b.outputs) == []
     assert a.stop() == 0 and b.stop() == 0
+    assert unfinished_files(b.outputs) == []

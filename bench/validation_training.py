@@ -10,6 +10,7 @@ Routes, each at the same budget of `--minutes` per run:
             (the remaining two fifths)
 
     python bench/validation_training.py --routes scratch init --seeds 0 1 2 --minutes 10
+    python bench/validation_training.py --routes init --option class_weight_power=0.5
 
 Prints JSON: per route and seed the training's own validation Dice and the scores on each test
 tomogram; per route the mean and spread (sample standard deviation) over seeds. The rule of the
@@ -56,6 +57,8 @@ def train(labels: Path, classes: list[str], minutes: float, seed: int, out: Path
                "--max-minutes", minutes, "--device", "cpu", "--seed", seed, "--out", out]
     if init:
         command += ["--init", init]
+    for option in args.option:
+        command += ["--option", option]
     tomolive(command, args.threads)
     return out
 
@@ -143,6 +146,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch threads of every command (1 thread = the minutes are CPU-minutes)")
     p.add_argument("--init-model", type=Path, default=None,
                    help="route init fine-tunes this bundle (default: the shipped default model)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="passed to every `tomolive train` (a TrainOptions tuning field)")
     p.add_argument("--validation-dir", type=Path, default=DEFAULT_VALIDATION_DIR)
     p.add_argument("--keep", type=Path, default=None, help="keep models and outputs here")
     args = p.parse_args(argv)
@@ -156,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report: dict = {"benchmark": "validation_training", "command": " ".join(sys.argv),
                     "region": f"{TRAIN_TOMOGRAM} {REGION}", "minutes": args.minutes,
-                    "threads": args.threads, "torch": torch.__version__, "routes": {}}
+                    "threads": args.threads, "train_options": args.option,
+                    "torch": torch.__version__, "routes": {}}
     with tempfile.TemporaryDirectory(prefix="tomolive-valtrain-") as tmp:
         root = args.keep or Path(tmp)
         for route in args.routes:

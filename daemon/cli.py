@@ -463,6 +463,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", choices=("final", "best"), default="final",
                    help="weights saved: at the end of the run (default) or those with the best "
                         "mean validation Dice")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a tuning field of tomolive.core.training.TrainOptions (repeat), "
+                        "e.g. class_weight_power=0.5; for comparing recipes")
     p.set_defaults(handler=_cmd_train)
 
 
@@ -491,6 +494,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model_voxel_size_a=args.model_pixel_size, name=args.name or args.out.stem,
         keep=args.keep, **({"base_width": args.base_width} if args.base_width else {}),
         **({"in_slices": args.in_slices} if args.in_slices else {}),
+        **_parsed_options(args.option),
     )
     init = None
     if args.init:
@@ -504,6 +508,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"{args.out}: {trained.meta.name} v{trained.meta.version} ({kept}), validation Dice "
           + " ".join(f"{k}={v:.2f}" for k, v in dice.items()))
     return EXIT_OK
+
+
+def _parsed_options(texts: list[str]) -> dict:
+    from ..core import training
+
+    try:
+        return dict(training.parse_option(text) for text in texts)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _warn_line(message: str) -> None:

@@ -61,6 +61,27 @@ def test_train_rejects_a_missing_stop_condition_in_one_line(tmp_path):
     assert run.stderr.strip() == "tomolive: error: give --steps N and/or --max-minutes M"
 
 
+def test_train_option_sets_a_tuning_field_and_refuses_others_in_one_line(tmp_path):
+    result = synthesize((24, 64, 64), 10.0, seed=7, simulator="cartoon")
+    tomogram, labels = tmp_path / "t.mrc", tmp_path / "t_labels.mrc"
+    write_synth(result, tomogram)
+    write_mrc(labels, (result.labels == 1).astype(np.int8), 10.0)
+    common = ["train", "--tomogram", tomogram, "--labels", labels, "--classes", "membrane",
+              "--steps", "1", "--base-width", "4", "--device", "cpu"]
+    out = tmp_path / "m.safetensors"
+    run = tomolive(*common, "--option", "class_weight_power=0.5", "--option", "patch_px=32",
+                   "--out", out)
+    assert run.returncode == 0, run.stderr
+    training = load_bundle(out).meta.training
+    assert training["class_weight_power"] == 0.5 and training["patch_px"] == 32
+    run = tomolive(*common, "--option", "steps=9", "--out", tmp_path / "x.safetensors")
+    assert run.returncode == 1 and not (tmp_path / "x.safetensors").exists()
+    assert run.stderr.strip().startswith(
+        "tomolive: error: option 'steps' is not a training option; one of batch_size, ")
+    run = tomolive(*common, "--option", "patch_px=big", "--out", tmp_path / "x.safetensors")
+    assert run.stderr.strip() == "tomolive: error: option patch_px='big' is not an int"
+
+
 def test_train_init_default_fine_tunes_the_shipped_model(tmp_path):
     from tomolive.core.classes import SYNTH_CLASS_NAMES
     from tomolive.core.model import default_bundle_path

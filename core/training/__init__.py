@@ -32,6 +32,7 @@ from .options import (
     class_specs_for,
     format_region,
     load_class_overrides,
+    parse_option,
     parse_region,
 )
 from .sampling import Sampler, random_spectrum, rotate_patch
@@ -41,6 +42,6 @@ __all__ = [
     "IGNORE", "MIN_EXAMPLES_PER_CLASS", "Part", "ProgressFn", "Sampler", "TrainOptions",
     "TrainProgress", "TrainedModel", "TrainingSource", "annotation_counts", "calibrate_batchnorm",
     "class_specs_for", "distill", "format_region", "load_class_overrides", "masked_loss",
-    "parse_region", "prepare_source", "random_spectrum", "rotate_patch", "sparse_class_warnings",
-    "split_region", "train", "validation_dice",
+    "parse_option", "parse_region", "prepare_source", "random_spectrum", "rotate_patch",
+    "sparse_class_warnings", "split_region", "train", "validation_dice",
 ]

@@ -139,6 +139,36 @@ class TrainOptions:
             raise ValueError(f"batch_size {self.batch_size} / patch_px {self.patch_px} too small")
 
 
+# Fields `parse_option` may set: the tuning knobs. The others (sources of data, names, budget,
+# device) have flags of their own on `tomolive train`.
+TUNABLE_OPTIONS = ("batch_size", "patch_px", "learning_rate", "weight_decay",
+                   "validation_fraction", "base_width", "in_slices", "levels", "augment",
+                   "rotate_any_angle", "blur_max_px", "spectrum_jitter", "class_weight_power",
+                   "ema_decay", "calibrate_bn", "keep")
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """"NAME=VALUE" for a TrainOptions tuning field (TUNABLE_OPTIONS), VALUE converted to the
+    field's type. Raises ValueError naming the problem."""
+    name, sep, value = str(text).partition("=")
+    name, value = name.strip().replace("-", "_"), value.strip()
+    if not sep or not name:
+        raise ValueError(f"option {text!r} must be NAME=VALUE")
+    if name not in TUNABLE_OPTIONS:
+        raise ValueError(f"option {name!r} is not a training option; one of "
+                         f"{', '.join(TUNABLE_OPTIONS)}")
+    kind = type(getattr(TrainOptions(), name))
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return name, value.lower() in ("true", "1", "yes")
+        return name, kind(value)
+    except ValueError:
+        article = "an" if kind is int else "a"
+        raise ValueError(f"option {name}={value!r} is not {article} {kind.__name__}") from None
+
+
 @dataclass
 class TrainProgress:
     """What the progress callback gets: `total_steps` is None for a time-only budget."""

@@ -267,6 +267,47 @@ def test_blur_augmentation_smooths_patches_and_is_off_by_default():
         tiny_options(blur_max_px=-1.0).check()
 
 
+def test_z_edge_neighbourhoods_are_the_ones_inference_builds_at_a_volume_edge():
+    from tomolive.core.infer import neighbour_indices
+
+    # Every neighbourhood z_edge_indices makes is one core.infer feeds the network for a slice
+    # within in_slices // 2 of the top or bottom (shifted so that the centre is slice 7), and
+    # every such one is made.
+    k, depth = 15, 40
+    made = {tuple(T.z_edge_indices(k, np.random.default_rng(seed))) for seed in range(400)}
+    at_edges = {tuple(neighbour_indices(z, depth, k) - z + k // 2)
+                for z in [*range(k // 2 + 1), *range(depth - 1 - k // 2, depth)]}
+    assert made == at_edges and len(made) == k  # the middle one (no edge in reach) is shared
+
+    rng = np.random.default_rng(0)
+    part = T.Part(rng.standard_normal((9 + 4, 48, 48)).astype(np.float32),
+                   rng.integers(0, 3, (9, 48, 48)).astype(np.uint8))
+    part.build_index()
+    before = part.image.copy()
+
+    def patches(**kwargs) -> np.ndarray:
+        sampler = T.Sampler([part], 5, 32, np.random.default_rng(7), True, **kwargs)
+        return sampler.batch(64)[0].numpy()
+
+    def repeated_slices(x: np.ndarray) -> int:
+        """Patches with two z-neighbours alike: the part's slices are independent noise, so
+        only a repeated edge slice (under the augmentation's own noise) makes them alike."""
+        a, b = x[:, 1:].reshape(*x.shape[:1], x.shape[1] - 1, -1), x[:, :-1].reshape(
+            *x.shape[:1], x.shape[1] - 1, -1)
+        a, b = a - a.mean(-1, keepdims=True), b - b.mean(-1, keepdims=True)
+        correlation = (a * b).sum(-1) / np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+        return int((correlation > 0.5).any(axis=1).sum())
+
+    assert np.array_equal(patches(), patches(z_edge_share=0.0))  # off: the stream as before
+    assert repeated_slices(patches()) == 0
+    # Half the patches get an edge, two thirds of those within reach of the centre (k = 5):
+    # about 21 of 64.
+    assert 10 < repeated_slices(patches(z_edge_share=0.5)) < 34
+    assert np.array_equal(part.image, before)  # the part's image is not written through
+    with pytest.raises(ValueError, match="z_edge_share must be in"):
+        tiny_options(z_edge_share=1.5).check()
+
+
 @pytest.mark.parametrize("in_slices", [0, 4, 65])
 def test_in_slices_must_be_odd_and_in_range(in_slices):
     with pytest.raises(ValueError, match=f"in_slices must be odd and 1..63 .*not {in_slices}"):

@@ -170,7 +170,7 @@ def train(
         warn(message)
     sampler = Sampler(train_parts, in_slices, options.patch_px, rng, options.augment,
                        options.rotate_any_angle, options.blur_max_px,
-                       options.spectrum_jitter)
+                       options.spectrum_jitter, options.z_edge_share)
     val_parts = [p.validation for p in prepared if p.validation is not None]
     run = _run(network, sampler, val_parts, names, options, in_slices, device, progress)
 
@@ -306,6 +306,7 @@ def _meta(
         "rotate_any_angle": options.rotate_any_angle,
         "blur_max_px": options.blur_max_px,
         "spectrum_jitter": options.spectrum_jitter,
+        "z_edge_share": options.z_edge_share,
         "ema_decay": options.ema_decay,
         "class_weight_power": options.class_weight_power,
         "calibrate_bn": options.calibrate_bn,

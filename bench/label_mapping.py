@@ -49,7 +49,8 @@ def score_case(bundle, network, case: str, folder: Path) -> dict:
     model_a = float(bundle.meta.voxel_size_a)
     grid = grid_for(volume.data.shape, volume.voxel_size_a, model_a)
     data = apply_recipe(fourier_rescale(volume.data, grid), model_a, bundle.meta.preprocess)
-    prediction = predict(network, data, bundle.meta.in_slices, InferenceOptions(device="cpu"))
+    prediction = predict(network, data, bundle.meta.in_slices, InferenceOptions(device="cpu"),
+                         z_edge=bundle.meta.z_edge)
     labels = clean_labels(prediction.labels, bundle.classes, model_a)
     names = [c.name for c in bundle.classes]
     out = {"case": case, "input_shape_zyx": list(grid.input_shape),

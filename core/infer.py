@@ -3,9 +3,10 @@
 Host memory stays bounded: the result is an int8 argmax and a uint8 confidence per voxel;
 float tensors exist only for the current batch of slices (on the device).
 
-Slice neighbourhoods at the volume's z edges are CLAMPED (the first/last slice is repeated):
-slice z sees slices clip(z - r .. z + r, 0, depth - 1) with r = in_slices // 2. Training must
-build its inputs the same way: use `neighbour_indices`.
+Slice z sees slices z - r .. z + r (r = in_slices // 2); beyond the volume's top and bottom the
+bundle's `z_edge` says what stands in (core.model.Z_EDGE_MODES): "reflect" mirrors the volume at
+its edge slice, "clamp" (bundles from before the choice) repeats the edge slice. Training builds
+its inputs the same way: `neighbour_indices` and `edge_indices` are the one home of the rule.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import ModelBundle, fuse_for_inference
+from .model import Z_EDGE_MODES, ModelBundle, fuse_for_inference
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 
@@ -153,10 +154,25 @@ def auto_batch_size(device: torch.device, tile_pixels: int) -> int:
     return max(1, min(64, budget // max(1, tile_pixels)))
 
 
-def neighbour_indices(z: np.ndarray | int, depth: int, in_slices: int) -> np.ndarray:
-    """Slice indices fed to the network for centre slice(s) z: [..., in_slices], clamped."""
+def edge_indices(index: np.ndarray, depth: int, z_edge: str = "clamp") -> np.ndarray:
+    """Slice indices of a volume of `depth` slices for any integer indices: those beyond the
+    top or bottom repeat the edge slice ("clamp") or mirror the volume there ("reflect": -1 is
+    slice 1, depth is slice depth - 2, as numpy's reflect padding)."""
+    index = np.asarray(index)
+    if z_edge == "clamp" or depth == 1:
+        return np.clip(index, 0, depth - 1)
+    if z_edge != "reflect":
+        raise ValueError(f"z_edge {z_edge!r} is not one of {', '.join(Z_EDGE_MODES)}")
+    period = 2 * (depth - 1)
+    index = np.abs(index) % period
+    return np.where(index >= depth, period - index, index)
+
+
+def neighbour_indices(z: np.ndarray | int, depth: int, in_slices: int,
+                      z_edge: str = "clamp") -> np.ndarray:
+    """Slice indices fed to the network for centre slice(s) z: [..., in_slices]."""
     offsets = np.arange(in_slices) - in_slices // 2
-    return np.clip(np.asarray(z)[..., None] + offsets, 0, depth - 1)
+    return edge_indices(np.asarray(z)[..., None] + offsets, depth, z_edge)
 
 
 def tile_starts(length: int, tile_max: int, overlap: int, multiple: int) -> tuple[list[int], int]:
@@ -253,8 +269,10 @@ def iter_probabilities(
     data_f32: np.ndarray,
     in_slices: int,
     options: InferenceOptions,
+    z_edge: str = "clamp",
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (z0, probabilities [B, C, H, W] float32 on the device) batch by batch.
+    """Yield (z0, probabilities [B, C, H, W] float32 on the device) batch by batch; `z_edge`
+    is the bundle's (BundleMeta.z_edge).
 
     The building block of `predict`; exposed for tests and tools that need the probabilities
     of a few slices. Never collect all batches of a large volume.
@@ -274,7 +292,7 @@ def iter_probabilities(
     batch_size = options.batch_size or auto_batch_size(device, tile_y * tile_x)
     for z0 in range(0, depth, batch_size):
         z1 = min(z0 + batch_size, depth)
-        index = neighbour_indices(np.arange(z0, z1), depth, in_slices)
+        index = neighbour_indices(np.arange(z0, z1), depth, in_slices, z_edge)
         # Copy only the distinct slices this batch needs to the device, then gather there.
         lo, hi = int(index.min()), int(index.max()) + 1
         slab = torch.from_numpy(np.ascontiguousarray(data_f32[lo:hi], dtype=np.float32))
@@ -318,8 +336,10 @@ def predict(
     in_slices: int,
     options: InferenceOptions | None = None,
     progress: Callable[[int], None] | None = None,
+    z_edge: str = "clamp",
 ) -> Prediction:
-    """Segment every z-slice of `data_f32` [z, y, x] (preprocessed, on the model grid).
+    """Segment every z-slice of `data_f32` [z, y, x] (preprocessed, on the model grid);
+    `in_slices` and `z_edge` are the bundle's.
 
     `network` is on its device in eval mode (see `prepare_network`); the input may be a
     memory map. progress(n_slices_done) is called after every batch.
@@ -331,7 +351,7 @@ def predict(
     candidates = np.zeros(depth, dtype=np.int64)
     uncertain = np.zeros(depth, dtype=np.int64)
     with torch.inference_mode():
-        for z0, probs in iter_probabilities(network, data_f32, in_slices, options):
+        for z0, probs in iter_probabilities(network, data_f32, in_slices, options, z_edge):
             if probs.shape[1] > 127:
                 raise ValueError(f"{probs.shape[1]} classes do not fit int8 labels")
             best, arg = probs.max(dim=1)

@@ -36,6 +36,9 @@ FORMAT_VERSION = 1
 METADATA_KEY = "tomolive"
 ARCH_NAME = "unet25d"
 _ARCH_INT_KEYS = ("in_slices", "base_width", "levels", "n_classes")
+# What stands in for the slices beyond a volume's top and bottom in a network's input
+# (core.infer.edge_indices). A bundle without the field was trained with "clamp".
+Z_EDGE_MODES = ("clamp", "reflect")
 # A safetensors header larger than this is not a model bundle (ours are a few kB).
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
 
@@ -225,6 +228,7 @@ class BundleMeta:
     format_version: int = FORMAT_VERSION
     # sha256 of the weights (`weights_sha256`), set by save_bundle; None in older bundles.
     weights_sha256: str | None = None
+    z_edge: str = "clamp"  # Z_EDGE_MODES: how this network's inputs are built at z edges
 
     def __post_init__(self) -> None:
         # Accept class specs as JSON objects too (what comes out of a YAML or JSON file).
@@ -285,6 +289,9 @@ class BundleMeta:
             raise ValueError(f"training must be an object, not {self.training!r}")
         if not isinstance(self.description, str):
             raise ValueError(f"description must be a string, not {self.description!r}")
+        if self.z_edge not in Z_EDGE_MODES:
+            raise ValueError(f"z_edge must be one of {', '.join(Z_EDGE_MODES)}, not "
+                             f"{self.z_edge!r}")
         digest = self.weights_sha256
         if digest is not None and not _is_sha256(digest):
             raise ValueError(f"weights_sha256 must be 64 hex digits or null, not {digest!r}")
@@ -294,6 +301,8 @@ class BundleMeta:
         out["classes"] = [c.to_json() for c in self.classes]
         if out["weights_sha256"] is None:
             del out["weights_sha256"]  # a document without a checksum stays as it was
+        if out["z_edge"] == "clamp":
+            del out["z_edge"]  # as bundles from before the field: readable by older tomolive
         return out
 
     @classmethod

@@ -139,6 +139,7 @@ def segment(
             network, model_data, meta.architecture["in_slices"], options.inference,
             progress=None if progress is None else
             (lambda done: progress("inference", done / n_slices)),
+            z_edge=meta.z_edge,
         )
     del model_data  # the largest float array of the run: free it before post-processing
     classes = bundle.classes

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             # script reproduces. Blur: the simulated resolution varies with defocus and dose,
             # real data vary more.
             in_slices=31, rotate_any_angle=True, blur_max_px=1.5,
-            z_edge_share=0.0,  # whole volumes: their edges are real ones
+            z_edge="clamp", z_edge_share=0.0,  # the shipped weights' rule; whole volumes
             name="tomolive-default",
             description=(
                 "Default model. Trained ONLY on tomolive's own microscope simulator "

@@ -14,6 +14,7 @@ from tomolive.core.infer import (
     InferenceOptions,
     Prediction,
     auto_batch_size,
+    edge_indices,
     iter_probabilities,
     neighbour_indices,
     predict,
@@ -111,6 +112,33 @@ def test_neighbour_indices_clamp_at_edges() -> None:
     assert neighbour_indices(31, 32, 5).tolist() == [29, 30, 31, 31, 31]
     assert neighbour_indices(np.array([5, 6]), 32, 3).tolist() == [[4, 5, 6], [5, 6, 7]]
     assert neighbour_indices(0, 1, 5).tolist() == [0, 0, 0, 0, 0]
+
+
+def test_neighbour_indices_reflect_at_edges_as_numpy_pads() -> None:
+    assert neighbour_indices(0, 32, 5, "reflect").tolist() == [2, 1, 0, 1, 2]
+    assert neighbour_indices(31, 32, 5, "reflect").tolist() == [29, 30, 31, 30, 29]
+    assert neighbour_indices(0, 1, 5, "reflect").tolist() == [0, 0, 0, 0, 0]
+    # A volume thinner than the neighbourhood bounces back and forth, as np.pad's reflect.
+    for depth in (2, 3, 7):
+        volume = np.arange(depth)
+        padded = np.pad(volume, 9, mode="reflect")
+        for z in range(depth):
+            assert neighbour_indices(z, depth, 19, "reflect").tolist() == \
+                padded[z:z + 19].tolist()
+    with pytest.raises(ValueError, match="z_edge 'wrap' is not one of clamp, reflect"):
+        edge_indices(np.array([-1]), 8, "wrap")
+
+
+def test_predict_builds_edge_neighbourhoods_by_the_rule_it_is_given(trained, plain) -> None:
+    network, data, _ = trained
+    reflected = predict(network, data, 5, _exact(), z_edge="reflect")
+    # Only the two slices at each edge see slices beyond the volume (in_slices 5).
+    assert np.array_equal(reflected.labels[2:-2], plain.labels[2:-2])
+    assert not np.array_equal(reflected.confidence[:2], plain.confidence[:2])
+    x = torch.from_numpy(data[neighbour_indices(np.array([0, 31]), SHAPE[0], 5, "reflect")])
+    with torch.inference_mode():
+        expected = torch.softmax(network(x), 1).argmax(1).numpy()
+    assert np.array_equal(reflected.labels[[0, 31]], expected)
 
 
 @pytest.mark.parametrize(

@@ -394,6 +394,17 @@ def test_save_replaces_a_parents_checksum(tmp_path: Path) -> None:
     assert parent.weights_sha256 == "0" * 64  # the caller's metadata is not modified
 
 
+def test_z_edge_rule_round_trips_and_older_bundles_mean_clamp(tmp_path: Path) -> None:
+    document = _meta().to_json()
+    assert "z_edge" not in document  # a clamp bundle's document is as before the field
+    assert load_bundle(_write_raw(tmp_path / "old.safetensors", document)).meta.z_edge == "clamp"
+    assert load_bundle(default_bundle_path()).meta.z_edge == "clamp"  # trained so
+    path = save_bundle(tmp_path / "r.safetensors", _network(), _meta(z_edge="reflect"))
+    assert load_bundle(path).meta.z_edge == "reflect"
+    _reject(_write_raw(tmp_path / "bad.safetensors", {**document, "z_edge": "wrap"}),
+            "z_edge must be one of clamp, reflect, not 'wrap'")
+
+
 def test_malformed_checksum_is_rejected(tmp_path: Path) -> None:
     document = {**_meta().to_json(), "weights_sha256": "abc"}
     _reject(_write_raw(tmp_path / "bad.safetensors", document),

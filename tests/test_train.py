@@ -137,8 +137,10 @@ def test_tiny_training_writes_a_complete_bundle_that_loads(tiny, tmp_path):
     assert [c.name for c in meta.classes] == NAMES
     assert meta.classes[3].diameter_nm == 25.0
     assert meta.preprocess == validate_recipe(DEFAULT_RECIPE)
+    assert meta.z_edge == "reflect"  # inference builds this model's edge slices so
     training = meta.training
     assert training["synthetic"] is True and training["seed"] == 3
+    assert training["z_edge_share"] == 0.25 and training["z_edge_parent"] is None
     assert training["steps"] == 4 and training["requested_steps"] == 4
     assert training["sources"] == [{
         "tomogram": str(folder / "tomo.mrc"), "labels": str(folder / "labels.mrc"),
@@ -274,10 +276,12 @@ def test_z_edge_neighbourhoods_are_the_ones_inference_builds_at_a_volume_edge():
     # within in_slices // 2 of the top or bottom (shifted so that the centre is slice 7), and
     # every such one is made.
     k, depth = 15, 40
-    made = {tuple(T.z_edge_indices(k, np.random.default_rng(seed))) for seed in range(400)}
-    at_edges = {tuple(neighbour_indices(z, depth, k) - z + k // 2)
-                for z in [*range(k // 2 + 1), *range(depth - 1 - k // 2, depth)]}
-    assert made == at_edges and len(made) == k  # the middle one (no edge in reach) is shared
+    for z_edge in ("clamp", "reflect"):
+        made = {tuple(T.z_edge_indices(k, np.random.default_rng(seed), z_edge))
+                for seed in range(400)}
+        at_edges = {tuple(neighbour_indices(z, depth, k, z_edge) - z + k // 2)
+                    for z in [*range(k // 2 + 1), *range(depth - 1 - k // 2, depth)]}
+        assert made == at_edges and len(made) == k  # the one with no edge in reach is shared
 
     rng = np.random.default_rng(0)
     part = T.Part(rng.standard_normal((9 + 4, 48, 48)).astype(np.float32),

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from ..infer import edge_indices
 from ..preprocess import apply_recipe
 from ..resample import GridMap, fourier_rescale, grid_for
 from ..volume import read_mrc, thin_axis, to_canonical
@@ -99,6 +100,7 @@ def _canonical_region(
 def prepare_source(
     source: TrainingSource, n_classes: int, model_voxel_a: float, recipe: list[dict[str, Any]],
     in_slices: int, validation_fraction: float, patch_px: int, device: str,
+    z_edge: str = "clamp",
 ) -> PreparedSource:
     """Rescale + preprocess the whole tomogram (as inference does), crop the region, split."""
     tomo_path, labels_path = Path(source.tomogram_path), Path(source.labels_path)
@@ -125,7 +127,7 @@ def prepare_source(
     if not (labels != IGNORE).any():
         raise ValueError(f"{labels_path}: no annotated voxels (all 255) in the region")
     image = _model_image(canonical, grid, model_voxel_a, recipe, device, model_idx,
-                         in_slices // 2)
+                         in_slices // 2, z_edge)
     del canonical
     train, validation = split_region(image, labels, validation_fraction, patch_px)
     record = {
@@ -139,15 +141,15 @@ def prepare_source(
 
 def _model_image(
     canonical: np.ndarray, grid: GridMap, model_voxel_a: float, recipe: list[dict[str, Any]],
-    device: str, model_idx: list[np.ndarray], z_margin: int,
+    device: str, model_idx: list[np.ndarray], z_margin: int, z_edge: str,
 ) -> np.ndarray:
     """The preprocessed model-grid image of the region box, with z_margin context slices on
-    each side (edge slices repeated beyond the volume, as core.infer pads)."""
+    each side (beyond the volume, built as core.infer builds them: core.infer.edge_indices)."""
     data = fourier_rescale(canonical, grid, device=device)
     data = apply_recipe(data, model_voxel_a, recipe, device=device)
     mz = data.shape[0]
     z = np.arange(model_idx[0][0] - z_margin, model_idx[0][-1] + 1 + z_margin)
-    z = np.clip(z, 0, mz - 1)
+    z = edge_indices(z, mz, z_edge)
     ys, xs = model_idx[1], model_idx[2]
     image = data[z[:, None, None], ys[None, :, None], xs[None, None, :]].astype(np.float32)
     del data

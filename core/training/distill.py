@@ -78,7 +78,8 @@ def single_model_labels(
     device_name = str(next(network.parameters()).device)
     data = fourier_rescale(canonical, grid, device=device_name)
     data = apply_recipe(data, meta.voxel_size_a, meta.preprocess, device=device_name)
-    prediction = predict(network, data, meta.in_slices, InferenceOptions(device=device_name))
+    prediction = predict(network, data, meta.in_slices, InferenceOptions(device=device_name),
+                         z_edge=meta.z_edge)
     del data
     labels = clean_labels(prediction.labels, bundle.classes, meta.voxel_size_a)
     return (labels_to_input_refined(labels, prediction.confidence, grid),

@@ -155,7 +155,8 @@ def train(
 
     prepared = [
         prepare_source(s, len(class_specs), model_voxel_a, recipe, in_slices,
-                        options.validation_fraction, options.patch_px, str(device))
+                        options.validation_fraction, options.patch_px, str(device),
+                        options.z_edge)
         for s in sources
     ]
     network = _initial_network(arch, options.seed)
@@ -170,7 +171,7 @@ def train(
         warn(message)
     sampler = Sampler(train_parts, in_slices, options.patch_px, rng, options.augment,
                        options.rotate_any_angle, options.blur_max_px,
-                       options.spectrum_jitter, options.z_edge_share)
+                       options.spectrum_jitter, options.z_edge_share, options.z_edge)
     val_parts = [p.validation for p in prepared if p.validation is not None]
     run = _run(network, sampler, val_parts, names, options, in_slices, device, progress)
 
@@ -307,6 +308,7 @@ def _meta(
         "blur_max_px": options.blur_max_px,
         "spectrum_jitter": options.spectrum_jitter,
         "z_edge_share": options.z_edge_share,
+        "z_edge_parent": init.meta.z_edge if init is not None else None,
         "ema_decay": options.ema_decay,
         "class_weight_power": options.class_weight_power,
         "calibrate_bn": options.calibrate_bn,
@@ -323,4 +325,5 @@ def _meta(
         parent=init.meta.ref if init is not None else None,
         training=training,
         description=options.description,
+        z_edge=options.z_edge,
     )

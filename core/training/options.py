@@ -12,7 +12,7 @@ import yaml
 
 from ..classes import ClassSpec, default_class
 from ..errors import one_line
-from ..model import BundleMeta, UNet25D
+from ..model import Z_EDGE_MODES, BundleMeta, UNet25D
 
 IGNORE = 255  # label value of voxels nobody annotated (int8 files store it as -1)
 
@@ -101,12 +101,17 @@ class TrainOptions:
     # the patch's mean and spread are kept, so only the spectrum's shape changes. Off by
     # default: issue 14's "model B" used 1.0 with two other changes and was not better.
     spectrum_jitter: float = 0.0
-    # Share of patches that see a volume's top or bottom as inference does (core.infer clamps
-    # neighbourhoods there: the edge slice is repeated), at a random depth within in_slices // 2
-    # of the edge. A few annotated slices from a tomogram's middle never show the network an
-    # edge: fine-tuned on val_1 z 48:64 without this, it called 17% of val_2's outer slices
-    # microtubule (Dice 0.16; 0.46 with the outer 15 slices' microtubules removed).
-    # scripts/train_default_model.py sets 0: its whole synthetic volumes hold real edges.
+    # What stands in for the slices beyond a volume's top and bottom (core.model.Z_EDGE_MODES),
+    # recorded in the bundle, so that inference builds its inputs the same way. "reflect": a
+    # repeated ("clamp") slice repeats its noise in up to in_slices // 2 + 1 slices, which the
+    # network reads as a straight structure running in z.
+    z_edge: str = "reflect"
+    # Share of patches that see a volume's top or bottom as inference builds it, at a random
+    # depth within in_slices // 2 of the edge. A few annotated slices from a tomogram's middle
+    # never show the network an edge: fine-tuned on val_1 z 48:64 without this, it called 17%
+    # of val_2's outer slices microtubule (Dice 0.16; 0.46 with the outer 15 slices'
+    # microtubules removed). scripts/train_default_model.py sets 0: its whole synthetic
+    # volumes hold real edges.
     z_edge_share: float = 0.25
     # The options below are off by default: in bench/train_quality.py (10 min, 1 thread,
     # shared CPU) none of them raised the test tomograms' Dice.
@@ -137,6 +142,9 @@ class TrainOptions:
             raise ValueError(f"keep must be 'final' or 'best', not {self.keep!r}")
         if not self.blur_max_px >= 0:
             raise ValueError(f"blur_max_px must be >= 0, not {self.blur_max_px}")
+        if self.z_edge not in Z_EDGE_MODES:
+            raise ValueError(f"z_edge must be one of {', '.join(Z_EDGE_MODES)}, not "
+                             f"{self.z_edge!r}")
         if not 0.0 <= self.z_edge_share <= 1.0:
             raise ValueError(f"z_edge_share must be in [0, 1], not {self.z_edge_share}")
         if not self.spectrum_jitter >= 0:
@@ -152,7 +160,7 @@ class TrainOptions:
 # device) have flags of their own on `tomolive train`.
 TUNABLE_OPTIONS = ("batch_size", "patch_px", "learning_rate", "weight_decay",
                    "validation_fraction", "base_width", "in_slices", "levels", "augment",
-                   "rotate_any_angle", "blur_max_px", "spectrum_jitter", "z_edge_share",
+                   "rotate_any_angle", "blur_max_px", "spectrum_jitter", "z_edge", "z_edge_share",
                    "class_weight_power",
                    "ema_decay", "calibrate_bn", "keep")
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..infer import edge_indices
 from .data import Part
 from .options import IGNORE
 
@@ -23,13 +24,14 @@ class Sampler:
     def __init__(self, parts: list[Part], in_slices: int, patch_px: int,
                  rng: np.random.Generator, augment: bool, rotate_any_angle: bool = False,
                  blur_max_px: float = 0.0, spectrum_jitter: float = 0.0,
-                 z_edge_share: float = 0.0) -> None:
+                 z_edge_share: float = 0.0, z_edge: str = "clamp") -> None:
         self.parts, self.k, self.p, self.rng, self.augment = parts, in_slices, patch_px, rng, \
             augment
         self.rotate = augment and rotate_any_angle
         self.blur_max_px = blur_max_px if augment else 0.0
         self.spectrum_jitter = spectrum_jitter if augment else 0.0
         self.z_edge_share = z_edge_share if augment else 0.0
+        self.z_edge = z_edge
         self.classes = sorted({c for part in parts for c in part.index if c != 0})
 
     def _centre(self) -> tuple[Part, int]:
@@ -62,7 +64,7 @@ class Sampler:
         image = part.image[z:z + self.k, y0:y0 + q, x0:x0 + q]
         labels = part.labels[z, y0:y0 + q, x0:x0 + q]
         if self.z_edge_share > 0 and self.rng.random() < self.z_edge_share:
-            image = image[z_edge_indices(self.k, self.rng)]  # a copy: part.image is untouched
+            image = image[z_edge_indices(self.k, self.rng, self.z_edge)]  # a copy
         if angle:
             image, labels = rotate_patch(image, labels, angle, self.p)
         if self.augment:
@@ -102,17 +104,19 @@ class Sampler:
         return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels)).long()
 
 
-def z_edge_indices(in_slices: int, rng: np.random.Generator) -> np.ndarray:
-    """Slice indices into a neighbourhood of `in_slices` that make it look as core.infer's are
-    within in_slices // 2 of the volume's top or bottom: the slices beyond a random edge
-    (0 to in_slices // 2 slices from the centre, on a random side) are the edge slice repeated
-    (core.infer.neighbour_indices clamps)."""
+def z_edge_indices(in_slices: int, rng: np.random.Generator, z_edge: str = "clamp"
+                   ) -> np.ndarray:
+    """Slice indices into a neighbourhood of `in_slices` that make it look as core.infer's
+    are within in_slices // 2 of the volume's top or bottom: the slices beyond a random edge
+    (0 to in_slices // 2 slices from the centre, on a random side) are built by
+    core.infer.edge_indices, as inference builds them."""
     centre = in_slices // 2
     offset = int(rng.integers(centre + 1))
     slices = np.arange(in_slices)
-    if rng.random() < 0.5:
-        return np.maximum(slices, centre - offset)
-    return np.minimum(slices, centre + offset)
+    if rng.random() < 0.5:  # the top: slice `edge` is the volume's first
+        edge = centre - offset
+        return edge + edge_indices(slices - edge, in_slices - edge, z_edge)
+    return edge_indices(slices, centre + offset + 1, z_edge)  # the bottom: the last
 
 
 def random_spectrum(image: np.ndarray, rng: np.random.Generator, jitter: float) -> np.ndarray:

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tomolive.core.classes import SYNTH_CLASS_NAMES
 from tomolive.core.evaluate import evaluate, particle_radii_vox
 from tomolive.core.infer import InferenceOptions
@@ -38,6 +37,7 @@ from tomolive.core.training import (
     TrainingSource,
     TrainOptions,
     class_specs_for,
+    parse_option,
     parse_region,
     train,
 )
@@ -177,11 +177,11 @@ def predicted_as(pred: np.ndarray, truth: np.ndarray, names: list[str]) -> dict:
 
 
 def _option(text: str) -> tuple[str, object]:
-    name, sep, value = text.partition("=")
-    if not sep or name not in TrainOptions.__dataclass_fields__:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE, FIELD a TrainOptions "
-                                         "field")
-    return name, yaml.safe_load(value)
+    """A TrainOptions tuning field, as `tomolive train --option` reads it."""
+    try:
+        return parse_option(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _round(value: float | None) -> float | None:
@@ -216,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="segment with flip test-time augmentation (tomolive segment --tta)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--keep", type=Path, help="keep the files in this folder")
-    p.add_argument("--set", type=_option, action="append", default=[], metavar="FIELD=VALUE",
-                   help="a TrainOptions field (value read as YAML), e.g. --set ema_decay=0")
+    p.add_argument("--option", "--set", dest="set", type=_option, action="append", default=[],
+                   metavar="NAME=VALUE",
+                   help="a TrainOptions tuning field, as `tomolive train --option` takes it")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -273,22 +273,22 @@ def _watch_copick(args: argparse.Namespace, project, session: str, bundle,
     """`segment --copick --watch S`: every S seconds, the runs (of --run, else all, new ones
     included) whose tomogram has no results under this session yet and has not changed since
     the previous look (still being written otherwise) are segmented. A failed tomogram is not
-    retried until it changes. Runs until interrupted (Ctrl-C, SIGTERM)."""
+    retried until it changes. Runs until interrupted: SIGTERM finishes the tomogram in hand
+    (its results written and reported) and stops; Ctrl-C stops at once."""
     import signal
+    import threading
 
     from ..interop import copick as cp
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     seen: dict[str, tuple] = {}  # run -> the fingerprint at the previous look
     failed: dict[str, tuple] = {}  # run -> the fingerprint it failed with
     last_error = ""
     print(f"watching {args.copick} every {args.watch:g} s (Ctrl-C stops)", file=sys.stderr,
           flush=True)
     try:
-        while True:
+        while not stopping.is_set():
             try:
                 project = cp.open_project(args.copick, require_runs=False)  # new runs
                 names = args.runs or project.run_names
@@ -299,6 +299,8 @@ def _watch_copick(args: argparse.Namespace, project, session: str, bundle,
             else:
                 last_error = ""
             for name in names:
+                if stopping.is_set():
+                    break
                 try:
                     source = cp.find_tomogram(project, name, float(bundle.meta.voxel_size_a),
                                               args.voxel_spacing_a, args.tomo_type)
@@ -315,10 +317,11 @@ def _watch_copick(args: argparse.Namespace, project, session: str, bundle,
                     continue
                 if not one(name, source, project):
                     failed[name] = fingerprint
-            time.sleep(args.watch)
+            stopping.wait(args.watch)
     except KeyboardInterrupt:
-        print("tomolive: stopped watching", file=sys.stderr)
-        return EXIT_OK
+        pass
+    print("tomolive: stopped watching", file=sys.stderr)
+    return EXIT_OK
 
 
 class _StageProgress:

@@ -369,7 +369,11 @@ def test_watch_segments_runs_as_they_appear(tmp_path):
         root = copick.from_file(str(config))
         root.new_run("TS_b").new_voxel_spacing(VOXEL_A).new_tomogram("wbp").from_numpy(data)
         wait_for("TS_b")
-        time.sleep(1.0)  # a few more looks: nothing is segmented twice
+        # A third run takes the watcher at least two more looks (seen, then unchanged), and in
+        # each of them TS_a and TS_b are there, done: the state that proves nothing is
+        # segmented twice, without guessing how long a look takes.
+        root.new_run("TS_c").new_voxel_spacing(VOXEL_A).new_tomogram("wbp").from_numpy(data)
+        wait_for("TS_c")
     finally:
         watcher.send_signal(signal.SIGTERM)
         out, err = watcher.communicate(timeout=60)
@@ -377,6 +381,7 @@ def test_watch_segments_runs_as_they_appear(tmp_path):
     lines = out.splitlines()
     assert sum(line.startswith("TS_a: done in") for line in lines) == 1, out
     assert sum(line.startswith("TS_b: done in") for line in lines) == 1, out
+    assert sum(line.startswith("TS_c: done in") for line in lines) == 1, out
     assert "tomolive: error" not in err, err
 
 

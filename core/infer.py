@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Z_EDGE_MODES, ModelBundle, fuse_for_inference
+from .model import ModelBundle, check_z_edge, fuse_for_inference
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 
@@ -159,10 +159,8 @@ def edge_indices(index: np.ndarray, depth: int, z_edge: str = "clamp") -> np.nda
     top or bottom repeat the edge slice ("clamp") or mirror the volume there ("reflect": -1 is
     slice 1, depth is slice depth - 2, as numpy's reflect padding)."""
     index = np.asarray(index)
-    if z_edge == "clamp" or depth == 1:
+    if check_z_edge(z_edge) == "clamp" or depth == 1:
         return np.clip(index, 0, depth - 1)
-    if z_edge != "reflect":
-        raise ValueError(f"z_edge {z_edge!r} is not one of {', '.join(Z_EDGE_MODES)}")
     period = 2 * (depth - 1)
     index = np.abs(index) % period
     return np.where(index >= depth, period - index, index)

@@ -39,6 +39,13 @@ _ARCH_INT_KEYS = ("in_slices", "base_width", "levels", "n_classes")
 # What stands in for the slices beyond a volume's top and bottom in a network's input
 # (core.infer.edge_indices). A bundle without the field was trained with "clamp".
 Z_EDGE_MODES = ("clamp", "reflect")
+
+
+def check_z_edge(z_edge: str) -> str:
+    """`z_edge` if it is one of Z_EDGE_MODES; raises ValueError naming it otherwise."""
+    if z_edge not in Z_EDGE_MODES:
+        raise ValueError(f"z_edge must be one of {', '.join(Z_EDGE_MODES)}, not {z_edge!r}")
+    return z_edge
 # A safetensors header larger than this is not a model bundle (ours are a few kB).
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
 
@@ -289,9 +296,7 @@ class BundleMeta:
             raise ValueError(f"training must be an object, not {self.training!r}")
         if not isinstance(self.description, str):
             raise ValueError(f"description must be a string, not {self.description!r}")
-        if self.z_edge not in Z_EDGE_MODES:
-            raise ValueError(f"z_edge must be one of {', '.join(Z_EDGE_MODES)}, not "
-                             f"{self.z_edge!r}")
+        check_z_edge(self.z_edge)
         digest = self.weights_sha256
         if digest is not None and not _is_sha256(digest):
             raise ValueError(f"weights_sha256 must be 64 hex digits or null, not {digest!r}")

@@ -125,7 +125,7 @@ def test_neighbour_indices_reflect_at_edges_as_numpy_pads() -> None:
         for z in range(depth):
             assert neighbour_indices(z, depth, 19, "reflect").tolist() == \
                 padded[z:z + 19].tolist()
-    with pytest.raises(ValueError, match="z_edge 'wrap' is not one of clamp, reflect"):
+    with pytest.raises(ValueError, match="z_edge must be one of clamp, reflect, not 'wrap'"):
         edge_indices(np.array([-1]), 8, "wrap")
 
 

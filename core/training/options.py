@@ -12,7 +12,7 @@ import yaml
 
 from ..classes import ClassSpec, default_class
 from ..errors import one_line
-from ..model import Z_EDGE_MODES, BundleMeta, UNet25D
+from ..model import BundleMeta, UNet25D, check_z_edge
 
 IGNORE = 255  # label value of voxels nobody annotated (int8 files store it as -1)
 
@@ -142,9 +142,7 @@ class TrainOptions:
             raise ValueError(f"keep must be 'final' or 'best', not {self.keep!r}")
         if not self.blur_max_px >= 0:
             raise ValueError(f"blur_max_px must be >= 0, not {self.blur_max_px}")
-        if self.z_edge not in Z_EDGE_MODES:
-            raise ValueError(f"z_edge must be one of {', '.join(Z_EDGE_MODES)}, not "
-                             f"{self.z_edge!r}")
+        check_z_edge(self.z_edge)
         if not 0.0 <= self.z_edge_share <= 1.0:
             raise ValueError(f"z_edge_share must be in [0, 1], not {self.z_edge_share}")
         if not self.spectrum_jitter >= 0:
@@ -160,9 +158,8 @@ class TrainOptions:
 # device) have flags of their own on `tomolive train`.
 TUNABLE_OPTIONS = ("batch_size", "patch_px", "learning_rate", "weight_decay",
                    "validation_fraction", "base_width", "in_slices", "levels", "augment",
-                   "rotate_any_angle", "blur_max_px", "spectrum_jitter", "z_edge", "z_edge_share",
-                   "class_weight_power",
-                   "ema_decay", "calibrate_bn", "keep")
+                   "rotate_any_angle", "blur_max_px", "spectrum_jitter", "z_edge",
+                   "z_edge_share", "class_weight_power", "ema_decay", "calibrate_bn", "keep")
 
 
 def parse_option(text: str) -> tuple[str, Any]:

@@ -108,11 +108,11 @@ def train_model(folder: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     train_seed, z0 = chosen["seed"], chosen["window_z0"]
     write_synth(result, folder / "train.mrc", folder / "train_labels.mrc")
     region = parse_region(f"{z0}:{z0 + args.slices},:,:")
-    options = TrainOptions(max_minutes=args.minutes, steps=args.steps, device=args.device,
-                           seed=args.seed, base_width=args.base_width, synthetic=True,
-                           name="bench-train-quality",
-                           description="train_quality benchmark: 16 slices of one tomogram",
-                           **dict(args.set))
+    settings = dict(max_minutes=args.minutes, steps=args.steps, device=args.device,
+                    seed=args.seed, base_width=args.base_width, synthetic=True,
+                    name="bench-train-quality",
+                    description="train_quality benchmark: 16 slices of one tomogram")
+    options = TrainOptions(**{**settings, **dict(args.set)})  # --option wins over --base-width
     last = {"t": 0.0}
 
     def progress(report) -> None:

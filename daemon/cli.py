@@ -492,13 +492,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = training.load_class_overrides(args.class_config) if args.class_config else {}
     class_specs = training.class_specs_for(
         [n.strip() for n in args.classes.split(",") if n.strip()], overrides)
-    options = training.TrainOptions(
+    settings = dict(
         steps=args.steps, max_minutes=args.max_minutes, device=args.device, seed=args.seed,
         model_voxel_size_a=args.model_pixel_size, name=args.name or args.out.stem,
         keep=args.keep, **({"base_width": args.base_width} if args.base_width else {}),
         **({"in_slices": args.in_slices} if args.in_slices else {}),
-        **_parsed_options(args.option),
     )
+    # --option NAME=VALUE wins over a flag of its own (--keep, --base-width, --in-slices).
+    options = training.TrainOptions(**{**settings, **_parsed_options(args.option)})
     init = None
     if args.init:
         init = load_model_or_default(None if args.init == "default" else Path(args.init))

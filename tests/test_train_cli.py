@@ -70,10 +70,11 @@ def test_train_option_sets_a_tuning_field_and_refuses_others_in_one_line(tmp_pat
               "--steps", "1", "--base-width", "4", "--device", "cpu"]
     out = tmp_path / "m.safetensors"
     run = tomolive(*common, "--option", "class_weight_power=0.5", "--option", "patch_px=32",
-                   "--out", out)
+                   "--option", "keep=best", "--out", out)
     assert run.returncode == 0, run.stderr
     training = load_bundle(out).meta.training
     assert training["class_weight_power"] == 0.5 and training["patch_px"] == 32
+    assert training["kept"] == "best"  # the option wins over --keep's default
     run = tomolive(*common, "--option", "steps=9", "--out", tmp_path / "x.safetensors")
     assert run.returncode == 1 and not (tmp_path / "x.safetensors").exists()
     assert run.stderr.strip().startswith(

@@ -4,6 +4,7 @@ tomogram of a given shape, per stage, median of repeats. Prints JSON.
     python bench/segment_speed.py --shape 200 512 512 --repeats 3
     python bench/segment_speed.py --shape 300 1024 1024 --repeats 1      # the memory figure
     python bench/segment_speed.py --model M.safetensors --device cuda
+    python bench/segment_speed.py --shape 96 256 256 --repick   # + repick from the saved maps
 
 The tomogram: core.synth at the model's voxel size (realistic objects, so cleanup, particle
 picking and filament tracing get a realistic load). Shapes larger than --tile-yx in y or x are
@@ -15,6 +16,10 @@ Each measurement runs in a fresh subprocess, because a process's resident high-w
 (VmHWM) cannot be reset: per run we report ru_maxrss, VmHWM and the maximum of VmRSS sampled
 every 50 ms. The network is prepared (BatchNorm folding, channels_last) before the timed run, as
 the daemon keeps it between tomograms; its preparation time is reported apart.
+
+--repick segments with every class's probability map saved and then, in the same process,
+repicks the result with new thresholds (`tomolive repick`, core.repick): its stages, its time
+and its ratio to the segmentation's (issue 21: under a tenth) come out under "repick".
 
 Without --model the shipped default model is used when present; otherwise a random-weight
 bundle of the same architecture (base_width 16, 5 levels, 31 slices, 6 classes) -- the
@@ -54,8 +59,10 @@ from tomolive.core.model import (
     load_bundle,
     save_bundle,
 )
-from tomolive.core.pipeline import STAGES, SegmentOptions, segment_file
+from tomolive.core.pipeline import SegmentOptions, segment_file
 from tomolive.core.preprocess import DEFAULT_RECIPE
+from tomolive.core.repick import repick_folder
+from tomolive.core.stages import STAGES
 from tomolive.core.synth import synthesize
 from tomolive.core.training import TrainOptions
 
@@ -142,14 +149,15 @@ class _RssSampler(threading.Thread):
 
 def run_once(tomogram: Path, model: Path, device: str, voxel_size_a: float | None,
              threads: int | None, precision: str = "auto",
-             labels_copy: Path | None = None) -> dict[str, Any]:
-    """One `segment_file` run in this (fresh) process: timings and memory."""
+             labels_copy: Path | None = None, repick: bool = False) -> dict[str, Any]:
+    """One `segment_file` run in this (fresh) process: timings and memory; with `repick`, the
+    maps are saved and a repick of the result follows."""
     if threads is not None:
         torch.set_num_threads(threads)
     rss_before_kib = _status_kib("VmRSS")
     bundle = load_bundle(model)
     options = SegmentOptions(inference=InferenceOptions(device=device, precision=precision),
-                             voxel_size_a=voxel_size_a)
+                             voxel_size_a=voxel_size_a, save_probabilities=repick)
     t0 = time.perf_counter()
     network = prepare_network(bundle, device)
     prepare_s = time.perf_counter() - t0
@@ -164,8 +172,10 @@ def run_once(tomogram: Path, model: Path, device: str, voxel_size_a: float | Non
         summary = json.loads(next(out_dir.glob("*summary*.json")).read_text())
         if labels_copy is not None:  # for --compare-precision's label agreement
             np.save(labels_copy, seg.labels)
+        repicked = _time_repick(out_dir, end_to_end_s) if repick else None
     sampled_kib = sampler.stop()
     return {
+        **({"repick": repicked} if repicked else {}),
         "timings_s": {k: summary["timings_s"].get(k, 0.0) for k in STAGES},
         "end_to_end_s": end_to_end_s,
         "prepare_network_s": prepare_s,
@@ -183,6 +193,26 @@ def run_once(tomogram: Path, model: Path, device: str, voxel_size_a: float | Non
         "torch_threads": torch.get_num_threads(),
         "precision_used": (summary.get("settings") or {}).get("precision_used"),
     }
+
+
+# Thresholds that change the result (a lower bar for membrane, a higher one for ribosomes), so
+# that the repick's cleanup and picking see a different label volume.
+REPICK_THRESHOLDS = {"membrane": 0.35, "ribosome": 0.7}
+
+
+def _time_repick(folder: Path, segment_s: float) -> dict[str, Any]:
+    summary_path = next(folder.glob("*summary*.json"))
+    names = {c["name"] for c in json.loads(summary_path.read_text())["classes"]}
+    start = time.perf_counter()
+    seg, _ = repick_folder(folder, thresholds={name: value for name, value
+                                               in REPICK_THRESHOLDS.items() if name in names})
+    repick_s = time.perf_counter() - start
+    summary = json.loads(summary_path.read_text())
+    return {"timings_s": {k: round(v, 3) for k, v in summary["timings_s"].items()},
+            "end_to_end_s": round(repick_s, 3),
+            "segment_with_maps_s": round(segment_s, 3),
+            "repick_over_segment": round(repick_s / segment_s, 3),
+            "n_particles": {k: len(v) for k, v in seg.particles.items()}}
 
 
 # --- driver ------------------------------------------------------------------------------------
@@ -240,6 +270,11 @@ def summarize(runs: list[dict[str, Any]], shape: tuple[int, int, int], model: Pa
         "n_particles": runs[0]["n_particles"],
         "n_filaments": runs[0]["n_filaments"],
     }
+    if "repick" in runs[0]:
+        ratios = [r["repick"]["repick_over_segment"] for r in runs]
+        out["repick"] = {"runs": [r["repick"] for r in runs],
+                         "repick_over_segment": {"median": round(_median(ratios), 3),
+                                                 "all": ratios}}
     if peak is not None:
         out["peak"] = peak
         if achieved:
@@ -252,7 +287,7 @@ def summarize(runs: list[dict[str, Any]], shape: tuple[int, int, int], model: Pa
 def _child(args: argparse.Namespace) -> None:
     result = run_once(Path(args.child_tomogram), Path(args.child_model), args.device,
                       args.voxel_size, args.threads, args.precision,
-                      Path(args.child_labels) if args.child_labels else None)
+                      Path(args.child_labels) if args.child_labels else None, args.repick)
     print("RESULT " + json.dumps(result))
 
 
@@ -279,6 +314,8 @@ def main() -> None:
     parser.add_argument("--compare-precision", action="store_true",
                         help="run float32 and bfloat16 alternately; report both and their "
                              "ratios (speed, memory, label agreement)")
+    parser.add_argument("--repick", action="store_true",
+                        help="save the probability maps and time a repick after each run")
     args = parser.parse_args()
     if args.child_tomogram:
         _child(args)
@@ -332,6 +369,8 @@ def _run_child(tomogram: Path, model: Path, voxel_a: float, precision: str,
         cmd += ["--threads", str(args.threads)]
     if labels_copy is not None:
         cmd += ["--child-labels", str(labels_copy)]
+    if args.repick:
+        cmd += ["--repick"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

@@ -52,9 +52,12 @@ SWEEP_WEBP_METHOD = 0
 SWEEP_QUALITY = 60
 
 
-def _file_names(stem: str, classes: list[ClassSpec]) -> dict[str, str]:
+def _file_names(stem: str, classes: list[ClassSpec],
+                probability_classes: tuple[str, ...] = ()) -> dict[str, str]:
     """Output key -> file name, in writing order (the summary is always last)."""
     names = {"labels": f"{stem}_labels.mrc"}
+    for name in probability_classes:
+        names[f"prob:{name}"] = probability_file_name(stem, name)
     for spec in classes:
         if spec.is_filament:
             names[f"mask:{spec.name}"] = f"{stem}_{spec.name}_mask.mrc"
@@ -76,11 +79,19 @@ def _file_names(stem: str, classes: list[ClassSpec]) -> dict[str, str]:
     return names
 
 
-def output_paths(out_parent: str | Path, stem: str, classes: list[ClassSpec]) -> dict[str, Path]:
-    """Every file `write_outputs` writes for `stem`, keyed 'labels', 'mask:<class>',
-    'star:<class>', 'particles_csv', 'filaments:<class>', 'preview', 'sweep', 'summary'."""
+def probability_file_name(stem: str, class_name: str) -> str:
+    """A class's probability map (core.probability_maps)."""
+    return f"{stem}_{class_name}_prob.mrc"
+
+
+def output_paths(out_parent: str | Path, stem: str, classes: list[ClassSpec],
+                 probability_classes: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Every file `write_outputs` writes for `stem`, keyed 'labels', 'prob:<class>' (the
+    `probability_classes` asked for), 'mask:<class>', 'star:<class>', 'particles_csv',
+    'filaments:<class>', 'preview', 'sweep', 'summary'."""
     folder = Path(out_parent) / stem
-    return {key: folder / name for key, name in _file_names(stem, classes).items()}
+    return {key: folder / name
+            for key, name in _file_names(stem, classes, probability_classes).items()}
 
 
 # The longest name a file system takes for one path component (ext4, XFS, NFS, Lustre, ...).
@@ -90,8 +101,11 @@ NAME_MAX_BYTES = 255
 def check_output_names(input_path: str | Path, stem: str, classes: list[ClassSpec]) -> None:
     """Raise ValueError naming the input when an output name would be too long to create:
     found before reading the tomogram, not as `[Errno 36]` about a temporary file after it."""
-    # The temporary and the set-aside folders are longer than the stem (core.result_folder).
-    names = [*_file_names(stem, classes).values(), result_folder.longest_folder_name(stem)]
+    # The temporary and the set-aside folders are longer than the stem (core.result_folder);
+    # every class's probability map counts, whether asked for or not.
+    all_maps = tuple(spec.name for spec in classes)
+    names = [*_file_names(stem, classes, all_maps).values(),
+             result_folder.longest_folder_name(stem)]
     longest = max(names, key=lambda name: len(os.fsencode(name)))
     size = len(os.fsencode(longest))
     if size > NAME_MAX_BYTES:
@@ -124,7 +138,9 @@ def write_outputs(
     t0 = time.perf_counter()
     tmp = _make_temporary_folder(out_parent, seg.stem)
     try:
-        files = {key: tmp / name for key, name in _file_names(seg.stem, seg.classes).items()}
+        maps = seg.probabilities.names if seg.probabilities is not None else ()
+        files = {key: tmp / name
+                 for key, name in _file_names(seg.stem, seg.classes, maps).items()}
         _write_files(files, seg, tomogram)
         timings_s = dict(seg.timings_s)
         # 'write' may already hold the mapping back to the input grid (core.pipeline): add to it.
@@ -173,6 +189,10 @@ def _check(seg: Segmentation, tomogram: np.ndarray | None) -> None:
 
 def _write_files(files: dict[str, Path], seg: Segmentation, tomogram: np.ndarray | None) -> None:
     write_mrc(files["labels"], seg.labels, seg.voxel_size_a, seg.origin_xyz_a)
+    if seg.probabilities is not None:
+        for name in seg.probabilities.names:  # one class at a time: bounded memory
+            seg.probabilities.write(name, files[f"prob:{name}"], seg.voxel_size_a,
+                                    seg.origin_xyz_a)
     for index, spec in enumerate(seg.classes, start=1):
         if spec.is_filament:
             # A bool array viewed as int8 is already 0/1: no extra copy.
@@ -447,6 +467,7 @@ def _write_summary(
     }
     summary = {
         "stem": seg.stem,
+        "tilt_series_name": seg.tilt_series_name or seg.stem,
         "tomolive_version": __version__,
         "written_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input": seg.input,
@@ -468,6 +489,7 @@ def _write_summary(
         "cleanup_removed_fraction": seg.cleanup_removed_fraction,
         "warnings": seg.warnings,
         "files": files,
+        **seg.summary_extra,
     }
     _write_text(path, json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
 

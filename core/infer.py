@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .decision import decide, decide_bytes, to_u8
 from .model import ModelBundle, check_z_edge, fuse_for_inference
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -91,15 +92,19 @@ class InferenceOptions:
 
 @dataclass
 class Prediction:
-    """Per voxel on the model grid: argmax class (int8) and max softmax probability * 255;
-    per slice, the counts behind the model-fit signal (`uncertain_fraction`)."""
+    """Per voxel on the model grid: the class (int8; core.decision's rule) and its probability
+    * 255; per slice, the counts behind the model-fit signal (`uncertain_fraction`); on
+    request, the probabilities of chosen classes as bytes."""
 
     labels: np.ndarray  # int8 [z, y, x]
-    confidence: np.ndarray  # uint8 [z, y, x]
+    confidence: np.ndarray  # uint8 [z, y, x]: the chosen label's probability * 255
     # Voxels where some foreground class has probability > FIT_CANDIDATE_PROB, per z slice,
     # and of those, the ones where no class reaches FIT_DECIDED_PROB.
     candidates_per_z: np.ndarray | None = None  # int64 [z]
     uncertain_per_z: np.ndarray | None = None  # int64 [z]
+    # uint8 [len(keep), z, y, x], probability * 255 of the classes `predict` was asked to keep
+    # (label values, in the order asked); None when none was.
+    probabilities_u8: np.ndarray | None = None
 
 
 # The model-fit signal (issue 21): of the voxels where the model sees something (a foreground
@@ -335,12 +340,19 @@ def predict(
     options: InferenceOptions | None = None,
     progress: Callable[[int], None] | None = None,
     z_edge: str = "clamp",
+    thresholds: Sequence[float] | None = None,
+    keep_probabilities: Sequence[int] = (),
 ) -> Prediction:
     """Segment every z-slice of `data_f32` [z, y, x] (preprocessed, on the model grid);
     `in_slices` and `z_edge` are the bundle's.
 
     `network` is on its device in eval mode (see `prepare_network`); the input may be a
-    memory map. progress(n_slices_done) is called after every batch.
+    memory map. progress(n_slices_done) is called after every batch. `thresholds`: per
+    foreground class (core.decision.threshold_vector), None for the argmax. `keep_probabilities`:
+    label values whose probabilities to keep as bytes (one byte per voxel and class: the only
+    whole-volume copy of them; float exists for the current batch only). When some are kept,
+    the labels are decided from the bytes (core.decision.decide_saved's arithmetic), so that a
+    repick from the saved maps reproduces them exactly on the same grid.
     """
     options = options or InferenceOptions()
     depth, height, width = data_f32.shape
@@ -348,18 +360,29 @@ def predict(
     confidence = np.empty((depth, height, width), dtype=np.uint8)
     candidates = np.zeros(depth, dtype=np.int64)
     uncertain = np.zeros(depth, dtype=np.int64)
+    keep = list(keep_probabilities)
+    kept = np.empty((len(keep), depth, height, width), dtype=np.uint8) if keep else None
     with torch.inference_mode():
         for z0, probs in iter_probabilities(network, data_f32, in_slices, options, z_edge):
             if probs.shape[1] > 127:
                 raise ValueError(f"{probs.shape[1]} classes do not fit int8 labels")
-            best, arg = probs.max(dim=1)
+            if keep and max(keep) >= probs.shape[1]:
+                raise ValueError(f"class {max(keep)} asked for; the network has "
+                                 f"{probs.shape[1] - 1}")
+            best = probs.amax(dim=1)
             z1 = z0 + probs.shape[0]
-            labels[z0:z1] = arg.to(torch.int8).cpu().numpy()
-            confidence[z0:z1] = (best * 255.0).round_().to(torch.uint8).cpu().numpy()
+            if kept is None:
+                arg, chosen = decide(probs, thresholds)
+                labels[z0:z1] = arg.to(torch.int8).cpu().numpy()
+                confidence[z0:z1] = to_u8(chosen).cpu().numpy()
+            else:  # decided from the bytes that are kept, as `tomolive repick` will
+                foreground_u8 = to_u8(probs[:, 1:]).transpose(0, 1).contiguous().cpu().numpy()
+                labels[z0:z1], confidence[z0:z1] = decide_bytes(foreground_u8, thresholds)
+                kept[:, z0:z1] = foreground_u8[[k - 1 for k in keep]]
             seen = probs[:, 1:].amax(dim=1) > FIT_CANDIDATE_PROB
             candidates[z0:z1] = seen.sum(dim=(1, 2)).cpu().numpy()
             uncertain[z0:z1] = (seen & (best < FIT_DECIDED_PROB)).sum(dim=(1, 2)).cpu().numpy()
             if progress is not None:
                 progress(z1)
     return Prediction(labels=labels, confidence=confidence, candidates_per_z=candidates,
-                      uncertain_per_z=uncertain)
+                      uncertain_per_z=uncertain, probabilities_u8=kept)

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from .classes import ClassSpec
 from .cleanup import clean_labels
+from .decision import check_class_values, threshold_vector
 from .export import check_output_names, write_outputs
 from .filaments import Filament, trace_filaments
 from .fingerprint import input_fingerprint
@@ -25,6 +27,7 @@ from .infer import InferenceOptions, Prediction, predict, prepare_network
 from .model import ModelBundle
 from .particles import ParticleTable, find_particles
 from .preprocess import apply_recipe
+from .probability_maps import ModelGridMaps
 from .resample import GridMap, fourier_rescale, grid_for, labels_to_input_refined
 from .segmentation import Segmentation
 from .stages import Progress
@@ -59,6 +62,16 @@ class SegmentOptions:
     # How the STAR files name the tilt series (core.star.tilt_series_name), from the input's
     # stem; None: the stem as it is.
     tilt_series_pattern: str | None = WARP_RECONSTRUCTION_NAME
+    # The decision rule (core.decision): per class, the probability a voxel needs to be that
+    # class; classes not named beat the background (the argmax).
+    thresholds: dict[str, float] = field(default_factory=dict)
+    # Cleanup and tracing per class, overriding the bundle's (nm^3 and nm).
+    min_size_nm3: dict[str, float] = field(default_factory=dict)
+    min_length_nm: dict[str, float] = field(default_factory=dict)
+    # STEM_<class>_prob.mrc for every class (True) or the named ones: soft maps to look at,
+    # and what `tomolive repick` re-thresholds (it needs every class). One byte per voxel and
+    # class is held on the model grid until they are written.
+    save_probabilities: bool | tuple[str, ...] = False
 
     def to_json(self) -> dict[str, Any]:
         inference = self.inference
@@ -73,10 +86,38 @@ class SegmentOptions:
             "voxel_size_bounds_a": list(self.voxel_size_bounds_a),
             "max_model_voxels": self.max_model_voxels,
             "tilt_series_pattern": self.tilt_series_pattern,
+            "thresholds": dict(self.thresholds),
+            "min_size_nm3": dict(self.min_size_nm3),
+            "min_length_nm": dict(self.min_length_nm),
+            "save_probabilities": (self.save_probabilities
+                                   if isinstance(self.save_probabilities, bool)
+                                   else list(self.save_probabilities)),
         }
 
+    def classes_for(self, classes: list[ClassSpec]) -> list[ClassSpec]:
+        """The bundle's classes with this run's cleanup overrides; ValueError (one line) for
+        an unknown class, a negative size or a length asked of a class that is no filament."""
+        check_class_values(self.min_size_nm3, classes, "min-size", low=0.0)
+        check_class_values(self.min_length_nm, classes, "min-length", low=0.0,
+                           kinds=("filament",))
+        return [replace(spec, **({"min_component_nm3": self.min_size_nm3[spec.name]}
+                                 if spec.name in self.min_size_nm3 else {}),
+                        **({"min_length_nm": self.min_length_nm[spec.name]}
+                           if spec.name in self.min_length_nm else {}))
+                for spec in classes]
 
-class _StageTimer:
+    def probability_classes(self, classes: list[ClassSpec]) -> tuple[str, ...]:
+        """The classes whose maps to write, in output order; ValueError for an unknown name."""
+        if self.save_probabilities is True:
+            return tuple(spec.name for spec in classes)
+        if not self.save_probabilities:
+            return ()
+        asked = set(self.save_probabilities)
+        check_class_values(dict.fromkeys(asked, 1.0), classes, "save-probabilities", low=0.0)
+        return tuple(spec.name for spec in classes if spec.name in asked)
+
+
+class StageTimer:
     """Wall-clock seconds per stage, accumulated into a dict."""
 
     def __init__(self, timings_s: dict[str, float]) -> None:
@@ -110,9 +151,14 @@ def segment(
     """
     options = options or SegmentOptions()
     timings_s = dict(timings_s or {})
-    timer = _StageTimer(timings_s)
+    timer = StageTimer(timings_s)
     meta = bundle.meta
     model_voxel_a = float(meta.voxel_size_a)
+    # Options that name classes are checked before any work.
+    classes = options.classes_for(list(bundle.classes))
+    names = [spec.name for spec in classes]
+    thresholds = threshold_vector(classes, options.thresholds)
+    saved = options.probability_classes(classes)
     beam_axis = thin_axis(volume.data.shape)
     canonical = to_canonical(volume.data, beam_axis)
 
@@ -140,45 +186,24 @@ def segment(
             progress=None if progress is None else
             (lambda done: progress("inference", done / n_slices)),
             z_edge=meta.z_edge,
+            thresholds=thresholds,
+            keep_probabilities=[names.index(name) + 1 for name in saved],
         )
     del model_data  # the largest float array of the run: free it before post-processing
-    classes = bundle.classes
-    removed_fraction: dict[str, float] = {}
-    with timer.stage("cleanup"):
-        labels = clean_labels(prediction.labels, classes, model_voxel_a, removed_fraction)
-    _report(progress, "cleanup", 1.0)
-    with timer.stage("particles"):
-        particles = {
-            spec.name: find_particles(labels, prediction.confidence, index + 1, spec,
-                                      model_voxel_a)
-            for index, spec in enumerate(classes) if spec.is_particle
-        }
-    _report(progress, "particles", 1.0)
-    with timer.stage("filaments"):
-        filaments = {
-            spec.name: trace_filaments(labels == index + 1, spec, model_voxel_a)
-            for index, spec in enumerate(classes) if spec.is_filament
-        }
-    _report(progress, "filaments", 1.0)
-    with timer.stage("write"):  # mapping back is part of producing the outputs
-        input_grid_labels = labels_to_input_refined(labels, prediction.confidence, grid)
-        input_labels = np.ascontiguousarray(from_canonical(input_grid_labels, beam_axis))
+    outputs = post_process(prediction.labels, prediction.confidence, classes, model_voxel_a,
+                           grid, beam_axis, timer, progress)
     return Segmentation(
         stem=stem or (volume.path.stem if volume.path else "tomogram"),
-        labels=input_labels,
         voxel_size_a=volume.voxel_size_a,
         origin_xyz_a=tuple(volume.origin_xyz_a),
         classes=list(classes),
-        particles={name: _particles_to_input(table, grid, beam_axis)
-                   for name, table in particles.items()},
-        filaments={name: [filament_to_input(f, grid, beam_axis) for f in found]
-                   for name, found in filaments.items()},
-        class_fractions=_class_fractions(labels, classes),
+        **outputs,
         confidence=_specimen_confidence(prediction.confidence),
         uncertain_fraction=_uncertain_fraction(prediction),
-        cleanup_removed_fraction=removed_fraction,
         warnings=[*(volume.header.notes if volume.header is not None else ()),
-                  *_cleanup_warnings(removed_fraction)],
+                  *cleanup_warnings(outputs["cleanup_removed_fraction"])],
+        probabilities=(ModelGridMaps(saved, prediction.probabilities_u8, grid, beam_axis)
+                       if saved else None),
         timings_s=timings_s,
         model=_model_record(bundle),
         input={
@@ -192,6 +217,45 @@ def segment(
         },
         settings=options.to_json(),
     )
+
+
+def post_process(labels: np.ndarray, confidence_u8: np.ndarray, classes: list[ClassSpec],
+                 model_voxel_a: float, grid: GridMap, beam_axis: int,
+                 timer: StageTimer | None = None, progress: Progress | None = None
+                 ) -> dict[str, Any]:
+    """Everything after the network, shared by `segment` and `core.repick`: cleanup, particles
+    and filaments on the model grid (labels int8 and confidence uint8 there), then labels and
+    coordinates mapped to the input grid. Returns Segmentation fields: labels, particles,
+    filaments, class_fractions, cleanup_removed_fraction. `labels` is cleaned in place."""
+    timer = timer or StageTimer({})
+    removed_fraction: dict[str, float] = {}
+    with timer.stage("cleanup"):
+        labels = clean_labels(labels, classes, model_voxel_a, removed_fraction)
+    _report(progress, "cleanup", 1.0)
+    with timer.stage("particles"):
+        particles = {
+            spec.name: find_particles(labels, confidence_u8, index + 1, spec, model_voxel_a)
+            for index, spec in enumerate(classes) if spec.is_particle
+        }
+    _report(progress, "particles", 1.0)
+    with timer.stage("filaments"):
+        filaments = {
+            spec.name: trace_filaments(labels == index + 1, spec, model_voxel_a)
+            for index, spec in enumerate(classes) if spec.is_filament
+        }
+    _report(progress, "filaments", 1.0)
+    with timer.stage("write"):  # mapping back is part of producing the outputs
+        input_grid_labels = labels_to_input_refined(labels, confidence_u8, grid)
+        input_labels = np.ascontiguousarray(from_canonical(input_grid_labels, beam_axis))
+    return {
+        "labels": input_labels,
+        "particles": {name: _particles_to_input(table, grid, beam_axis)
+                      for name, table in particles.items()},
+        "filaments": {name: [filament_to_input(f, grid, beam_axis) for f in found]
+                      for name, found in filaments.items()},
+        "class_fractions": _class_fractions(labels, classes),
+        "cleanup_removed_fraction": removed_fraction,
+    }
 
 
 def segment_file(
@@ -221,7 +285,7 @@ def segment_file(
     stem = stem or path.stem
     check_output_names(path, stem, bundle.classes if bundle is not None else [])
     fingerprint = input_fingerprint(path)
-    with _StageTimer(timings_s).stage("read"):
+    with StageTimer(timings_s).stage("read"):
         volume = read_mrc(path, voxel_size_a=options.voxel_size_a,
                           voxel_size_bounds_a=options.voxel_size_bounds_a)
     _report(progress, "read", 1.0)
@@ -259,7 +323,7 @@ def _report(progress: Progress | None, stage: str, fraction: float) -> None:
 _CLEANUP_WARNING_FRACTION = 0.5
 
 
-def _cleanup_warnings(removed_fraction: dict[str, float]) -> list[str]:
+def cleanup_warnings(removed_fraction: dict[str, float]) -> list[str]:
     return [f"cleanup removed {fraction:.0%} of the {name} voxels the network found "
             "(components below the class's minimum size): check its cleanup settings"
             for name, fraction in removed_fraction.items()

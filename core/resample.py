@@ -230,6 +230,29 @@ def _axis_corners(n_input: int, n_model: int) -> list[tuple[np.ndarray, np.ndarr
     return [(lower, 1.0 - upper_weight), (upper, upper_weight)]
 
 
+def resample_linear_u8(values_u8: np.ndarray, out_shape: tuple[int, int, int]) -> np.ndarray:
+    """A uint8 volume (probabilities as bytes) linearly interpolated to `out_shape`, one output
+    slice at a time: model -> input grid and back use the same positions as the labels
+    (output index j sits at j * n_in / n_out, `_axis_corners`). Memory: the output plus a few
+    float32 temporaries of one output slice. Where the shapes are equal this is a copy."""
+    out_shape = tuple(int(n) for n in out_shape)
+    if tuple(values_u8.shape) == out_shape:
+        return np.array(values_u8, dtype=np.uint8)
+    corners_z, corners_y, corners_x = (_axis_corners(n_out, n_in) for n_out, n_in in
+                                       zip(out_shape, values_u8.shape, strict=True))
+    out = np.empty(out_shape, dtype=np.uint8)
+    for j in range(out_shape[0]):
+        plane = np.zeros(out_shape[1:], dtype=np.float32)
+        for z_index, z_weight in corners_z:
+            source = np.asarray(values_u8[int(z_index[j])], dtype=np.float32)
+            for y_index, y_weight in corners_y:
+                rows = source[y_index] * (float(z_weight[j]) * y_weight)[:, None]
+                for x_index, x_weight in corners_x:
+                    plane += rows[:, x_index] * x_weight[None, :]
+        out[j] = np.clip(np.rint(plane), 0, 255).astype(np.uint8)
+    return out
+
+
 def labels_to_input_refined(labels_model: np.ndarray, confidence_u8: np.ndarray,
                             grid: GridMap) -> np.ndarray:
     """Labels (int8, model grid) to the input grid with sub-voxel boundaries.

@@ -11,6 +11,7 @@ import numpy as np
 from .classes import ClassSpec
 from .filaments import Filament
 from .particles import ParticleTable
+from .probability_maps import ProbabilityMaps
 
 
 @dataclass
@@ -36,6 +37,10 @@ class Segmentation:
     settings: dict[str, Any] = field(default_factory=dict)
     # The tilt series' name, for the STAR files (core.star.tilt_series_name); "": the stem.
     tilt_series_name: str = ""
+    # Per-class probability maps to write (STEM_<class>_prob.mrc), when asked for.
+    probabilities: ProbabilityMaps | None = None
+    # Extra summary entries (a repick's record of what it changed).
+    summary_extra: dict[str, Any] = field(default_factory=dict)
 
     def class_index(self, name: str) -> int:
         for i, spec in enumerate(self.classes):

@@ -25,7 +25,9 @@ MAX_VOXELS = 2**34
 # Bytes per voxel of every MRC mode (101 is 4-bit, handled apart); the supported ones map to dtypes.
 _MODE_BYTES = {0: 1, 1: 2, 2: 4, 3: 4, 4: 8, 6: 2, 12: 2, 16: 3, 101: 0}
 _MODE_DTYPE = {0: "i1", 1: "i2", 2: "f4", 6: "u2", 12: "f2"}
-_DTYPE_MODE = {"int8": 0, "int16": 1, "float32": 2, "uint16": 6, "float16": 12}
+# uint8 is written as mode 0 with IMOD's stamp and its "signed" flag clear: how IMOD (and
+# read_mrc) know the bytes are unsigned; MRC2014 alone would say signed.
+_DTYPE_MODE = {"int8": 0, "uint8": 0, "int16": 1, "float32": 2, "uint16": 6, "float16": 12}
 _FLOAT_MODES = (2, 12)
 _IMOD_STAMP = 1146047817  # IMOD's header stamp; without its "signed" flag, mode 0 is uint8
 _SLAB_BYTES = 64 * 2**20  # bounded working memory when scanning or writing slab by slab
@@ -272,8 +274,8 @@ def _file_dtype(data: np.ndarray) -> np.dtype:
     name = data.dtype.newbyteorder("=").name
     if name not in _DTYPE_MODE:
         raise ValueError(
-            f"cannot write {data.dtype} as MRC (use int8, int16, float32, float16 or uint16; "
-            f"labels are int8)"
+            f"cannot write {data.dtype} as MRC (use int8, uint8, int16, float32, float16 or "
+            f"uint16; labels are int8)"
         )
     return np.dtype(name)
 
@@ -286,8 +288,9 @@ def write_mrc(
 ) -> Path:
     """Write a 3-D array [z, y, x] atomically (temp file in the same folder, fsync, rename).
 
-    int8 -> mode 0, int16 -> 1, float32 -> 2, uint16 -> 6, float16 -> 12. Copies slab by slab
-    and computes the header statistics incrementally, so no whole-volume temporary is made.
+    int8 -> mode 0, uint8 -> mode 0 marked unsigned (IMOD's stamp), int16 -> 1, float32 -> 2,
+    uint16 -> 6, float16 -> 12. Copies slab by slab and computes the header statistics
+    incrementally, so no whole-volume temporary is made.
     """
     path = Path(path)
     if data.ndim != 3:
@@ -296,11 +299,23 @@ def write_mrc(
     with atomic_path(path) as tmp:
         with mrcfile.new_mmap(tmp, shape=data.shape, mrc_mode=_DTYPE_MODE[dtype.name],
                               overwrite=True) as mrc:
-            _copy_with_stats(data, mrc.data, mrc.header)
+            if dtype.name == "uint8":
+                _mark_unsigned_bytes(mrc.header)
+            target = mrc.data.view(np.uint8) if dtype.name == "uint8" else mrc.data
+            _copy_with_stats(data, target, mrc.header)
             mrc.voxel_size = voxel_size_a
             for axis, value in zip("xyz", origin_xyz_a, strict=True):
                 mrc.header.origin[axis] = value
     return path
+
+
+def _mark_unsigned_bytes(header: np.recarray) -> None:
+    """IMOD's stamp and flags (header bytes 152-159, inside mrcfile's `extra2`): flags 0 says
+    mode 0 holds unsigned bytes."""
+    extra = bytearray(header.extra2.tobytes())
+    extra[40:48] = np.array([_IMOD_STAMP, 0], dtype=header.mode.dtype.byteorder.replace(
+        "=", "<").replace("|", "<") + "i4").tobytes()
+    header.extra2 = bytes(extra)
 
 
 def _copy_with_stats(src: np.ndarray, dst: np.ndarray, header: np.recarray) -> None:

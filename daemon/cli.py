@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..core.errors import one_line
@@ -50,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tomolive {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in (_add_demo, _add_run, _add_segment, _add_train, _add_distill, _add_synth,
-                     _add_evaluate, _add_models, _add_status, _add_retry, _add_batch,
-                     _add_star_combine):
+    for register in (_add_demo, _add_run, _add_segment, _add_repick, _add_train, _add_distill,
+                     _add_synth, _add_evaluate, _add_models, _add_status, _add_retry,
+                     _add_batch, _add_star_combine):
         register(sub)
     return parser
 
@@ -76,6 +77,10 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                         "(?P<name>...) matched against the file's stem, else the stem; "
                         "default: Warp's TS_01_10.00Apx -> TS_01; '' for the stem as it is")
     _add_device_args(p)
+    _add_decision_args(p)
+    p.add_argument("--save-probabilities", nargs="?", const="all", metavar="CLASS,...",
+                   help="also write STEM_<class>_prob.mrc (bytes, 0-255 for 0-1) for every "
+                        "class, or the ones named; `tomolive repick` needs every class's")
     p.add_argument("--claim", action="store_true",
                    help="take leases in the output folder (batch jobs beside running daemons)")
     p.add_argument("--lease-seconds", type=float, default=120.0)
@@ -108,6 +113,25 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
                    help="auto: bfloat16 where the CPU/GPU does it natively; float32: exact")
 
 
+def _add_decision_args(p: argparse.ArgumentParser) -> None:
+    """The decision and cleanup options `segment` and `repick` share (core.decision)."""
+    p.add_argument("--threshold", action="append", default=[], metavar="CLASS=P",
+                   help="the probability (0-1] a voxel needs to be CLASS (repeatable); classes "
+                        "not named win where they beat the background")
+    p.add_argument("--min-size", action="append", default=[], metavar="CLASS=NM3",
+                   help="CLASS's smallest kept component in nm^3 (repeatable)")
+    p.add_argument("--min-length", action="append", default=[], metavar="CLASS=NM",
+                   help="a filament CLASS's shortest traced filament in nm (repeatable)")
+
+
+def _decision_values(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    from ..core.decision import parse_class_values
+
+    return {"thresholds": parse_class_values(args.threshold, "--threshold"),
+            "min_size_nm3": parse_class_values(args.min_size, "--min-size"),
+            "min_length_nm": parse_class_values(args.min_length, "--min-length")}
+
+
 def _segment_options(args: argparse.Namespace):
     from ..core.infer import InferenceOptions
     from ..core.pipeline import SegmentOptions
@@ -116,8 +140,13 @@ def _segment_options(args: argparse.Namespace):
                                  precision=args.precision)
     if args.batch_size:
         inference.batch_size = args.batch_size
-    return SegmentOptions(inference=inference, voxel_size_a=args.pixel_size_a,
-                          tilt_series_pattern=args.tilt_series_pattern or None)
+    saved = getattr(args, "save_probabilities", None)
+    return SegmentOptions(
+        inference=inference, voxel_size_a=args.pixel_size_a,
+        tilt_series_pattern=args.tilt_series_pattern or None,
+        save_probabilities=(saved == "all" or tuple(
+            name.strip() for name in saved.split(",") if name.strip())) if saved else False,
+        **_decision_values(args))
 
 
 def _default_name_pattern() -> str:
@@ -175,6 +204,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         _refuse_shared_outputs(args.tomograms, args.out)
     bundle = load_model_or_default(args.model)
     options = _segment_options(args)
+    _check_class_options(options, bundle)
     network = prepare_network(bundle, options.inference.device)
     print(f"model {bundle.meta.name} v{bundle.meta.version} ({bundle.sha256[:12]}) "
           f"at {bundle.meta.voxel_size_a:g} Å on {options.inference.device}", file=sys.stderr)
@@ -193,6 +223,44 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                                             stem=output_stem(path, args.out),
                                             progress=with_progress(hold, progress),
                                             before_publish=with_publish_hook(hold, None))
+        except (ValueError, OSError, RuntimeError) as error:
+            failures += 1
+            print(f"tomolive: error: {one_line(error)}", file=sys.stderr)
+            continue
+        print(tomogram_done_line(seg, out_dir))
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def _check_class_options(options: Any, bundle: Any) -> None:
+    """Options naming classes, checked against the model before any tomogram is read."""
+    from ..core.decision import threshold_vector
+
+    try:
+        classes = options.classes_for(list(bundle.classes))
+        threshold_vector(classes, options.thresholds)
+        options.probability_classes(classes)
+    except ValueError as error:
+        raise CommandError(f"{bundle.path or bundle.meta.name}: {error}") from None
+
+
+def _add_repick(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("repick", help="redo a result's labels, particles and filaments from its "
+                                      "saved probability maps, with new thresholds")
+    p.add_argument("folders", nargs="+", metavar="OUT/STEM", type=Path,
+                   help="result folders written with --save-probabilities")
+    _add_decision_args(p)
+    p.set_defaults(handler=_cmd_repick)
+
+
+def _cmd_repick(args: argparse.Namespace) -> int:
+    from ..core.repick import repick_folder
+
+    values = _decision_values(args)
+    failures = 0
+    for folder in args.folders:
+        try:
+            with _StageProgress(folder.name) as progress:
+                seg, out_dir = repick_folder(folder, progress=progress, **values)
         except (ValueError, OSError, RuntimeError) as error:
             failures += 1
             print(f"tomolive: error: {one_line(error)}", file=sys.stderr)

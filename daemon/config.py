@@ -117,6 +117,9 @@ class Config(_Strict):
     # file's stem, or the stem when it does not match; null: always the stem. The default takes
     # Warp's reconstruction names apart (TS_01_10.00Apx -> TS_01).
     tilt_series_name_pattern: str | None = WARP_RECONSTRUCTION_NAME
+    # Every class's probability map beside the labels (STEM_<class>_prob.mrc, one byte per
+    # voxel and class), for soft-map viewing and `tomolive repick` without the network.
+    save_probabilities: bool = Field(False, strict=True)
 
     @field_validator("tilt_series_name_pattern")
     @classmethod

@@ -30,6 +30,7 @@ class Job:
     voxel_size_bounds_a: tuple[float, float] = DEFAULT_VOXEL_SIZE_BOUNDS_A
     max_model_voxels: int = DEFAULT_MAX_MODEL_VOXELS
     tilt_series_pattern: str | None = WARP_RECONSTRUCTION_NAME  # core.star.tilt_series_name
+    save_probabilities: bool = False  # every class's STEM_<class>_prob.mrc (core.probability_maps)
 
 
 # -- service -> worker --------------------------------------------------------------------------

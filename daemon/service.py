@@ -424,7 +424,8 @@ class Service:
                   inference=self._inference_options(),
                   voxel_size_bounds_a=tuple(self.config.voxel_size_bounds_a),
                   max_model_voxels=self.config.max_model_voxels,
-                  tilt_series_pattern=self.config.tilt_series_name_pattern)
+                  tilt_series_pattern=self.config.tilt_series_name_pattern,
+                  save_probabilities=self.config.save_probabilities)
         self._next_job_id += 1
         self.in_flight[job.job_id] = InFlight(item, lease, fingerprint, model)
         self.queue.remove(item.path)

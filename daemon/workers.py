@@ -331,6 +331,7 @@ class _JobRunner:
             voxel_size_bounds_a=tuple(job.voxel_size_bounds_a),
             max_model_voxels=job.max_model_voxels,
             tilt_series_pattern=job.tilt_series_pattern,
+            save_probabilities=job.save_probabilities,
         )
         seg, out_dir = segment_file(
             job.path, job.out_parent, bundle, options, network=network, stem=job.stem,

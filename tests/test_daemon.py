@@ -388,3 +388,20 @@ def test_inputs_sharing_a_stem_get_their_own_output_folders(daemon, tmp_path):
                   and p.is_dir()) == ["TS_01", "TS_01_rec", "TS_02_mrc", "TS_02_rec"]
     assert {p.name for p in d.outputs.iterdir() if p.is_file()} == {
         "index.csv", "index.star", "index.html"}
+
+
+def test_save_probabilities_writes_every_class_map_that_repick_then_uses(daemon):
+    d = daemon(save_probabilities=True)
+    (d.incoming / "soft.mrc").write_bytes(tomogram_bytes(12))
+    d.start()
+    d.wait_for_summary("soft")
+    assert d.stop() == 0
+    bundle = load_bundle(next(d.models.glob("a.safetensors")))
+    names = tuple(spec.name for spec in bundle.classes)
+    expected = output_paths(d.outputs, "soft", bundle.classes, names)
+    assert {p.name for p in (d.outputs / "soft").iterdir()} == {p.name for p in expected.values()}
+    run = subprocess.run([sys.executable, "-m", "tomolive", "repick", str(d.outputs / "soft")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(expected["summary"].read_text())
+    assert summary["settings"]["save_probabilities"] is True and "repick" in summary

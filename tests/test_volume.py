@@ -91,11 +91,25 @@ def test_write_labels_int8_mode0_and_rejects_other_dtypes(tmp_path):
         np.testing.assert_array_equal(mrc.data, labels)
     write_mrc(tmp_path / "b.mrc", labels > 0, 10.0)  # bool -> int8 0/1
     assert read_mrc(tmp_path / "b.mrc").data.max() == 1
-    with pytest.raises(ValueError, match="cannot write uint8 as MRC"):
-        write_mrc(tmp_path / "u.mrc", labels.astype(np.uint8), 10.0)
+    with pytest.raises(ValueError, match="cannot write int64 as MRC"):
+        write_mrc(tmp_path / "u.mrc", labels.astype(np.int64), 10.0)
     with pytest.raises(ValueError, match="needs a 3-D"):
         write_mrc(tmp_path / "2d.mrc", labels[0], 10.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.mrc", "l.mrc"]  # no temp files
+
+
+def test_unsigned_bytes_are_mode_0_with_imods_unsigned_stamp_and_read_back_unsigned(tmp_path):
+    values = (np.arange(np.prod(SHAPE)) % 256).astype(np.uint8).reshape(SHAPE)
+    write_mrc(tmp_path / "p.mrc", values, 10.0)
+    raw = (tmp_path / "p.mrc").read_bytes()[:1024]
+    stamp, flags = np.frombuffer(raw[152:160], "<i4")
+    assert (int(stamp), int(flags) & 1) == (1146047817, 0)  # IMOD: unsigned mode 0
+    with mrcfile.open(tmp_path / "p.mrc") as mrc:
+        assert int(mrc.header.mode) == 0
+        assert (float(mrc.header.dmin), float(mrc.header.dmax)) == (0.0, 255.0)
+    back = read_mrc(tmp_path / "p.mrc")
+    assert back.data.dtype == np.uint8 and not back.header.notes
+    np.testing.assert_array_equal(back.data, values)
 
 
 def test_write_is_atomic_replace(tmp_path):

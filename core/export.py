@@ -30,6 +30,7 @@ from scipy import ndimage
 from . import result_folder, star
 from .atomic import fsync_dir
 from .classes import ClassSpec
+from .context import CONTEXT_COLUMNS
 from .filaments import Filament
 from .imod import write_filament_model, write_particle_model
 from .particles import ParticleTable
@@ -251,7 +252,9 @@ def write_particle_star(
 
 
 def write_particle_csv(path: Path, tables: list[ParticleTable]) -> None:
-    _write_text(path, star.particle_csv_text(star.table_rows(tables)))
+    # The context columns any table carries (core.context), in their documented order.
+    context = [name for name in CONTEXT_COLUMNS if any(name in t.context for t in tables)]
+    _write_text(path, star.particle_csv_text(star.table_rows(tables, context), context=context))
 
 
 def write_filament_star(path: Path, filaments: list[Filament], stem: str,

@@ -13,7 +13,7 @@ not with the tomogram.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -37,6 +37,8 @@ class ParticleTable:
     zyx: np.ndarray  # float64 (n, 3)
     score: np.ndarray  # float32 (n,), mean class probability inside the particle, 0..1
     volume_voxels: np.ndarray  # int64 (n,), on the grid the particle was found on
+    # Per-particle columns from core.context (membrane_distance_nm, compartment), or none.
+    context: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.zyx = np.asarray(self.zyx, dtype=np.float64).reshape(-1, 3)
@@ -48,6 +50,12 @@ class ParticleTable:
                 f"particle table {self.class_name!r}: {n} positions but {len(self.score)} "
                 f"scores and {len(self.volume_voxels)} volumes"
             )
+        self.context = {name: np.asarray(values).reshape(-1)
+                        for name, values in self.context.items()}
+        for name, values in self.context.items():
+            if len(values) != n:
+                raise ValueError(f"particle table {self.class_name!r}: {n} positions but "
+                                 f"{len(values)} values of {name}")
 
     def __len__(self) -> int:
         return len(self.zyx)
@@ -65,7 +73,8 @@ class ParticleTable:
                 f"expected {self.zyx.shape}"
             )
         return ParticleTable(self.class_name, zyx.copy(), self.score.copy(),
-                             self.volume_voxels.copy())
+                             self.volume_voxels.copy(),
+                             {name: values.copy() for name, values in self.context.items()})
 
 
 def sphere_volume_voxels(diameter_nm: float, voxel_size_a: float) -> float:

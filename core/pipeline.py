@@ -19,6 +19,7 @@ import numpy as np
 
 from .classes import ClassSpec
 from .cleanup import clean_labels
+from .context import add_particle_context
 from .decision import check_class_values, threshold_vector
 from .export import check_output_names, write_outputs
 from .filaments import Filament, trace_filaments
@@ -237,6 +238,7 @@ def post_process(labels: np.ndarray, confidence_u8: np.ndarray, classes: list[Cl
             spec.name: find_particles(labels, confidence_u8, index + 1, spec, model_voxel_a)
             for index, spec in enumerate(classes) if spec.is_particle
         }
+        particles = add_particle_context(particles, labels, classes, model_voxel_a)
     _report(progress, "particles", 1.0)
     with timer.stage("filaments"):
         filaments = {

@@ -113,24 +113,48 @@ def particle_star_text(
     """One particle class as a RELION 5 style STAR file (block `particles`)."""
     columns = _coordinate_columns(table.zyx, tomo_name, shape_zyx, voxel_size_a)
     columns["rlnAutopickFigureOfMerit"] = _fmt(table.score, 5)
+    for name, values in table.context.items():  # core.context's columns
+        columns[CONTEXT_STAR_LABELS[name]] = _context_text(name, values)
     return star_text("particles", columns)
 
 
-def particle_csv_text(rows: Iterable[Sequence[object]], with_score: bool = True) -> str:
-    """`class,x,y,z[,score]` from rows (class, x, y, z[, score]) in 0-based voxel indices."""
-    lines = ["class,x,y,z,score" if with_score else "class,x,y,z"]
+# core.context's columns in STAR files: RELION keeps labels it does not know.
+CONTEXT_STAR_LABELS = {"membrane_distance_nm": "tomoliveMembraneDistanceNm",
+                       "compartment": "tomoliveCompartment"}
+
+
+def _context_text(name: str, values: np.ndarray) -> list[str]:
+    if name == "compartment":
+        return [str(int(v)) for v in values]
+    return ["nan" if not math.isfinite(float(v)) else f"{float(v):.2f}" for v in values]
+
+
+def particle_csv_text(rows: Iterable[Sequence[object]], with_score: bool = True,
+                      context: Sequence[str] = ()) -> str:
+    """`class,x,y,z[,score][,context...]` from rows (class, x, y, z[, score][, context...]) in
+    0-based voxel indices; `context` names core.context's columns the rows carry."""
+    lines = [",".join(["class", "x", "y", "z", *(["score"] if with_score else []), *context])]
     for row in rows:
         name, x, y, z = row[:4]
-        line = f"{name},{float(x):.3f},{float(y):.3f},{float(z):.3f}"
-        lines.append(f"{line},{float(row[4]):.5f}" if with_score else line)
+        cells = [str(name), f"{float(x):.3f}", f"{float(y):.3f}", f"{float(z):.3f}"]
+        if with_score:
+            cells.append(f"{float(row[4]):.5f}")
+        rest = row[5:] if with_score else row[4:]
+        cells += [_context_text(column, np.array([value]))[0]
+                  for column, value in zip(context, rest, strict=True)]
+        lines.append(",".join(cells))
     return "\n".join(lines) + "\n"
 
 
-def table_rows(tables: Iterable[ParticleTable]) -> Iterable[tuple[str, float, float, float, float]]:
-    """(class, x, y, z, score) for every particle of `tables`, for `particle_csv_text`."""
+def table_rows(tables: Iterable[ParticleTable], context: Sequence[str] = ()
+               ) -> Iterable[tuple[object, ...]]:
+    """(class, x, y, z, score, *context) for every particle of `tables`, for
+    `particle_csv_text`; a table without a context column gets NaN (0 for a compartment)."""
     for table in tables:
-        for (z, y, x), score in zip(table.zyx, table.score, strict=True):
-            yield table.class_name, x, y, z, score
+        columns = [table.context.get(name, np.full(len(table), 0 if name == "compartment"
+                                                   else math.nan)) for name in context]
+        for i, ((z, y, x), score) in enumerate(zip(table.zyx, table.score, strict=True)):
+            yield (table.class_name, x, y, z, score, *(values[i] for values in columns))
 
 
 def relion_tilt_psi_deg(directions_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -201,17 +225,23 @@ def star_columns(text: str, source: str = "STAR text") -> tuple[str, dict[str, l
 
 def combined_star_text(tables: list[tuple[str, dict[str, list[str]]]], source: str) -> str:
     """One STAR text holding the rows of every (block, columns) table, which must all have the
-    same block and labels (tomolive's files of one kind and version)."""
+    same block and labels (tomolive's files of one kind and version). The one difference
+    allowed is the context columns (CONTEXT_STAR_LABELS), which results from before them lack:
+    the combined table then keeps them only if every table has them."""
     if not tables:
         raise StarError(f"{source}: nothing to combine")
     block, first = tables[0]
-    combined: dict[str, list[str]] = {label: [] for label in first}
+    context = set(CONTEXT_STAR_LABELS.values())
+    shared = [label for label in first if all(label in columns for _, columns in tables)]
+    core_labels = [label for label in first if label not in context]
+    combined: dict[str, list[str]] = {label: [] for label in shared}
     for other_block, columns in tables:
-        if other_block != block or list(columns) != list(first):
+        if other_block != block or [label for label in columns if label not in context] \
+                != core_labels:
             raise StarError(f"{source}: tables differ in block or labels "
                             f"({other_block}: {', '.join(columns)})")
-        for label, values in columns.items():
-            combined[label] += [star_string(v) for v in values]
+        for label in shared:
+            combined[label] += [star_string(v) for v in columns[label]]
     return star_text(block, combined)
 
 

@@ -489,6 +489,8 @@ def _write_summary(
             * seg.voxel_size_a / 10 for s in seg.classes if s.is_filament},
         "confidence": seg.confidence,
         "uncertain_fraction": seg.uncertain_fraction,
+        "snr_estimate": seg.snr_estimate,
+        "class_confidence": seg.class_confidence,
         "cleanup_removed_fraction": seg.cleanup_removed_fraction,
         "warnings": seg.warnings,
         "files": files,

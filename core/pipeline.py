@@ -29,6 +29,7 @@ from .model import ModelBundle
 from .particles import ParticleTable, find_particles
 from .preprocess import apply_recipe
 from .probability_maps import ModelGridMaps
+from .quality import adjacent_slice_snr, class_confidence
 from .resample import GridMap, fourier_rescale, grid_for, labels_to_input_refined
 from .segmentation import Segmentation
 from .stages import Progress
@@ -170,6 +171,7 @@ def segment(
         except ValueError as error:
             raise ValueError(f"{volume.path or 'tomogram'}: {error}") from None
         model_data = fourier_rescale(canonical, grid, device=_device_name(options))
+        snr_estimate = adjacent_slice_snr(model_data)  # before preprocessing filters it
     _report(progress, "rescale", 1.0)
     # The input is not needed again until the preview reads three slices: its touched pages
     # would otherwise count towards peak memory.
@@ -201,6 +203,7 @@ def segment(
         **outputs,
         confidence=_specimen_confidence(prediction.confidence),
         uncertain_fraction=_uncertain_fraction(prediction),
+        snr_estimate=snr_estimate,
         warnings=[*(volume.header.notes if volume.header is not None else ()),
                   *cleanup_warnings(outputs["cleanup_removed_fraction"])],
         probabilities=(ModelGridMaps(saved, prediction.probabilities_u8, grid, beam_axis)
@@ -227,7 +230,8 @@ def post_process(labels: np.ndarray, confidence_u8: np.ndarray, classes: list[Cl
     """Everything after the network, shared by `segment` and `core.repick`: cleanup, particles
     and filaments on the model grid (labels int8 and confidence uint8 there), then labels and
     coordinates mapped to the input grid. Returns Segmentation fields: labels, particles,
-    filaments, class_fractions, cleanup_removed_fraction. `labels` is cleaned in place."""
+    filaments, class_fractions, class_confidence, cleanup_removed_fraction. `labels` is
+    cleaned in place."""
     timer = timer or StageTimer({})
     removed_fraction: dict[str, float] = {}
     with timer.stage("cleanup"):
@@ -256,6 +260,8 @@ def post_process(labels: np.ndarray, confidence_u8: np.ndarray, classes: list[Cl
         "filaments": {name: [filament_to_input(f, grid, beam_axis) for f in found]
                       for name, found in filaments.items()},
         "class_fractions": _class_fractions(labels, classes),
+        "class_confidence": dict(zip((spec.name for spec in classes), class_confidence(
+            labels, confidence_u8, len(classes)), strict=True)),
         "cleanup_removed_fraction": removed_fraction,
     }
 

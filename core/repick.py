@@ -80,6 +80,7 @@ def repick_folder(
         **outputs,
         confidence=_number(summary.get("confidence")),
         uncertain_fraction=_number(summary.get("uncertain_fraction")),
+        snr_estimate=_number(summary.get("snr_estimate")),
         warnings=cleanup_warnings(outputs["cleanup_removed_fraction"]),
         timings_s=timings_s,
         model=dict(summary["model"]),

@@ -28,6 +28,10 @@ class Segmentation:
     # The model-fit signal (core.infer.FIT_CANDIDATE_PROB): of the specimen's voxels where the
     # model sees something, the share where it cannot decide; high when the model does not fit.
     uncertain_fraction: float = float("nan")
+    # Quality figures (core.quality): the input's SNR estimate on the model grid, and per class
+    # the mean probability the network gave the label over the class's voxels (NaN: none).
+    snr_estimate: float = float("nan")
+    class_confidence: dict[str, float] = field(default_factory=dict)
     # Per class: the fraction of the network's voxels that cleanup's own rules removed.
     cleanup_removed_fraction: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # one line each, for the summary

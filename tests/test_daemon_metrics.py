@@ -135,6 +135,22 @@ def test_scrape_counters_histograms_promtool_and_healthz(make_daemon) -> None:
     close("tomolive_tomogram_confidence_ratio_sum", sum(confidences))
     assert value(samples, "tomolive_last_tomogram_confidence_ratio") in confidences
 
+    # Quality per tomogram (issue 21, item 3): the SNR estimate and, per class, the mean
+    # confidence over its voxels and the share cleanup removed.
+    snrs = [s["snr_estimate"] for s in summaries]
+    assert all(v is not None and v >= 0 for v in snrs)  # noise with a few blobs: near 0
+    assert value(samples, "tomolive_tomogram_snr_ratio_count") == 3
+    close("tomolive_tomogram_snr_ratio_sum", sum(snrs))
+    for key, metric in (("class_confidence", "tomolive_tomogram_class_confidence_ratio"),
+                        ("cleanup_removed_fraction", "tomolive_tomogram_cleanup_removed_ratio")):
+        for name in summaries[0][key]:
+            found = [s[key][name] for s in summaries if s[key].get(name) is not None]
+            if not found:  # a class no tomogram had: never observed, no series yet
+                assert (f"{metric}_count", (("class", name),)) not in samples
+                continue
+            assert value(samples, f"{metric}_count", **{"class": name}) == len(found), metric
+            close(f"{metric}_sum", sum(found), **{"class": name})
+
     assert with_name(samples, "tomolive_model_info") == {
         (("name", "model-a"), ("sha256", model_sha), ("version", "3")): 1.0}
     assert value(samples, "tomolive_model_reloads_total", result="ok") == 1

@@ -79,7 +79,7 @@ def test_promtool_check_config_accepts_the_example() -> None:
 def test_the_required_alerts_exist() -> None:
     names = {rule["alert"] for rule in alert_rules()}
     assert {"TomoliveDown", "TomoliveNotKeepingUp", "TomoliveFailureRate", "TomoliveNoSuccess",
-            "TomoliveConfidenceDrop", "TomoliveModelDoesNotFit"} <= names
+            "TomoliveConfidenceDrop", "TomoliveModelDoesNotFit", "TomolivePoorTomograms"} <= names
     for rule in alert_rules():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
@@ -193,6 +193,20 @@ tests:
       - {eval_time: 1190m, alertname: TomoliveConfidenceDrop, exp_alerts: []}
       - eval_time: 1335m
         alertname: TomoliveConfidenceDrop
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: gpu1}
+
+  - interval: 1m
+    input_series:   # one tomogram per 10 min at SNR estimate 3.0 for 20 h, then 1.0
+      - series: 'tomolive_tomogram_snr_ratio_count{instance="gpu1"}'
+        values: '0+0.1x1440'
+      - series: 'tomolive_tomogram_snr_ratio_sum{instance="gpu1"}'
+        values: '0+0.3x1200 360.1+0.1x239'
+    alert_rule_test:
+      - {eval_time: 1190m, alertname: TomolivePoorTomograms, exp_alerts: []}
+      - {eval_time: 1280m, alertname: TomolivePoorTomograms, exp_alerts: []}
+      - eval_time: 1335m
+        alertname: TomolivePoorTomograms
         exp_alerts:
           - exp_labels: {severity: warning, instance: gpu1}
 

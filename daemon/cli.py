@@ -292,6 +292,7 @@ def _cmd_segment_copick(args: argparse.Namespace) -> int:
     session = (cp.check_session_id(args.copick_session) if args.copick_session else
                cp.default_session_id(bundle.meta.name, bundle.meta.version))
     options = _segment_options(args)
+    _check_class_options(options, bundle)
     match = cp.match_objects(project, bundle.classes)
     network = prepare_network(bundle, options.inference.device)
     print(f"model {bundle.meta.name} v{bundle.meta.version} ({bundle.sha256[:12]}) "

@@ -52,6 +52,11 @@ def write_tiny_model(path: Path, name: str = "tiny", version: int = 1, seed: int
     return path
 
 
+def failure_records(outputs: Path) -> list[Path]:
+    """The failure records (daemon/failure_records.py) in an output folder."""
+    return sorted((outputs / ".tomolive" / "failures").glob("*.json"))
+
+
 def tomogram_bytes(seed: int = 0, shape_zyx=TOMOGRAM_SHAPE_ZYX, voxel_size_a: float = 10.0,
                    scratch: Path | None = None, nan: bool = False) -> bytes:
     """The bytes of a small float32 MRC file (random noise with a few dark blobs)."""
@@ -162,6 +167,13 @@ class Daemon:
             return predicate()
 
         return wait_until(ready, timeout_s, what, lambda: self.log[-3000:])
+
+    def wait_for_failure_records_cleared(self, timeout_s: float = 30.0) -> None:
+        """Until the output folder holds no failure record. A success clears its tomogram's
+        record in the main loop after the worker has published the summary, so a test that
+        has just seen a summary must wait for this state rather than look once."""
+        self.wait_for(lambda: not failure_records(self.outputs), timeout_s,
+                      "the failure records to be cleared")
 
     def wait_for_log(self, pattern: str, timeout_s: float = 60.0) -> re.Match:
         return self.wait_for(lambda: re.search(pattern, self.log, re.MULTILINE), timeout_s,

@@ -333,7 +333,7 @@ def test_a_new_model_that_fails_every_tomogram_is_taken_out_of_service(daemon):
         assert d.wait_for_summary(name)["model"]["name"] == "model-a"
     assert d.log.count("serving model model-a v1") == 2, d.log  # at start, and restored
     assert "quarantined" not in d.log
-    assert not list((d.outputs / ".tomolive" / "failures").glob("*.json"))
+    d.wait_for_failure_records_cleared()
     assert d.stop() == 0
 
 

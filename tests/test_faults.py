@@ -128,7 +128,7 @@ def test_a_stopped_worker_is_killed_replaced_and_its_tomogram_done_without_an_at
         summary = d.wait_for_summary("stuck")
         assert summary["input"]["path"].endswith("stuck.mrc")
         assert "attempt 1/" not in d.log and "quarantined" not in d.log, d.log
-        assert not list((d.outputs / ".tomolive" / "failures").glob("*.json"))  # cleared
+        d.wait_for_failure_records_cleared()
         assert partial_outputs(d.outputs) == []
         metrics = _scrape(d)
         assert _sample(metrics, "tomolive_worker_stalls_total", device="cpu") >= 1
@@ -195,7 +195,7 @@ def test_a_full_output_disk_pauses_work_names_the_cause_and_resumes_when_freed(t
         wait_until(lambda: all(d.summary(s) for s in stems), 120, "every summary",
                    lambda: d.log[-3000:])
         assert "quarantined" not in d.log, d.log
-        assert not list((d.outputs / ".tomolive" / "failures").glob("*.json"))
+        d.wait_for_failure_records_cleared()
         assert partial_outputs(d.outputs) == []
         metrics = _scrape(d)
         assert _sample(metrics, "tomolive_faults_total", category="environment") >= 1

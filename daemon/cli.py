@@ -214,15 +214,26 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         return segment_with_claims(args.tomograms, args.out, bundle, network, options,
                                    lease_seconds=args.lease_seconds,
                                    relative_to=args.relative_to)
+    def segment_one(path: Path, progress: Callable[[str, float], None]) -> tuple[Any, Path]:
+        hold = stage_hold(path.stem)  # None unless a test switched holds on
+        return segment_file(path, args.out, bundle, options, network=network,
+                            stem=output_stem(path, args.out),
+                            progress=with_progress(hold, progress),
+                            before_publish=with_publish_hook(hold, None))
+
+    return _each_with_a_line(args.tomograms, segment_one)
+
+
+def _each_with_a_line(items: Sequence[Path],
+                      run: Callable[[Path, Callable[[str, float], None]], tuple[Any, Path]]
+                      ) -> int:
+    """`run(item, progress) -> (segmentation, folder)` for each item with a progress bar, then
+    its done line, or its one error line; EXIT_FAILED if any failed (the others still run)."""
     failures = 0
-    for path in args.tomograms:
+    for item in items:
         try:
-            hold = stage_hold(path.stem)  # None unless a test switched holds on
-            with _StageProgress(path.name) as progress:
-                seg, out_dir = segment_file(path, args.out, bundle, options, network=network,
-                                            stem=output_stem(path, args.out),
-                                            progress=with_progress(hold, progress),
-                                            before_publish=with_publish_hook(hold, None))
+            with _StageProgress(item.name) as progress:
+                seg, out_dir = run(item, progress)
         except (ValueError, OSError, RuntimeError) as error:
             failures += 1
             print(f"tomolive: error: {one_line(error)}", file=sys.stderr)
@@ -256,17 +267,8 @@ def _cmd_repick(args: argparse.Namespace) -> int:
     from ..core.repick import repick_folder
 
     values = _decision_values(args)
-    failures = 0
-    for folder in args.folders:
-        try:
-            with _StageProgress(folder.name) as progress:
-                seg, out_dir = repick_folder(folder, progress=progress, **values)
-        except (ValueError, OSError, RuntimeError) as error:
-            failures += 1
-            print(f"tomolive: error: {one_line(error)}", file=sys.stderr)
-            continue
-        print(tomogram_done_line(seg, out_dir))
-    return EXIT_FAILED if failures else EXIT_OK
+    return _each_with_a_line(args.folders, lambda folder, progress: repick_folder(
+        folder, progress=progress, **values))
 
 
 def _cmd_segment_copick(args: argparse.Namespace) -> int:

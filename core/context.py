@@ -56,12 +56,12 @@ def add_particle_context(tables: dict[str, ParticleTable], labels: np.ndarray,
     return out
 
 
-def _coarse(mask: np.ndarray) -> np.ndarray:
-    """Any-of 2x2x2 blocks (edges padded with False)."""
-    padded = np.pad(mask, [(0, (-n) % _BLOCK) for n in mask.shape])
-    shape = [n // _BLOCK for n in padded.shape]
-    return padded.reshape(shape[0], _BLOCK, shape[1], _BLOCK, shape[2], _BLOCK).any(
-        axis=(1, 3, 5))
+def _any_in_blocks(mask: np.ndarray, block_zyx: tuple[int, int, int]) -> np.ndarray:
+    """True where a block of `block_zyx` voxels holds any True (edges padded with False)."""
+    padded = np.pad(mask, [(0, (-n) % k) for n, k in zip(mask.shape, block_zyx, strict=True)])
+    shape = [n // k for n, k in zip(padded.shape, block_zyx, strict=True)]
+    return padded.reshape(shape[0], block_zyx[0], shape[1], block_zyx[1], shape[2],
+                          block_zyx[2]).any(axis=(1, 3, 5))
 
 
 def membrane_distance_vox(membrane: np.ndarray, zyx: np.ndarray) -> np.ndarray:
@@ -69,7 +69,7 @@ def membrane_distance_vox(membrane: np.ndarray, zyx: np.ndarray) -> np.ndarray:
     result = np.full(len(zyx), math.nan)
     if not len(zyx) or not membrane.any():
         return result
-    blocks = np.argwhere(_coarse(membrane))
+    blocks = np.argwhere(_any_in_blocks(membrane, (_BLOCK,) * 3))
     centres = blocks * _BLOCK + (_BLOCK - 1) / 2.0  # a block's centre in voxels
     coarse_distance, _ = cKDTree(centres).query(zyx)
     # A membrane voxel lies within sqrt(3) * (BLOCK - 1) / 2 of its block's centre.
@@ -94,7 +94,7 @@ def compartments(membrane: np.ndarray, zyx: np.ndarray) -> np.ndarray:
     if not len(zyx) or not membrane.any():
         return result
     # In-plane 2x downsampling closes one-voxel gaps in a membrane and quarters the work.
-    coarse = _coarse_in_plane(membrane)
+    coarse = _any_in_blocks(membrane, (1, _BLOCK, _BLOCK))
     z_of = np.clip(np.round(zyx[:, 0]).astype(int), 0, membrane.shape[0] - 1)
     z_low, z_high = int(z_of.min()), int(z_of.max()) + 1
     enclosed = np.zeros((z_high - z_low, *coarse.shape[1:]), dtype=bool)
@@ -106,13 +106,6 @@ def compartments(membrane: np.ndarray, zyx: np.ndarray) -> np.ndarray:
     raw = numbered[z_of - z_low, y_of, x_of]
     order = {label: k + 1 for k, label in enumerate(dict.fromkeys(int(v) for v in raw if v))}
     return np.array([order.get(int(v), 0) for v in raw], dtype=np.int64)
-
-
-def _coarse_in_plane(mask: np.ndarray) -> np.ndarray:
-    padded = np.pad(mask, [(0, 0), (0, (-mask.shape[1]) % _BLOCK),
-                           (0, (-mask.shape[2]) % _BLOCK)])
-    nz, ny, nx = padded.shape
-    return padded.reshape(nz, ny // _BLOCK, _BLOCK, nx // _BLOCK, _BLOCK).any(axis=(2, 4))
 
 
 def _enclosed_in_slice(wall: np.ndarray) -> np.ndarray:

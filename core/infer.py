@@ -362,6 +362,8 @@ def predict(
     uncertain = np.zeros(depth, dtype=np.int64)
     keep = list(keep_probabilities)
     kept = np.empty((len(keep), depth, height, width), dtype=np.uint8) if keep else None
+    # Without thresholds the chosen probability is the maximum: no second pass for it.
+    argmax_rule = not thresholds or all(math.isnan(t) for t in thresholds)
     with torch.inference_mode():
         for z0, probs in iter_probabilities(network, data_f32, in_slices, options, z_edge):
             if probs.shape[1] > 127:
@@ -369,8 +371,8 @@ def predict(
             if keep and max(keep) >= probs.shape[1]:
                 raise ValueError(f"class {max(keep)} asked for; the network has "
                                  f"{probs.shape[1] - 1}")
-            best = probs.amax(dim=1)
             z1 = z0 + probs.shape[0]
+            chosen = None
             if kept is None:
                 arg, chosen = decide(probs, thresholds)
                 labels[z0:z1] = arg.to(torch.int8).cpu().numpy()
@@ -379,6 +381,7 @@ def predict(
                 foreground_u8 = to_u8(probs[:, 1:]).transpose(0, 1).contiguous().cpu().numpy()
                 labels[z0:z1], confidence[z0:z1] = decide_bytes(foreground_u8, thresholds)
                 kept[:, z0:z1] = foreground_u8[[k - 1 for k in keep]]
+            best = chosen if chosen is not None and argmax_rule else probs.amax(dim=1)
             seen = probs[:, 1:].amax(dim=1) > FIT_CANDIDATE_PROB
             candidates[z0:z1] = seen.sum(dim=(1, 2)).cpu().numpy()
             uncertain[z0:z1] = (seen & (best < FIT_DECIDED_PROB)).sum(dim=(1, 2)).cpu().numpy()

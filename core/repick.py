@@ -27,7 +27,7 @@ from .fingerprint import input_fingerprint
 from .pipeline import SegmentOptions, StageTimer, cleanup_warnings, post_process
 from .probability_maps import SavedMaps, read_model_grid
 from .resample import GridMap
-from .result_folder import read_summary
+from .result_folder import read_summary, summary_number
 from .segmentation import Segmentation
 from .stages import Progress
 from .volume import VolumeError, canonical_shape, read_mrc
@@ -78,9 +78,9 @@ def repick_folder(
         origin_xyz_a=tuple(float(v) for v in summary["origin_xyz_a"]),  # type: ignore[arg-type]
         classes=classes,
         **outputs,
-        confidence=_number(summary.get("confidence")),
-        uncertain_fraction=_number(summary.get("uncertain_fraction")),
-        snr_estimate=_number(summary.get("snr_estimate")),
+        confidence=_figure(summary, "confidence"),
+        uncertain_fraction=_figure(summary, "uncertain_fraction"),
+        snr_estimate=_figure(summary, "snr_estimate"),
         warnings=cleanup_warnings(outputs["cleanup_removed_fraction"]),
         timings_s=timings_s,
         model=dict(summary["model"]),
@@ -150,9 +150,7 @@ def _preview_background(summary: dict[str, Any]) -> np.ndarray | None:
     return data if list(data.shape) == list(summary["input"]["shape_zyx"]) else None
 
 
-def _number(value: Any) -> float:
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return result
+def _figure(summary: dict[str, Any], key: str) -> float:
+    """A per-tomogram figure carried over from the summary (null there: NaN)."""
+    value = summary_number(summary.get(key))
+    return math.nan if value is None else value

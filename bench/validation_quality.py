@@ -115,7 +115,8 @@ def tomogram_record(name: str, scores: dict, model_classes: list[str], segment_s
 def segment_and_score(name: str, args: argparse.Namespace, bundle: ModelBundle, network,
                       out_parent: Path, scratch: Path) -> dict:
     truth_stem = args.validation_dir / name
-    options = SegmentOptions(inference=segment_inference_options(args))
+    options = SegmentOptions(inference=segment_inference_options(args),
+                             specimen_mask=args.specimen_mask)
     start = time.perf_counter()
     seg, out_dir = segment_file(args.validation_dir / f"{name}.mrc", out_parent, bundle,
                                 options, network=network)
@@ -196,6 +197,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (--tta)")
+    p.add_argument("--specimen-mask", action="store_true",
+                   help="drop what the network finds outside the specimen slab")
     p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="as tomolive segment --precision")
     args = p.parse_args(argv)

@@ -1,8 +1,14 @@
-"""Where each particle sits: its distance to the nearest membrane and the compartment around it
-(issue 21, item 5): extra columns of the particle tables, for picking membrane-bound ribosomes
-or the contents of vesicles without another tool.
+"""Where each particle sits: its distance to the nearest membrane and to the specimen's surface,
+and the compartment around it (issue 21, item 5): extra columns of the particle tables, for
+picking membrane-bound ribosomes, the contents of vesicles, or leaving out particles damaged
+at a lamella's surface (FIB milling damages the outer 10-20 nm) without another tool.
 
-Both are measured on the model grid, from the cleaned labels of the membrane-kind classes:
+- `specimen_surface_distance_nm`: perpendicular distance from the particle's centre to the
+  nearer surface of the specimen slab (core.specimen_mask), positive inside; NaN when the
+  slab's surfaces were not found (the specimen fills the volume).
+
+The other two are measured on the model grid, from the cleaned labels of the membrane-kind
+classes:
 
 - `membrane_distance_nm`: from the particle's centre to the centre of the nearest membrane
   voxel. Exact within `EXACT_WITHIN_VOX` voxels (where binding questions live); farther away
@@ -29,16 +35,18 @@ from scipy.spatial import cKDTree
 
 from .classes import ClassSpec
 from .particles import ParticleTable
+from .specimen_mask import SpecimenSlab
 
-CONTEXT_COLUMNS = ("membrane_distance_nm", "compartment")
+CONTEXT_COLUMNS = ("membrane_distance_nm", "specimen_surface_distance_nm", "compartment")
 EXACT_WITHIN_VOX = 20.0
 _BLOCK = 2  # downsampling of the coarse membrane grid, per axis
 
 
 def add_particle_context(tables: dict[str, ParticleTable], labels: np.ndarray,
-                         classes: list[ClassSpec], voxel_size_a: float
-                         ) -> dict[str, ParticleTable]:
-    """`tables` (model-grid coordinates) with the context columns filled in."""
+                         classes: list[ClassSpec], voxel_size_a: float,
+                         specimen: SpecimenSlab | None = None) -> dict[str, ParticleTable]:
+    """`tables` (model-grid coordinates) with the context columns filled in; without a
+    `specimen` slab (or with one whose surfaces were not found) the surface distance is NaN."""
     membrane_values = [i + 1 for i, spec in enumerate(classes) if spec.kind == "membrane"]
     membrane = (np.isin(labels, membrane_values) if membrane_values
                 else np.zeros(labels.shape, dtype=bool))
@@ -46,11 +54,14 @@ def add_particle_context(tables: dict[str, ParticleTable], labels: np.ndarray,
     all_zyx = np.concatenate(points) if points else np.zeros((0, 3))
     distance_vox = membrane_distance_vox(membrane, all_zyx)
     compartment = compartments(membrane, all_zyx)
+    surface_nm = (specimen.depth_nm(all_zyx, labels.shape) if specimen is not None
+                  else np.full(len(all_zyx), math.nan))
     out, start = {}, 0
     for name, table in tables.items():
         stop = start + len(table)
         out[name] = replace(table, context={
             "membrane_distance_nm": distance_vox[start:stop] * voxel_size_a / 10.0,
+            "specimen_surface_distance_nm": surface_nm[start:stop],
             "compartment": compartment[start:stop]})
         start = stop
     return out

@@ -54,9 +54,12 @@ SWEEP_QUALITY = 60
 
 
 def _file_names(stem: str, classes: list[ClassSpec],
-                probability_classes: tuple[str, ...] = ()) -> dict[str, str]:
+                probability_classes: tuple[str, ...] = (), specimen_mask: bool = False
+                ) -> dict[str, str]:
     """Output key -> file name, in writing order (the summary is always last)."""
     names = {"labels": f"{stem}_labels.mrc"}
+    if specimen_mask:
+        names["specimen_mask"] = f"{stem}_specimen_mask.mrc"
     for name in probability_classes:
         names[f"prob:{name}"] = probability_file_name(stem, name)
     for spec in classes:
@@ -86,13 +89,15 @@ def probability_file_name(stem: str, class_name: str) -> str:
 
 
 def output_paths(out_parent: str | Path, stem: str, classes: list[ClassSpec],
-                 probability_classes: tuple[str, ...] = ()) -> dict[str, Path]:
-    """Every file `write_outputs` writes for `stem`, keyed 'labels', 'prob:<class>' (the
-    `probability_classes` asked for), 'mask:<class>', 'star:<class>', 'particles_csv',
-    'filaments:<class>', 'preview', 'sweep', 'summary'."""
+                 probability_classes: tuple[str, ...] = (), specimen_mask: bool = False
+                 ) -> dict[str, Path]:
+    """Every file `write_outputs` writes for `stem`, keyed 'labels', 'specimen_mask' (when
+    the run masked the specimen), 'prob:<class>' (the `probability_classes` asked for),
+    'mask:<class>', 'star:<class>', 'particles_csv', 'filaments:<class>', 'preview', 'sweep',
+    'summary'."""
     folder = Path(out_parent) / stem
-    return {key: folder / name
-            for key, name in _file_names(stem, classes, probability_classes).items()}
+    return {key: folder / name for key, name in
+            _file_names(stem, classes, probability_classes, specimen_mask).items()}
 
 
 # The longest name a file system takes for one path component (ext4, XFS, NFS, Lustre, ...).
@@ -105,7 +110,7 @@ def check_output_names(input_path: str | Path, stem: str, classes: list[ClassSpe
     # The temporary and the set-aside folders are longer than the stem (core.result_folder);
     # every class's probability map counts, whether asked for or not.
     all_maps = tuple(spec.name for spec in classes)
-    names = [*_file_names(stem, classes, all_maps).values(),
+    names = [*_file_names(stem, classes, all_maps, specimen_mask=True).values(),
              result_folder.longest_folder_name(stem)]
     longest = max(names, key=lambda name: len(os.fsencode(name)))
     size = len(os.fsencode(longest))
@@ -140,8 +145,8 @@ def write_outputs(
     tmp = _make_temporary_folder(out_parent, seg.stem)
     try:
         maps = seg.probabilities.names if seg.probabilities is not None else ()
-        files = {key: tmp / name
-                 for key, name in _file_names(seg.stem, seg.classes, maps).items()}
+        files = {key: tmp / name for key, name in
+                 _file_names(seg.stem, seg.classes, maps, seg.masks_specimen).items()}
         _write_files(files, seg, tomogram)
         timings_s = dict(seg.timings_s)
         # 'write' may already hold the mapping back to the input grid (core.pipeline): add to it.
@@ -190,6 +195,9 @@ def _check(seg: Segmentation, tomogram: np.ndarray | None) -> None:
 
 def _write_files(files: dict[str, Path], seg: Segmentation, tomogram: np.ndarray | None) -> None:
     write_mrc(files["labels"], seg.labels, seg.voxel_size_a, seg.origin_xyz_a)
+    if seg.masks_specimen:
+        write_mrc(files["specimen_mask"], seg.specimen_mask(), seg.voxel_size_a,
+                  seg.origin_xyz_a)
     if seg.probabilities is not None:
         for name in seg.probabilities.names:  # one class at a time: bounded memory
             seg.probabilities.write(name, files[f"prob:{name}"], seg.voxel_size_a,
@@ -492,11 +500,21 @@ def _write_summary(
         "snr_estimate": seg.snr_estimate,
         "class_confidence": seg.class_confidence,
         "cleanup_removed_fraction": seg.cleanup_removed_fraction,
+        "specimen": _specimen_record(seg),
         "warnings": seg.warnings,
         "files": files,
         **seg.summary_extra,
     }
     _write_text(path, json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
+
+
+def _specimen_record(seg: Segmentation) -> dict[str, Any] | None:
+    """The slab's figures and surfaces (core.specimen_mask), whether it masked the outputs,
+    and what it removed."""
+    if seg.specimen is None:
+        return None
+    return {**seg.specimen.summary(), "mask_applied": seg.masks_specimen,
+            "outside_specimen": seg.outside_specimen}
 
 
 def _polyline_length_vox(points_zyx: Any) -> float:

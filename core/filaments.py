@@ -59,6 +59,14 @@ class Filament:
     def __len__(self) -> int:
         return len(self.points_zyx)
 
+    def split(self, keep: np.ndarray) -> list[Filament]:
+        """The runs of consecutive points where `keep` (bool, one per point) is True, each a
+        filament of its own (a filament leaving a region and coming back is two)."""
+        keep = np.asarray(keep, dtype=bool)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.view(np.int8), [0]])))
+        return [Filament(self.points_zyx[a:b], self.directions_zyx[a:b])
+                for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
     def length_voxels(self) -> float:
         """Length of the polyline through the points, in voxels."""
         return float(np.linalg.norm(np.diff(self.points_zyx, axis=0), axis=1).sum())

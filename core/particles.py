@@ -76,6 +76,13 @@ class ParticleTable:
                              self.volume_voxels.copy(),
                              {name: values.copy() for name, values in self.context.items()})
 
+    def subset(self, keep: np.ndarray) -> ParticleTable:
+        """The particles where `keep` (bool, one per particle) is True."""
+        keep = np.asarray(keep, dtype=bool)
+        return ParticleTable(self.class_name, self.zyx[keep], self.score[keep],
+                             self.volume_voxels[keep],
+                             {name: values[keep] for name, values in self.context.items()})
+
 
 def sphere_volume_voxels(diameter_nm: float, voxel_size_a: float) -> float:
     radius_vox = diameter_nm * 10.0 / voxel_size_a / 2.0

@@ -29,6 +29,7 @@ from .probability_maps import SavedMaps, read_model_grid
 from .resample import GridMap
 from .result_folder import read_summary, summary_number
 from .segmentation import Segmentation
+from .specimen_mask import SpecimenSlab
 from .stages import Progress
 from .volume import VolumeError, canonical_shape, read_mrc
 
@@ -54,7 +55,8 @@ def repick_folder(
         thresholds=kept_thresholds,
         min_size_nm3={**(settings.get("min_size_nm3") or {}), **dict(min_size_nm3 or {})},
         min_length_nm={**(settings.get("min_length_nm") or {}), **dict(min_length_nm or {})},
-        save_probabilities=True)
+        save_probabilities=True,
+        specimen_mask=bool(settings.get("specimen_mask", False)))
     try:
         classes = options.classes_for([ClassSpec.from_json(c) for c in summary["classes"]])
         vector = threshold_vector(classes, options.thresholds)
@@ -70,14 +72,18 @@ def repick_folder(
     with timer.stage("decide"):
         labels, confidence = decide_saved(values_u8, vector)
     del values_u8
+    specimen = _specimen(folder, summary)
     outputs = post_process(labels, confidence, classes, float(summary["model"]["voxel_size_a"]),
-                           grid, beam_axis, timer, progress)
+                           grid, beam_axis, timer, progress, specimen=specimen,
+                           mask_outside_specimen=options.specimen_mask)
     seg = Segmentation(
         stem=folder.name,
         voxel_size_a=float(summary["voxel_size_a"]),
         origin_xyz_a=tuple(float(v) for v in summary["origin_xyz_a"]),  # type: ignore[arg-type]
         classes=classes,
         **outputs,
+        specimen=specimen,
+        beam_axis=beam_axis,
         confidence=_figure(summary, "confidence"),
         uncertain_fraction=_figure(summary, "uncertain_fraction"),
         snr_estimate=_figure(summary, "snr_estimate"),
@@ -86,7 +92,8 @@ def repick_folder(
         model=dict(summary["model"]),
         input=dict(summary["input"]),
         settings={**settings, **{key: value for key, value in options.to_json().items()
-                                 if key in ("thresholds", "min_size_nm3", "min_length_nm")}},
+                                 if key in ("thresholds", "min_size_nm3", "min_length_nm",
+                                            "specimen_mask")}},
         tilt_series_name=str(summary.get("tilt_series_name") or ""),
         probabilities=SavedMaps(names, paths),
         summary_extra={"repick": {
@@ -133,6 +140,18 @@ def _grids(folder: Path, summary: dict[str, Any]) -> tuple[GridMap, int]:
         return GridMap(input_shape, tuple(record["model_grid_shape_zyx"])), beam_axis
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{folder}: the summary's input grid is unusable ({error})") from None
+
+
+def _specimen(folder: Path, summary: dict[str, Any]) -> SpecimenSlab | None:
+    """The slab the segmentation measured (none in results from before it was measured)."""
+    record = summary.get("specimen")
+    if not record:
+        return None
+    try:
+        return SpecimenSlab.from_json(record)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{folder}: the summary's specimen record is unusable ({error})"
+                         ) from None
 
 
 def _preview_background(summary: dict[str, Any]) -> np.ndarray | None:

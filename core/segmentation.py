@@ -12,6 +12,8 @@ from .classes import ClassSpec
 from .filaments import Filament
 from .particles import ParticleTable
 from .probability_maps import ProbabilityMaps
+from .specimen_mask import SpecimenSlab
+from .volume import canonical_shape, from_canonical
 
 
 @dataclass
@@ -43,8 +45,28 @@ class Segmentation:
     tilt_series_name: str = ""
     # Per-class probability maps to write (STEM_<class>_prob.mrc), when asked for.
     probabilities: ProbabilityMaps | None = None
+    # The specimen slab (core.specimen_mask) on this tomogram's canonical field; None when
+    # not measured (a result from before it). `beam_axis`: the input's thin axis, to write
+    # the mask in the file's own axis order.
+    specimen: SpecimenSlab | None = None
+    beam_axis: int = 0
+    # What was cleared or dropped outside the slab: {"voxels" (model grid), "particles",
+    # "filament_points": {class: count}}; empty when the mask was off.
+    outside_specimen: dict[str, dict[str, int]] = field(default_factory=dict)
     # Extra summary entries (a repick's record of what it changed).
     summary_extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def masks_specimen(self) -> bool:
+        """Whether the outputs were masked to the specimen (and STEM_specimen_mask.mrc is
+        written): a slab was measured and the run asked for it."""
+        return self.specimen is not None and bool(self.settings.get("specimen_mask"))
+
+    def specimen_mask(self) -> np.ndarray:
+        """The slab as int8 on the input grid, in the file's axis order (1 inside)."""
+        assert self.specimen is not None
+        mask = self.specimen.mask(canonical_shape(self.labels.shape, self.beam_axis))
+        return from_canonical(mask, self.beam_axis)
 
     def class_index(self, name: str) -> int:
         for i, spec in enumerate(self.classes):

@@ -120,6 +120,7 @@ def particle_star_text(
 
 # core.context's columns in STAR files: RELION keeps labels it does not know.
 CONTEXT_STAR_LABELS = {"membrane_distance_nm": "tomoliveMembraneDistanceNm",
+                       "specimen_surface_distance_nm": "tomoliveSpecimenSurfaceDistanceNm",
                        "compartment": "tomoliveCompartment"}
 
 

@@ -81,6 +81,11 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-probabilities", nargs="?", const="all", metavar="CLASS,...",
                    help="also write STEM_<class>_prob.mrc (bytes, 0-255 for 0-1) for every "
                         "class, or the ones named; `tomolive repick` needs every class's")
+    p.add_argument("--specimen-mask", action="store_true",
+                   help="drop what the network finds outside the specimen slab (vacuum, "
+                        "surface ice, carbon; gold is kept) and write STEM_specimen_mask.mrc; "
+                        "for lamellae with a void above and below. Without it the slab is "
+                        "still measured and its thickness and tilt recorded")
     p.add_argument("--claim", action="store_true",
                    help="take leases in the output folder (batch jobs beside running daemons)")
     p.add_argument("--lease-seconds", type=float, default=120.0)
@@ -146,6 +151,7 @@ def _segment_options(args: argparse.Namespace):
         tilt_series_pattern=args.tilt_series_pattern or None,
         save_probabilities=(saved == "all" or tuple(
             name.strip() for name in saved.split(",") if name.strip())) if saved else False,
+        specimen_mask=getattr(args, "specimen_mask", False),
         **_decision_values(args))
 
 

@@ -120,6 +120,10 @@ class Config(_Strict):
     # Every class's probability map beside the labels (STEM_<class>_prob.mrc, one byte per
     # voxel and class), for soft-map viewing and `tomolive repick` without the network.
     save_probabilities: bool = Field(False, strict=True)
+    # Clear what the network finds outside the specimen slab (core.specimen_mask; gold is
+    # kept) and write STEM_specimen_mask.mrc: for lamellae with a void above and below. Off:
+    # the slab is still measured and recorded.
+    specimen_mask: bool = Field(False, strict=True)
 
     @field_validator("tilt_series_name_pattern")
     @classmethod

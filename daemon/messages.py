@@ -31,6 +31,7 @@ class Job:
     max_model_voxels: int = DEFAULT_MAX_MODEL_VOXELS
     tilt_series_pattern: str | None = WARP_RECONSTRUCTION_NAME  # core.star.tilt_series_name
     save_probabilities: bool = False  # every class's STEM_<class>_prob.mrc (core.probability_maps)
+    specimen_mask: bool = False  # mask the outputs to the specimen slab (core.specimen_mask)
 
 
 # -- service -> worker --------------------------------------------------------------------------

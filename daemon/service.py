@@ -425,7 +425,8 @@ class Service:
                   voxel_size_bounds_a=tuple(self.config.voxel_size_bounds_a),
                   max_model_voxels=self.config.max_model_voxels,
                   tilt_series_pattern=self.config.tilt_series_name_pattern,
-                  save_probabilities=self.config.save_probabilities)
+                  save_probabilities=self.config.save_probabilities,
+                  specimen_mask=self.config.specimen_mask)
         self._next_job_id += 1
         self.in_flight[job.job_id] = InFlight(item, lease, fingerprint, model)
         self.queue.remove(item.path)

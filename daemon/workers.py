@@ -332,6 +332,7 @@ class _JobRunner:
             max_model_voxels=job.max_model_voxels,
             tilt_series_pattern=job.tilt_series_pattern,
             save_probabilities=job.save_probabilities,
+            specimen_mask=job.specimen_mask,
         )
         seg, out_dir = segment_file(
             job.path, job.out_parent, bundle, options, network=network, stem=job.stem,

@@ -159,14 +159,8 @@ class SpecimenSlab:
 
     def contains(self, zyx_vox: np.ndarray, shape_zyx: tuple[int, ...]) -> np.ndarray:
         """Per point (n, 3; voxels of a grid of `shape_zyx`): inside the slab (a surface not
-        found never excludes)."""
-        p = np.asarray(zyx_vox, dtype=np.float64).reshape(-1, 3) * self.voxel_size_nm(shape_zyx)
-        inside = np.ones(len(p), dtype=bool)
-        if self.lower.found:
-            inside &= p[:, 0] >= self.lower.height_nm(p[:, 1], p[:, 2])
-        if self.upper.found:
-            inside &= p[:, 0] <= self.upper.height_nm(p[:, 1], p[:, 2])
-        return inside
+        found never excludes: its depth is NaN, which is not below 0)."""
+        return ~(self.depth_nm(zyx_vox, shape_zyx) < 0)
 
     def mask(self, shape_zyx: tuple[int, ...]) -> np.ndarray:
         """int8 [z, y, x] on a grid of `shape_zyx` over this field: 1 inside the slab.

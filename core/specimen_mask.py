@@ -191,6 +191,22 @@ class SpecimenSlab:
                    math.nan if contrast is None else float(contrast))
 
 
+def measured_thickness_nm(record: Any) -> float | None:
+    """The mean thickness from a summary's "specimen" record (SpecimenSlab.summary), or None
+    when it is not a measurement: no record (older results), a surface not found (the figure
+    is then a lower bound) or a value that is not a finite number (summaries are files anyone
+    can write)."""
+    if not isinstance(record, dict) or record.get("thickness_is_lower_bound") is not False:
+        return None
+    thickness = record.get("thickness_nm")
+    mean = thickness.get("mean") if isinstance(thickness, dict) else None
+    try:
+        value = float(mean)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def find_specimen(data: np.ndarray, voxel_size_nm_zyx: tuple[float, float, float]
                   ) -> SpecimenSlab:
     """The specimen slab of a canonical [z, y, x] tomogram (any real dtype)."""

@@ -28,6 +28,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from ..core.result_folder import summary_number
+from ..core.specimen_mask import measured_thickness_nm
 from ..core.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,12 @@ CONFIDENCE_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95
 # The SNR estimate (core.quality.adjacent_slice_snr) read 1.7-3.2 on the validation set's
 # realistic tomograms and about 6 on the cartoon demo data: log-spaced around that.
 SNR_BUCKETS = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0)
+# Specimen thickness in metres (Prometheus base units; Grafana shows nm). FIB lamellae are
+# milled to about 100-250 nm; past about 300 nm, the inelastic mean free path at 300 kV
+# (about 320 nm in vitreous ice, Rice et al. 2018 J Struct Biol 204:38), most electrons have
+# lost energy and the tomogram is poor.
+THICKNESS_BUCKETS_M = (50e-9, 75e-9, 100e-9, 125e-9, 150e-9, 175e-9, 200e-9, 250e-9, 300e-9,
+                       350e-9, 400e-9, 500e-9, 750e-9, 1000e-9)
 # Fractions 0..1 per class (cleanup removed, mean confidence of a class's voxels).
 FRACTION_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
@@ -195,6 +202,11 @@ class Metrics:
             "Per tomogram: the input's SNR estimate (signal over noise variance from "
             "neighbouring z-slices, core.quality). For ranking tomograms of one facility; "
             "not an absolute SNR.", buckets=SNR_BUCKETS, registry=r)
+        self.thickness = Histogram(
+            "tomolive_tomogram_specimen_thickness_meters",
+            "Per tomogram: the specimen slab's mean thickness (core.specimen_mask), observed "
+            "only when both of its surfaces were found (a slab filling the volume has no "
+            "measured thickness).", buckets=THICKNESS_BUCKETS_M, registry=r)
         self.class_confidence = Histogram(
             "tomolive_tomogram_class_confidence_ratio",
             "Per tomogram and class: the mean probability the network gave the label over "
@@ -398,6 +410,9 @@ class Metrics:
         snr = summary_number(summary.get("snr_estimate"))
         if snr is not None:
             self.snr.observe(snr)
+        thickness_nm = measured_thickness_nm(summary.get("specimen"))
+        if thickness_nm is not None:
+            self.thickness.observe(thickness_nm * 1e-9)
         for key, histogram in (("class_confidence", self.class_confidence),
                                ("cleanup_removed_fraction", self.cleanup_removed)):
             values = summary.get(key)

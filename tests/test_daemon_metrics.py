@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tomolive.core.specimen_mask import measured_thickness_nm
 from tomolive.core.stages import STAGES
 
 from .daemon_harness import tomogram_bytes, write_tiny_model
@@ -141,6 +142,15 @@ def test_scrape_counters_histograms_promtool_and_healthz(make_daemon) -> None:
     assert all(v is not None and v >= 0 for v in snrs)  # noise with a few blobs: near 0
     assert value(samples, "tomolive_tomogram_snr_ratio_count") == 3
     close("tomolive_tomogram_snr_ratio_sum", sum(snrs))
+    # The specimen's thickness: every summary has the record; only slabs whose two surfaces
+    # were found are observed (these 16-slice tomograms are thinner than the finder's minimum
+    # depth, so none is: the series exists with nothing in it).
+    assert all(isinstance(s.get("specimen"), dict) for s in summaries)
+    thicknesses_m = [t * 1e-9 for s in summaries
+                     if (t := measured_thickness_nm(s["specimen"])) is not None]
+    assert value(samples, "tomolive_tomogram_specimen_thickness_meters_count") \
+        == len(thicknesses_m)
+    close("tomolive_tomogram_specimen_thickness_meters_sum", sum(thicknesses_m))
     for key, metric in (("class_confidence", "tomolive_tomogram_class_confidence_ratio"),
                         ("cleanup_removed_fraction", "tomolive_tomogram_cleanup_removed_ratio")):
         for name in summaries[0][key]:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tomolive.core.specimen_mask import SpecimenSlab, Surface
 from tomolive.core.stages import STAGES
 from tomolive.daemon.http_server import HttpServer, LoopHealth
 from tomolive.daemon.metrics import Metrics
@@ -168,6 +169,32 @@ def test_class_fractions_describe_only_the_last_tomogram(served) -> None:
     fractions = {dict(k[1])["class"]: v for k, v in parse(scrape_text(server.url)).items()
                  if k[0] == "tomolive_last_tomogram_class_volume_ratio"}
     assert fractions == pytest.approx({"membrane": 0.2, "actin": 0.05})
+
+
+def test_specimen_thickness_is_observed_only_where_both_surfaces_were_found(served) -> None:
+    metrics, server, _ = served
+    extent = (300.0, 500.0, 500.0)
+    flat = SpecimenSlab(Surface(60.0, 0.0, 0.0, True), Surface(180.0, 0.0, 0.0, True),
+                        extent, 3.0)
+    thick = SpecimenSlab(Surface(10.0, 0.0, 0.0, True), Surface(290.0, 0.0, 0.0, True),
+                         extent, 2.0)
+    one_side = SpecimenSlab(Surface(60.0, 0.0, 0.0, True), Surface(301.0, 0.0, 0.0, False),
+                            extent, 2.0)
+    records = [flat.summary(), thick.summary(), one_side.summary(),
+               SpecimenSlab.whole(extent).summary(), None,
+               {"thickness_is_lower_bound": False, "thickness_nm": {"mean": "thin"}}]
+    for record in records:
+        summary = fake_summary()
+        if record is not None:
+            summary["specimen"] = record
+        metrics.observe_tomogram(summary)
+    after = parse(scrape_text(server.url))
+    name = "tomolive_tomogram_specimen_thickness_meters"
+    assert value(after, f"{name}_count") == 2  # the lower bounds and the garbage are not
+    assert value(after, f"{name}_sum") == pytest.approx(400e-9)  # 120 nm + 280 nm
+    assert value(after, f"{name}_bucket", le="1.25e-07") == 1
+    assert value(after, f"{name}_bucket", le="3e-07") == 2
+    assert value(after, "tomolive_tomograms_finished_total", outcome="ok") == len(records)
 
 
 def test_queue_age_is_zero_when_empty_and_grows_while_waiting(served) -> None:

@@ -79,7 +79,8 @@ def test_promtool_check_config_accepts_the_example() -> None:
 def test_the_required_alerts_exist() -> None:
     names = {rule["alert"] for rule in alert_rules()}
     assert {"TomoliveDown", "TomoliveNotKeepingUp", "TomoliveFailureRate", "TomoliveNoSuccess",
-            "TomoliveConfidenceDrop", "TomoliveModelDoesNotFit", "TomolivePoorTomograms"} <= names
+            "TomoliveConfidenceDrop", "TomoliveModelDoesNotFit", "TomolivePoorTomograms",
+            "TomoliveThickLamellae"} <= names
     for rule in alert_rules():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
@@ -207,6 +208,22 @@ tests:
       - {eval_time: 1280m, alertname: TomolivePoorTomograms, exp_alerts: []}
       - eval_time: 1335m
         alertname: TomolivePoorTomograms
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: gpu1}
+
+  - interval: 1m
+    # One measured tomogram per 10 min at 180 nm for 4 h, then at 400 nm. The second segment
+    # starts one step on: a sum that does not grow there would read as a counter reset.
+    input_series:
+      - series: 'tomolive_tomogram_specimen_thickness_meters_count{instance="gpu1"}'
+        values: '0+0.1x480'
+      - series: 'tomolive_tomogram_specimen_thickness_meters_sum{instance="gpu1"}'
+        values: '0+18e-9x240 4.36e-6+40e-9x239'
+    alert_rule_test:
+      - {eval_time: 235m, alertname: TomoliveThickLamellae, exp_alerts: []}
+      - {eval_time: 260m, alertname: TomoliveThickLamellae, exp_alerts: []}
+      - eval_time: 380m
+        alertname: TomoliveThickLamellae
         exp_alerts:
           - exp_labels: {severity: warning, instance: gpu1}
 

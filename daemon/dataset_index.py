@@ -40,7 +40,8 @@ def _header(columns: tuple[tuple[str, ...], ...]) -> list[str]:
              "model_sha256"]
             + [f"particles_{c}" for c in particles] + [f"filaments_{c}" for c in filaments]
             + [f"filament_length_nm_{c}" for c in lengths]
-            + ["confidence", "uncertain_fraction", "seconds", "finished_utc"])
+            + ["confidence", "uncertain_fraction", "snr_estimate", "specimen_thickness_nm",
+               "seconds", "finished_utc"])
 
 
 def _cells(row: dict[str, Any], columns: tuple[tuple[str, ...], ...]) -> list[str]:
@@ -52,6 +53,7 @@ def _cells(row: dict[str, Any], columns: tuple[tuple[str, ...], ...]) -> list[st
             + [str((row.get("filaments") or {}).get(c, "")) for c in filaments]
             + [_fmt((row.get("filament_length_nm") or {}).get(c), 1) for c in lengths]
             + [_fmt(row.get("confidence"), 4), _fmt(row.get("uncertain_fraction"), 4),
+               _fmt(row.get("snr_estimate"), 3), _fmt(row.get("specimen_thickness_nm"), 1),
                _fmt(row.get("seconds"), 2),
                str(row.get("finished_utc") or "")])
 

@@ -23,6 +23,7 @@ from typing import Any
 from ..core.atomic import atomic_write_text
 from ..core.export import output_paths
 from ..core.result_folder import read_summary, summary_name, summary_number
+from ..core.specimen_mask import measured_thickness_nm
 from .state_files import STATE_DIR, critical_section
 from .status import summary_paths
 
@@ -71,6 +72,8 @@ def row_from_summary(summary: dict[str, Any], rel: str, mtime_s: float = 0.0) ->
                       (summary.get("class_fractions") or {}).items()},
         "confidence": summary_number(summary.get("confidence")),
         "uncertain_fraction": summary_number(summary.get("uncertain_fraction")),
+        "snr_estimate": summary_number(summary.get("snr_estimate")),
+        "specimen_thickness_nm": measured_thickness_nm(summary.get("specimen")),
         "cleanup_removed_fraction": {k: summary_number(v) for k, v in removed.items()}
         if isinstance(removed, dict) else {},
         "seconds": summary_number((summary.get("timings_s") or {}).get("total")),

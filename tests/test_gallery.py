@@ -20,6 +20,7 @@ from tomolive.core.export import write_outputs
 from tomolive.core.filaments import Filament
 from tomolive.core.particles import ParticleTable
 from tomolive.core.segmentation import Segmentation
+from tomolive.core.specimen_mask import SpecimenSlab, Surface
 from tomolive.daemon import gallery, gallery_rows
 from tomolive.daemon.failure_records import FailureRecords
 from tomolive.daemon.http_server import HttpServer
@@ -30,7 +31,8 @@ SHAPE = (8, 24, 32)
 
 
 def publish(out_parent: Path, stem: str, n_ribosomes: int = 2,
-            uncertain_fraction: float = float("nan")) -> Path:
+            uncertain_fraction: float = float("nan"), snr_estimate: float = float("nan"),
+            specimen: SpecimenSlab | None = None) -> Path:
     """A real result folder (core.export), tiny."""
     labels = np.zeros(SHAPE, dtype=np.int8)
     labels[2:4, 4:10, 4:12] = 1
@@ -43,7 +45,8 @@ def publish(out_parent: Path, stem: str, n_ribosomes: int = 2,
         particles={"ribosome": ribo},
         filaments={"microtubule": [Filament([[5, 12, 2], [5, 12, 29]], [[0, 0, 1]] * 2)]},
         class_fractions={"membrane": 0.05, "microtubule": 0.01, "ribosome": 0.0},
-        confidence=0.87, uncertain_fraction=uncertain_fraction,
+        confidence=0.87, uncertain_fraction=uncertain_fraction, snr_estimate=snr_estimate,
+        specimen=specimen,
         timings_s={"inference": 1.0, "total": 2.5},
         model={"name": "tiny", "version": "3", "sha256": "cd" * 32},
         input={"path": f"/data/{stem}.mrc", "fingerprint": "x"}, settings={})
@@ -392,6 +395,32 @@ def test_a_page_that_fails_answers_500_and_the_server_goes_on(served, monkeypatc
     assert get(server.url + "/")[0] == 500
     assert get(server.url + "/metrics")[0] == 200
     assert get(server.url + "/t/session1/TS_01")[0] == 200
+
+
+def test_snr_and_measured_thickness_are_shown_and_indexed(out):
+    extent_nm = tuple(float(n) for n in SHAPE)  # 10 Å voxels
+    slab = SpecimenSlab(Surface(1.5, 0.0, 0.0, True), Surface(6.5, 0.0, 0.0, True),
+                        extent_nm, 3.0)  # type: ignore[arg-type]
+    one_side = SpecimenSlab(Surface(1.5, 0.0, 0.0, True), Surface(9.0, 0.0, 0.0, False),
+                            extent_nm, 3.0)  # type: ignore[arg-type]
+    publish(out, "TS_slab", snr_estimate=2.46, specimen=slab)
+    publish(out, "TS_one_side", snr_estimate=1.5, specimen=one_side)
+    publish(out, "TS_older")  # a summary from before both: no values
+    rows = {r["stem"]: r for r in (gallery_rows.row_for_folder(out, out / s)
+                                   for s in ("TS_slab", "TS_one_side", "TS_older"))}
+    assert rows["TS_slab"]["snr_estimate"] == pytest.approx(2.46)
+    assert rows["TS_slab"]["specimen_thickness_nm"] == pytest.approx(5.0)
+    assert rows["TS_one_side"]["specimen_thickness_nm"] is None  # a lower bound is no measure
+    assert rows["TS_older"]["snr_estimate"] is None
+    html = gallery.SessionPages(out).session_html()
+    assert ">2.46<" in html and ">5 nm<" in html
+    assert "2.46" in gallery.SessionPages(out).tomogram_html("TS_slab")
+    gallery.Gallery(out).add(out / "TS_slab")
+    header, *lines = (out / "index.csv").read_text().splitlines()
+    columns = header.split(",")
+    cells = dict(zip(columns, next(r for r in lines if r.startswith("TS_slab")).split(","),
+                     strict=True))
+    assert cells["snr_estimate"] == "2.460" and cells["specimen_thickness_nm"] == "5.0"
 
 
 def test_the_model_fit_signal_is_shown_and_flagged_when_the_model_does_not_fit(out):

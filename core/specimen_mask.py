@@ -59,6 +59,11 @@ MIN_FOUND_TILES = 0.25  # share of tiles that must cross for a surface to count 
 REJECT_MAD = 3.0  # outlier tiles: residual beyond this many robust sigmas
 MIN_REJECT_NM = 2.0
 EDGE_ARTEFACT_NM = 4.0
+# Thicker than this is a poor specimen (shown flagged; monitoring/alerts.yml's
+# TomoliveThickLamellae uses the same figure): FIB lamellae are milled to about 100-250 nm,
+# and the inelastic mean free path at 300 kV is about 320 nm in vitreous ice (Rice et al.
+# 2018, J Struct Biol 204:38), so past it most electrons have lost energy.
+THICK_SPECIMEN_NM = 300.0
 MIN_DEPTH_NM = 24.0  # thinner volumes (test shapes, slabs cut to the specimen): all specimen
 
 

@@ -31,6 +31,7 @@ from PIL import Image
 from ..core.atomic import atomic_path, atomic_write_text
 from ..core.export import output_paths, sweep_planes
 from ..core.result_folder import read_summary
+from ..core.specimen_mask import THICK_SPECIMEN_NM
 from .dataset_index import IndexTables
 from .gallery_rows import (
     RowIndex,
@@ -125,6 +126,7 @@ def _environment() -> jinja2.Environment:
     env.filters["seconds"] = lambda s: "" if s is None else (
         f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min")
     env.filters["local"] = lambda s: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s))
+    env.globals["thick_specimen_nm"] = THICK_SPECIMEN_NM
     return env
 
 

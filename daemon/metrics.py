@@ -48,10 +48,8 @@ CONFIDENCE_BUCKETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95
 # The SNR estimate (core.quality.adjacent_slice_snr) read 1.7-3.2 on the validation set's
 # realistic tomograms and about 6 on the cartoon demo data: log-spaced around that.
 SNR_BUCKETS = (0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0)
-# Specimen thickness in metres (Prometheus base units; Grafana shows nm). FIB lamellae are
-# milled to about 100-250 nm; past about 300 nm, the inelastic mean free path at 300 kV
-# (about 320 nm in vitreous ice, Rice et al. 2018 J Struct Biol 204:38), most electrons have
-# lost energy and the tomogram is poor.
+# Specimen thickness in metres (Prometheus base units; Grafana shows nm), finest around the
+# 100-250 nm of FIB lamellae and core.specimen_mask.THICK_SPECIMEN_NM.
 THICKNESS_BUCKETS_M = (50e-9, 75e-9, 100e-9, 125e-9, 150e-9, 175e-9, 200e-9, 250e-9, 300e-9,
                        350e-9, 400e-9, 500e-9, 750e-9, 1000e-9)
 # Fractions 0..1 per class (cleanup removed, mean confidence of a class's voxels).

@@ -405,6 +405,9 @@ def test_snr_and_measured_thickness_are_shown_and_indexed(out):
                             extent_nm, 3.0)  # type: ignore[arg-type]
     publish(out, "TS_slab", snr_estimate=2.46, specimen=slab)
     publish(out, "TS_one_side", snr_estimate=1.5, specimen=one_side)
+    thick = SpecimenSlab(Surface(50.0, 0.0, 0.0, True), Surface(850.0, 0.0, 0.0, True),
+                         (900.0, 24.0, 32.0), 3.0)  # the record of a 900 nm deep field
+    publish(out, "TS_thick", specimen=thick)
     publish(out, "TS_older")  # a summary from before both: no values
     rows = {r["stem"]: r for r in (gallery_rows.row_for_folder(out, out / s)
                                    for s in ("TS_slab", "TS_one_side", "TS_older"))}
@@ -413,7 +416,8 @@ def test_snr_and_measured_thickness_are_shown_and_indexed(out):
     assert rows["TS_one_side"]["specimen_thickness_nm"] is None  # a lower bound is no measure
     assert rows["TS_older"]["snr_estimate"] is None
     html = gallery.SessionPages(out).session_html()
-    assert ">2.46<" in html and ">5 nm<" in html
+    assert ">2.46<" in html and 'class="num">5 nm<' in html
+    assert 'class="num error">800 nm<' in html  # over THICK_SPECIMEN_NM
     assert "2.46" in gallery.SessionPages(out).tomogram_html("TS_slab")
     gallery.Gallery(out).add(out / "TS_slab")
     header, *lines = (out / "index.csv").read_text().splitlines()

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from tomolive.core.specimen_mask import THICK_SPECIMEN_NM
 from tomolive.daemon.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +59,12 @@ def dashboard_exprs() -> list[str]:
 def alert_rules() -> list[dict]:
     return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"]
             for rule in group["rules"]]
+
+
+def test_the_thick_lamellae_alert_uses_the_session_pages_threshold() -> None:
+    rule = next(r for r in alert_rules() if r["alert"] == "TomoliveThickLamellae")
+    threshold_m = float(re.search(r"\)\s*>\s*([0-9.e-]+)", rule["expr"]).group(1))
+    assert threshold_m == pytest.approx(THICK_SPECIMEN_NM * 1e-9)
 
 
 def test_promtool_check_rules_passes() -> None:

@@ -95,8 +95,9 @@ def trained_model(route: str, seed: int, folder: Path, args: argparse.Namespace)
 def score(model: Path, folder: Path, args: argparse.Namespace) -> dict:
     bundle = load_bundle(model)
     network = prepare_network(bundle, "cpu")
+    # Scored as `tomolive segment` runs by default (no specimen mask, automatic precision).
     scoring_args = argparse.Namespace(validation_dir=args.validation_dir, device="cpu",
-                                      tta=False, batch_size=None)
+                                      tta=False, batch_size=None, specimen_mask=False)
     tests = [segment_and_score(name, scoring_args, bundle, network, folder / "out",
                                folder / "scoring") for name in TEST_TOMOGRAMS]
     return {"model": bundle.meta.name, "training_validation_dice":

@@ -54,6 +54,13 @@ _FINAL_LR_FACTOR = 0.02
 _VALIDATIONS_PER_RUN = 10
 
 
+def _memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on the CPU, where oneDNN's convolutions run faster in it: a training step
+    (batch 8, 31 x 96 x 96, one thread, AVX2) took about 0.74 s against 0.82 s (forward 0.23 against
+    0.29, backward 0.50 against 0.52). Elsewhere unmeasured, so left as it is."""
+    return torch.channels_last if device.type == "cpu" else torch.preserve_format
+
+
 def _resolve_device(spec: str) -> torch.device:
     try:
         from .infer import resolve_device
@@ -162,7 +169,7 @@ def train(
     network = _initial_network(arch, options.seed)
     if init_bundle is not None:
         network.load_state_dict(init_bundle.state_dict, strict=True)
-    network = network.to(device).train()
+    network = network.to(device, memory_format=_memory_format(device)).train()
 
     train_parts = [part for p in prepared for part in p.train]
     annotation = annotation_counts(train_parts, names)
@@ -228,7 +235,8 @@ def _run(
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr(fraction)
         images, labels = sampler.batch(options.batch_size)
-        loss = masked_loss(network(images.to(device)), labels.to(device),
+        images = images.to(device, memory_format=_memory_format(device))
+        loss = masked_loss(network(images), labels.to(device),
                            class_weight=weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -111,5 +111,7 @@ def validate_and_keep(network: UNet25D, val_parts: list[Part], names: list[str],
 
 
 def cpu_state(network: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of the weights (what a kept checkpoint holds)."""
-    return {k: v.detach().to("cpu").clone() for k, v in network.state_dict().items()}
+    """A detached CPU copy of the weights (what a kept checkpoint holds), in the standard memory
+    layout whatever the network's (training runs channels_last on the CPU)."""
+    return {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+            for k, v in network.state_dict().items()}

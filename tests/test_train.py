@@ -431,6 +431,37 @@ def test_spectrum_augmentation_reshapes_the_spectrum_and_keeps_the_level():
         T.TrainOptions(steps=1, spectrum_jitter=-1.0).check()
 
 
+def test_void_augmentation_erases_objects_beyond_a_surface_and_keeps_the_noise():
+    rng = np.random.default_rng(5)
+    k, q = 9, 48
+    image = rng.standard_normal((k, q, q)).astype(np.float32)
+    image[:, 20:28, :] += 6.0  # a wall across every slice, labelled 1 in the centre slice
+    labels = np.zeros((q, q), np.uint8)
+    labels[20:28, :] = 1
+    centre_voids = 0
+    for seed in range(40):
+        out, out_labels = T.void_beyond_surface(image, labels, np.random.default_rng(seed))
+        assert out.dtype == np.float32 and out.shape == image.shape
+        wall = out[:, 20:28, :].mean(axis=(1, 2)) - out[:, 32:, :].mean(axis=(1, 2))
+        erased = wall < 2.0  # the wall stands out by 6 where the slice is real
+        assert erased.any(), "every call makes at least one slice void"
+        # The void is one run from the top or from the bottom.
+        assert erased[: erased.sum()].all() or erased[k - erased.sum():].all()
+        # Outside the void, the slices are the input's; inside, the level is kept.
+        np.testing.assert_array_equal(out[~erased], image[~erased])
+        assert abs(float(out[erased].mean()) - float(image.mean())) < 0.5
+        # The void holds noise at 0.7-1.1 times the patch's spread, not a blank.
+        assert 0.6 * image.std() < out[erased].std() < 1.2 * image.std()
+        if erased[k // 2]:
+            centre_voids += 1
+            assert not out_labels.any(), "a centre slice in the void is all background"
+        else:
+            np.testing.assert_array_equal(out_labels, labels)
+    assert 10 <= centre_voids <= 30, centre_voids
+    with pytest.raises(ValueError, match="void_share"):
+        T.TrainOptions(steps=1, void_share=1.5).check()
+
+
 def test_training_is_reproducible_and_leaves_torch_global_random_state_alone(tiny):
     """The same seed gives the same weights, and core does not reseed the caller's torch."""
     folder, _, _ = tiny

@@ -35,7 +35,7 @@ from .options import (
     parse_option,
     parse_region,
 )
-from .sampling import Sampler, random_spectrum, rotate_patch, z_edge_indices
+from .sampling import Sampler, random_spectrum, rotate_patch, void_beyond_surface, z_edge_indices
 from .validation import calibrate_batchnorm, validation_dice
 
 __all__ = [
@@ -43,5 +43,6 @@ __all__ = [
     "TrainProgress", "TrainedModel", "TrainingSource", "annotation_counts", "calibrate_batchnorm",
     "class_specs_for", "distill", "format_region", "load_class_overrides", "masked_loss",
     "parse_option", "parse_region", "prepare_source", "random_spectrum", "rotate_patch",
-    "sparse_class_warnings", "split_region", "train", "validation_dice", "z_edge_indices",
+    "sparse_class_warnings", "split_region", "train", "validation_dice", "void_beyond_surface",
+    "z_edge_indices",
 ]

@@ -178,7 +178,8 @@ def train(
         warn(message)
     sampler = Sampler(train_parts, in_slices, options.patch_px, rng, options.augment,
                        options.rotate_any_angle, options.blur_max_px,
-                       options.spectrum_jitter, options.z_edge_share, options.z_edge)
+                       options.spectrum_jitter, options.z_edge_share, options.z_edge,
+                       options.void_share)
     val_parts = [p.validation for p in prepared if p.validation is not None]
     run = _run(network, sampler, val_parts, names, options, in_slices, device, progress)
 
@@ -316,6 +317,7 @@ def _meta(
         "blur_max_px": options.blur_max_px,
         "spectrum_jitter": options.spectrum_jitter,
         "z_edge_share": options.z_edge_share,
+        "void_share": options.void_share,
         "z_edge_parent": init.meta.z_edge if init is not None else None,
         "ema_decay": options.ema_decay,
         "class_weight_power": options.class_weight_power,

@@ -113,6 +113,15 @@ class TrainOptions:
     # microtubules removed). scripts/train_default_model.py sets 0: its whole synthetic
     # volumes hold real edges.
     z_edge_share: float = 0.25
+    # Share of patches in which a specimen surface crosses the neighbourhood: the slices beyond
+    # it hold only the patch's own noise (core.training.void_beyond_surface), and a centre
+    # slice in that void is all background. A few slices from a specimen's middle never show
+    # the network the vacuum or ice above and below a lamella. Off by default: at 0.25,
+    # `--init default` on val_1 z 48:64 (bench/validation_training.py, 10 min, seeds 0 and 1,
+    # about 650 steps) gained membrane (0.79 / 0.71 against 0.77 / 0.64 on val_2 / val_3) and
+    # ribosome Dice (0.72 / 0.86 against 0.72 / 0.82) but lost microtubule (0.14 / 0.21 against
+    # 0.19 / 0.30) and some actin (0.93 / 0.89 against 0.94 / 0.91).
+    void_share: float = 0.0
     # The options below are off by default: in bench/train_quality.py (10 min, 1 thread,
     # shared CPU) none of them raised the test tomograms' Dice.
     # Cross-entropy weight of class c: (background voxels / class-c voxels in the training
@@ -145,6 +154,8 @@ class TrainOptions:
         check_z_edge(self.z_edge)
         if not 0.0 <= self.z_edge_share <= 1.0:
             raise ValueError(f"z_edge_share must be in [0, 1], not {self.z_edge_share}")
+        if not 0.0 <= self.void_share <= 1.0:
+            raise ValueError(f"void_share must be in [0, 1], not {self.void_share}")
         if not self.spectrum_jitter >= 0:
             raise ValueError(f"spectrum_jitter must be >= 0, not {self.spectrum_jitter}")
         if not (1 <= self.in_slices <= 63 and self.in_slices % 2 == 1):
@@ -159,7 +170,8 @@ class TrainOptions:
 TUNABLE_OPTIONS = ("batch_size", "patch_px", "learning_rate", "weight_decay",
                    "validation_fraction", "base_width", "in_slices", "levels", "augment",
                    "rotate_any_angle", "blur_max_px", "spectrum_jitter", "z_edge",
-                   "z_edge_share", "class_weight_power", "ema_decay", "calibrate_bn", "keep")
+                   "z_edge_share", "void_share", "class_weight_power", "ema_decay",
+                   "calibrate_bn", "keep")
 
 
 def parse_option(text: str) -> tuple[str, Any]:

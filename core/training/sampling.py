@@ -24,7 +24,8 @@ class Sampler:
     def __init__(self, parts: list[Part], in_slices: int, patch_px: int,
                  rng: np.random.Generator, augment: bool, rotate_any_angle: bool = False,
                  blur_max_px: float = 0.0, spectrum_jitter: float = 0.0,
-                 z_edge_share: float = 0.0, z_edge: str = "clamp") -> None:
+                 z_edge_share: float = 0.0, z_edge: str = "clamp",
+                 void_share: float = 0.0) -> None:
         self.parts, self.k, self.p, self.rng, self.augment = parts, in_slices, patch_px, rng, \
             augment
         self.rotate = augment and rotate_any_angle
@@ -32,6 +33,7 @@ class Sampler:
         self.spectrum_jitter = spectrum_jitter if augment else 0.0
         self.z_edge_share = z_edge_share if augment else 0.0
         self.z_edge = z_edge
+        self.void_share = void_share if augment else 0.0
         self.classes = sorted({c for part in parts for c in part.index if c != 0})
 
     def _centre(self) -> tuple[Part, int]:
@@ -65,6 +67,8 @@ class Sampler:
         labels = part.labels[z, y0:y0 + q, x0:x0 + q]
         if self.z_edge_share > 0 and self.rng.random() < self.z_edge_share:
             image = image[z_edge_indices(self.k, self.rng, self.z_edge)]  # a copy
+        if self.void_share > 0 and self.rng.random() < self.void_share:
+            image, labels = void_beyond_surface(image, labels, self.rng)
         if angle:
             image, labels = rotate_patch(image, labels, angle, self.p)
         if self.augment:
@@ -117,6 +121,39 @@ def z_edge_indices(in_slices: int, rng: np.random.Generator, z_edge: str = "clam
         edge = centre - offset
         return edge + edge_indices(slices - edge, in_slices - edge, z_edge)
     return edge_indices(slices, centre + offset + 1, z_edge)  # the bottom: the last
+
+
+def void_beyond_surface(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """The patch image (K, Q, Q) and centre-slice labels (Q, Q) as they would be if a specimen
+    surface crossed the neighbourhood: the slices beyond a random depth (on a random side, from
+    one slice to all of them) become the vacuum or ice beyond it, which holds the
+    reconstruction's noise and no object. That noise is the patch's own: neighbouring slices
+    share their signal but not most of their noise (as in core.quality.adjacent_slice_snr), so
+    the difference of slices z and z + 1 is noise of the tomogram's own colour. It is scaled
+    to 0.7-1.1 times the patch's spread: noise carries most of a tomogram's variance (an SNR
+    per voxel below 1), so a region without specimen keeps most of it. A centre slice in the
+    void is all background. See TrainOptions.void_share."""
+    k = image.shape[0]
+    image = np.asarray(image, dtype=np.float32)
+    if k < 2:
+        return image, labels
+    noise = np.empty_like(image)
+    np.subtract(image[:-1], image[1:], out=noise[:-1])
+    noise[-1] = image[-2] - image[-1]  # one repeated difference for the last slice
+    spread = float(image.std())
+    noise_spread = float(noise.std())
+    gain = rng.uniform(0.7, 1.1) * spread / noise_spread if noise_spread > 0 else 0.0
+    noise = noise * np.float32(gain) + np.float32(image.mean())
+    depth = int(rng.integers(1, k + 1))  # slices of void; past the centre about half the time
+    out = np.array(image, dtype=np.float32)
+    if rng.random() < 0.5:
+        out[:depth] = noise[:depth]
+    else:
+        out[k - depth:] = noise[k - depth:]
+    if depth > k // 2:
+        labels = np.zeros_like(labels)
+    return out, labels
 
 
 def random_spectrum(image: np.ndarray, rng: np.random.Generator, jitter: float) -> np.ndarray:

@@ -50,12 +50,12 @@ SWEEP_FRAME_MS = 150
 # libwebp's encoder effort: 0 wrote 24 frames of 256 px in 0.06 s against method 4's 0.22 s, at
 # about the same size (256 kB against 249 kB, measured on a 64x256x256 synthetic tomogram).
 SWEEP_WEBP_METHOD = 0
+SWEEP_QUALITY = 60
 # zlib's level for the preview and sweep-label PNGs. Measured on a 96x256x256 result (5 saves
 # each): the 480x510 preview took 27 ms at 3 against 47 ms at the default 6 and came out
 # smaller (212 kB against 287 kB); the 256x6144 label strip took 15 ms against `optimize`'s 160
 # ms, at 52 kB against 35 kB.
 PNG_COMPRESS_LEVEL = 3
-SWEEP_QUALITY = 60
 
 
 def _file_names(stem: str, classes: list[ClassSpec],

@@ -29,19 +29,32 @@ def test_the_report_list_covers_every_kind():
 
 
 def _echo(connection) -> None:
-    connection.send(connection.recv())
+    """Send back every message received, until the other end closes the pipe."""
+    while True:
+        try:
+            connection.send(connection.recv())
+        except EOFError:
+            return
 
 
 def test_messages_cross_a_real_pipe_intact():
-    context = mp.get_context("spawn")  # as the worker pool starts its workers
-    for message in [messages.RunJob(JOB), messages.PublishReply(7, True), messages.Stop(),
-                    *REPORTS]:
-        ours, theirs = context.Pipe()
-        process = context.Process(target=_echo, args=(theirs,))
-        process.start()
-        ours.send(message)
-        assert ours.recv() == message
+    # One spawned process (as the worker pool starts its workers) echoes them all: a process
+    # per message cost 2-3 s each, mostly the child importing tomolive and torch.
+    context = mp.get_context("spawn")
+    ours, theirs = context.Pipe()
+    process = context.Process(target=_echo, args=(theirs,))
+    process.start()
+    theirs.close()  # the child's copy: closing ours below is then the end of its input
+    try:
+        for message in [messages.RunJob(JOB), messages.PublishReply(7, True), messages.Stop(),
+                        *REPORTS]:
+            ours.send(message)
+            echoed = ours.recv()
+            assert echoed == message and type(echoed) is type(message)
+    finally:
+        ours.close()
         process.join(timeout=30)
+    assert process.exitcode == 0
 
 
 def test_every_report_reaches_its_handler_and_an_unknown_one_is_logged(caplog):

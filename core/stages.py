@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-STAGES = ("read", "rescale", "preprocess", "inference", "cleanup", "particles", "filaments",
-          "write")
+STAGES = ("read", "rescale", "specimen", "preprocess", "inference", "cleanup", "particles",
+          "filaments", "write")
 
 # Progress callback: (stage name, fraction of that stage done in 0..1).
 Progress = Callable[[str, float], None]

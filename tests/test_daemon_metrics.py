@@ -95,6 +95,8 @@ def test_scrape_counters_histograms_promtool_and_healthz(make_daemon) -> None:
         time.sleep(0.1)
     summaries = [d.summary(stem) for stem in stems]
     assert all(summaries), d.log[-3000:]
+    # Every stage a summary times is a stage the metrics know (the specimen stage once was not).
+    assert "unknown stage" not in d.log
 
     def close(name: str, expected: float, **labels: str) -> None:
         assert value(samples, name, **labels) == pytest.approx(expected, rel=1e-9), (name, labels)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
 import mrcfile
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 from tomolive.core.filaments import Filament
 from tomolive.core.infer import InferenceOptions
@@ -193,12 +195,19 @@ def segmented_lamella(lamellae, tmp_path_factory):
     bundle = load_bundle(default_bundle_path())
     inference = InferenceOptions(device="cpu", precision="float32")
     results = {}
-    for name, mask in (("on", True), ("off", False)):
-        seg, folder = segment_file(root / "lamella.mrc", root / name, bundle,
-                                   SegmentOptions(inference=inference, specimen_mask=mask))
-        results[name] = (seg, folder)
-    results["yz"] = segment_file(root / "lamella_yz.mrc", root / "yz", bundle,
-                                 SegmentOptions(inference=inference, specimen_mask=True))
+    # Three whole segmentations with the shipped model: big tensors, where the module's one
+    # thread (for its tiny ones) only made this fixture slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, min(2, os.cpu_count() or 1)))
+    try:
+        for name, mask in (("on", True), ("off", False)):
+            seg, folder = segment_file(root / "lamella.mrc", root / name, bundle,
+                                       SegmentOptions(inference=inference, specimen_mask=mask))
+            results[name] = (seg, folder)
+        results["yz"] = segment_file(root / "lamella_yz.mrc", root / "yz", bundle,
+                                     SegmentOptions(inference=inference, specimen_mask=True))
+    finally:
+        torch.set_num_threads(threads)
     return results
 
 

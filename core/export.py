@@ -34,6 +34,7 @@ from .context import CONTEXT_COLUMNS
 from .filaments import Filament
 from .imod import write_filament_model, write_particle_model
 from .particles import ParticleTable
+from .result_folder import SWEEP_FRAMES, output_file_names, sweep_planes
 from .segmentation import Segmentation
 from .volume import release_pages, write_mrc
 
@@ -42,8 +43,8 @@ PREVIEW_MIN_PX = 480  # small test volumes are enlarged (nearest) so the preview
 OVERLAY_ALPHA = 0.5
 # The sweep through z (STEM_sweep.webp) is for a web page: few frames, small, lossy, slightly
 # blurred. Measured on synthetic tomograms (microscope simulator, 64x512x512 and a 1024 px one):
-# 24 frames of at most 256 px at WebP quality 60 after a 1 px blur stay under ~300 kB.
-SWEEP_FRAMES = 24
+# 24 frames (SWEEP_FRAMES, core.result_folder) of at most 256 px at WebP quality 60 after a 1 px
+# blur stay under ~300 kB.
 SWEEP_MAX_PX = 256
 SWEEP_BLUR_PX = 1.0
 SWEEP_FRAME_MS = 150
@@ -56,75 +57,6 @@ SWEEP_QUALITY = 60
 # smaller (212 kB against 287 kB); the 256x6144 label strip took 15 ms against `optimize`'s 160
 # ms, at 52 kB against 35 kB.
 PNG_COMPRESS_LEVEL = 3
-
-
-def _file_names(stem: str, classes: list[ClassSpec],
-                probability_classes: tuple[str, ...] = (), specimen_mask: bool = False
-                ) -> dict[str, str]:
-    """Output key -> file name, in writing order (the summary is always last)."""
-    names = {"labels": f"{stem}_labels.mrc"}
-    if specimen_mask:
-        names["specimen_mask"] = f"{stem}_specimen_mask.mrc"
-    for name in probability_classes:
-        names[f"prob:{name}"] = probability_file_name(stem, name)
-    for spec in classes:
-        if spec.is_filament:
-            names[f"mask:{spec.name}"] = f"{stem}_{spec.name}_mask.mrc"
-    for spec in classes:
-        if spec.is_particle:
-            names[f"star:{spec.name}"] = f"{stem}_{spec.name}.star"
-    names["particles_csv"] = f"{stem}_particles.csv"
-    for spec in classes:
-        if spec.is_filament:
-            names[f"filaments:{spec.name}"] = f"{stem}_{spec.name}_filaments.star"
-    for spec in classes:
-        if spec.is_particle or spec.is_filament:
-            names[f"imod:{spec.name}"] = f"{stem}_{spec.name}.mod"
-    names["preview"] = f"{stem}_preview.png"
-    names["sweep"] = f"{stem}_sweep.webp"
-    names["sweep_planes"] = f"{stem}_sweep_planes.webp"
-    names["sweep_labels"] = f"{stem}_sweep_labels.png"
-    names["summary"] = result_folder.summary_name(stem)
-    return names
-
-
-def probability_file_name(stem: str, class_name: str) -> str:
-    """A class's probability map (core.probability_maps)."""
-    return f"{stem}_{class_name}_prob.mrc"
-
-
-def output_paths(out_parent: str | Path, stem: str, classes: list[ClassSpec],
-                 probability_classes: tuple[str, ...] = (), specimen_mask: bool = False
-                 ) -> dict[str, Path]:
-    """Every file `write_outputs` writes for `stem`, keyed 'labels', 'specimen_mask' (when
-    the run masked the specimen), 'prob:<class>' (the `probability_classes` asked for),
-    'mask:<class>', 'star:<class>', 'particles_csv', 'filaments:<class>', 'preview', 'sweep',
-    'summary'."""
-    folder = Path(out_parent) / stem
-    return {key: folder / name for key, name in
-            _file_names(stem, classes, probability_classes, specimen_mask).items()}
-
-
-# The longest name a file system takes for one path component (ext4, XFS, NFS, Lustre, ...).
-NAME_MAX_BYTES = 255
-
-
-def check_output_names(input_path: str | Path, stem: str, classes: list[ClassSpec]) -> None:
-    """Raise ValueError naming the input when an output name would be too long to create:
-    found before reading the tomogram, not as `[Errno 36]` about a temporary file after it."""
-    # The temporary and the set-aside folders are longer than the stem (core.result_folder);
-    # every class's probability map counts, whether asked for or not.
-    all_maps = tuple(spec.name for spec in classes)
-    names = [*_file_names(stem, classes, all_maps, specimen_mask=True).values(),
-             result_folder.longest_folder_name(stem)]
-    longest = max(names, key=lambda name: len(os.fsencode(name)))
-    size = len(os.fsencode(longest))
-    if size > NAME_MAX_BYTES:
-        allowed = NAME_MAX_BYTES - (size - len(os.fsencode(stem)))
-        raise ValueError(f"{input_path}: file name too long for its outputs: "
-                         f"{len(os.fsencode(stem))}-byte stem, at most {allowed} bytes fit "
-                         f"({size}-byte output names; the limit is {NAME_MAX_BYTES}); "
-                         "rename the file")
 
 
 def write_outputs(
@@ -151,7 +83,7 @@ def write_outputs(
     try:
         maps = seg.probabilities.names if seg.probabilities is not None else ()
         files = {key: tmp / name for key, name in
-                 _file_names(seg.stem, seg.classes, maps, seg.masks_specimen).items()}
+                 output_file_names(seg.stem, seg.classes, maps, seg.masks_specimen).items()}
         _write_files(files, seg, tomogram)
         timings_s = dict(seg.timings_s)
         # 'write' may already hold the mapping back to the input grid (core.pipeline): add to it.
@@ -373,13 +305,6 @@ def _legend(image: Image.Image, classes: list[ClassSpec]) -> Image.Image:
 
 
 # ---- sweep through z ---------------------------------------------------------------------------
-
-def sweep_planes(nz: int, frames: int = SWEEP_FRAMES) -> list[int]:
-    """The z planes a sweep shows: `frames` evenly spaced ones (every plane when fewer)."""
-    if nz <= frames:
-        return list(range(nz))
-    return sorted({int(round(z)) for z in np.linspace(0, nz - 1, frames)})
-
 
 def sweep_layers(labels: np.ndarray, tomogram: np.ndarray | None, frames: int = SWEEP_FRAMES,
                  max_px: int = SWEEP_MAX_PX) -> list[tuple[np.ndarray, np.ndarray]]:

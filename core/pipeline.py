@@ -21,7 +21,7 @@ from .classes import ClassSpec
 from .cleanup import clean_labels
 from .context import add_particle_context
 from .decision import check_class_values, threshold_vector
-from .export import check_output_names, write_outputs
+from .export import write_outputs
 from .filaments import Filament, trace_filaments
 from .fingerprint import input_fingerprint
 from .infer import InferenceOptions, Prediction, predict, prepare_network
@@ -31,6 +31,7 @@ from .preprocess import apply_recipe
 from .probability_maps import ModelGridMaps
 from .quality import adjacent_slice_snr, class_confidence
 from .resample import GridMap, fourier_rescale, grid_for, labels_to_input_refined
+from .result_folder import check_output_names
 from .segmentation import Segmentation
 from .specimen_mask import SpecimenSlab, clear_outside, find_specimen
 from .stages import Progress

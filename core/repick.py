@@ -22,12 +22,12 @@ import numpy as np
 
 from .classes import ClassSpec
 from .decision import decide_saved, threshold_vector
-from .export import probability_file_name, write_outputs
+from .export import write_outputs
 from .fingerprint import input_fingerprint
 from .pipeline import SegmentOptions, StageTimer, cleanup_warnings, post_process
 from .probability_maps import SavedMaps, read_model_grid
 from .resample import GridMap
-from .result_folder import read_summary, summary_number
+from .result_folder import probability_file_name, read_summary, summary_number
 from .segmentation import Segmentation
 from .specimen_mask import SpecimenSlab
 from .stages import Progress

@@ -28,11 +28,13 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .filaments import Filament
-from .particles import ParticleTable
+if TYPE_CHECKING:  # types only: the daemon's main process reads STAR files without scipy
+    from .filaments import Filament
+    from .particles import ParticleTable
 
 STAR_VERSION = "# version 50001"  # RELION 5
 ParticleTables = dict[str, np.ndarray]  # class name -> [n, 3] float64 x, y, z

@@ -29,8 +29,7 @@ import jinja2
 from PIL import Image
 
 from ..core.atomic import atomic_path, atomic_write_text
-from ..core.export import output_paths, sweep_planes
-from ..core.result_folder import read_summary
+from ..core.result_folder import output_paths, read_summary, sweep_planes
 from ..core.specimen_mask import THICK_SPECIMEN_NM
 from .dataset_index import IndexTables
 from .gallery_rows import (

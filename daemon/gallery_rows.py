@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import atomic_write_text
-from ..core.export import output_paths
-from ..core.result_folder import read_summary, summary_name, summary_number
+from ..core.result_folder import output_paths, read_summary, summary_name, summary_number
 from ..core.specimen_mask import measured_thickness_nm
 from .state_files import STATE_DIR, critical_section
 from .status import summary_paths

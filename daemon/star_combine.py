@@ -15,8 +15,7 @@ from pathlib import Path
 
 from ..core.atomic import atomic_write_text
 from ..core.classes import ClassSpec
-from ..core.export import output_paths
-from ..core.result_folder import read_summary
+from ..core.result_folder import output_paths, read_summary
 from ..core.star import StarError, combined_star_text, star_columns
 from .status import summary_paths
 

@@ -14,9 +14,9 @@ import time
 
 import pytest
 import yaml
-from tomolive.core.export import output_paths
 from tomolive.core.fingerprint import input_fingerprint
 from tomolive.core.model import load_bundle
+from tomolive.core.result_folder import output_paths
 
 from .daemon_harness import (
     Daemon,

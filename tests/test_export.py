@@ -19,12 +19,13 @@ import starfile
 from imodmodel.models import ImodModel
 from PIL import Image
 from scipy.spatial.transform import Rotation
-from tomolive.core import export
+from tomolive.core import export, result_folder
 from tomolive.core.classes import default_class
-from tomolive.core.export import check_output_names, output_paths, write_outputs
+from tomolive.core.export import write_outputs
 from tomolive.core.filaments import Filament
 from tomolive.core.imod import imod_xyz_to_voxels
 from tomolive.core.particles import ParticleTable
+from tomolive.core.result_folder import check_output_names, output_paths
 from tomolive.core.segmentation import Segmentation
 from tomolive.core.star import (
     WARP_RECONSTRUCTION_NAME,
@@ -348,12 +349,12 @@ def test_sweep_is_a_small_animation_through_z(tmp_path):
     folder = write_outputs(tmp_path, seg, _tomogram())
     sweep = Image.open(folder / "TS_01_sweep.webp")
     assert sweep.format == "WEBP" and sweep.is_animated
-    assert sweep.n_frames == min(SHAPE[0], export.SWEEP_FRAMES)
+    assert sweep.n_frames == min(SHAPE[0], result_folder.SWEEP_FRAMES)
     assert sweep.size == (SHAPE[2], SHAPE[1])
     assert (folder / "TS_01_sweep.webp").stat().st_size < 300_000
     big = np.zeros((100, 700, 500), dtype=np.int8)
     frames = export.sweep_frames(export.sweep_layers(big, None), seg.classes)
-    assert len(frames) == export.SWEEP_FRAMES
+    assert len(frames) == result_folder.SWEEP_FRAMES
     assert max(frames[0].size) == export.SWEEP_MAX_PX
 
 
@@ -362,11 +363,11 @@ def test_sweep_layers_stack_the_planes_and_the_label_values_frame_by_frame(tmp_p
     other, the labels lossless (a pixel's gray level is its class's label value)."""
     seg = _segmentation()
     folder = write_outputs(tmp_path, seg, _tomogram())
-    frames = min(SHAPE[0], export.SWEEP_FRAMES)
+    frames = min(SHAPE[0], result_folder.SWEEP_FRAMES)
     planes = Image.open(folder / "TS_01_sweep_planes.webp")
     labels = np.asarray(Image.open(folder / "TS_01_sweep_labels.png"))
     assert planes.size == (SHAPE[2], SHAPE[1] * frames) and labels.shape == planes.size[::-1]
-    z_planes = export.sweep_planes(SHAPE[0])
+    z_planes = result_folder.sweep_planes(SHAPE[0])
     stacked = np.concatenate([seg.labels[z] for z in z_planes]).astype(np.uint8)
     assert np.array_equal(labels, stacked)
 

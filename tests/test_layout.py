@@ -4,6 +4,8 @@ functions on arrays), and no module imports itself back through others."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,3 +57,15 @@ def test_no_import_cycles():
     for module in graph:
         visit(module, module, [module])
     assert cycles == []
+
+
+def test_the_daemons_main_process_imports_no_torch():
+    # The main process only watches, queues, leases and serves pages: torch (about 1.7 s to
+    # import here, and its memory for the daemon's whole life) belongs to the worker processes.
+    # It once came in through the output-file names, which lived beside the PNG writer.
+    code = ("import sys, tomolive.daemon.cli, tomolive.daemon.service\n"
+            "print(' '.join(m for m in ('torch', 'skimage', 'pandas') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "", f"imported by the daemon's main process: {run.stdout}"

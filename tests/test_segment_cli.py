@@ -14,9 +14,9 @@ import mrcfile
 import numpy as np
 import pytest
 import starfile
-from tomolive.core.export import output_paths
 from tomolive.core.model import default_bundle_path, load_bundle
 from tomolive.core.resample import fourier_rescale, grid_for
+from tomolive.core.result_folder import output_paths
 from tomolive.core.synth import synthesize, write_synth
 from tomolive.core.volume import read_mrc, write_mrc
 

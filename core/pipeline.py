@@ -29,7 +29,7 @@ from .model import ModelBundle
 from .particles import ParticleTable, find_particles
 from .preprocess import apply_recipe
 from .probability_maps import ModelGridMaps
-from .quality import adjacent_slice_snr, class_confidence
+from .quality import adjacent_slice_snr, class_statistics
 from .resample import GridMap, fourier_rescale, grid_for, labels_to_input_refined
 from .result_folder import check_output_names
 from .segmentation import Segmentation
@@ -282,15 +282,17 @@ def post_process(labels: np.ndarray, confidence_u8: np.ndarray, classes: list[Cl
     with timer.stage("write"):  # mapping back is part of producing the outputs
         input_grid_labels = labels_to_input_refined(labels, confidence_u8, grid)
         input_labels = np.ascontiguousarray(from_canonical(input_grid_labels, beam_axis))
+    names = [spec.name for spec in classes]
+    counts, mean_confidence = class_statistics(labels, confidence_u8, len(classes))
     return {
         "labels": input_labels,
         "particles": {name: _particles_to_input(table, grid, beam_axis)
                       for name, table in particles.items()},
         "filaments": {name: [filament_to_input(f, grid, beam_axis) for f in found]
                       for name, found in filaments.items()},
-        "class_fractions": _class_fractions(labels, classes),
-        "class_confidence": dict(zip((spec.name for spec in classes), class_confidence(
-            labels, confidence_u8, len(classes)), strict=True)),
+        "class_fractions": {name: count / max(labels.size, 1)
+                            for name, count in zip(names, counts, strict=True)},
+        "class_confidence": dict(zip(names, mean_confidence, strict=True)),
         "cleanup_removed_fraction": removed_fraction,
         "outside_specimen": outside,
     }
@@ -424,14 +426,6 @@ def _model_record(bundle: ModelBundle) -> dict[str, Any]:
         "path": str(bundle.path) if bundle.path else None,
         "voxel_size_a": bundle.meta.voxel_size_a,
     }
-
-
-def _class_fractions(labels: np.ndarray, classes: list) -> dict[str, float]:
-    # One count_nonzero per class: np.bincount would first convert the whole int8 volume to
-    # an intp copy (8 bytes per voxel; 0.60 vs 0.28 s median on 200x512x512, measured).
-    total = max(int(labels.size), 1)
-    return {spec.name: float(np.count_nonzero(labels == i + 1)) / total
-            for i, spec in enumerate(classes)}
 
 
 def _central(per_z: np.ndarray) -> np.ndarray:

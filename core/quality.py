@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
 
 # Slice pairs sampled (evenly over the central half): enough for a stable figure, cheap on
 # any volume.
@@ -42,11 +41,25 @@ def adjacent_slice_snr(data: np.ndarray, pairs: int = SNR_SLICE_PAIRS) -> float:
     return max(total - noise, 0.0) / noise
 
 
-def class_confidence(labels: np.ndarray, confidence_u8: np.ndarray, n_classes: int
-                     ) -> list[float]:
-    """Per class 1..n_classes, the mean probability the network gave the label over the
-    class's voxels (0..1); NaN for a class with no voxel. One pass over the volume."""
-    index = np.arange(1, n_classes + 1)
-    counts = ndimage.sum_labels(np.ones_like(labels, dtype=np.uint8), labels, index)
-    sums = ndimage.sum_labels(confidence_u8, labels, index)
-    return [float(s / c / 255.0) if c else math.nan for s, c in zip(sums, counts, strict=True)]
+def class_statistics(labels: np.ndarray, confidence_u8: np.ndarray, n_classes: int
+                     ) -> tuple[list[int], list[float]]:
+    """Per class 1..n_classes: its voxel count, and the mean probability the network gave the
+    label over its voxels (0..1; NaN for a class with no voxel).
+
+    One pass, slab by slab: np.bincount (and ndimage.sum_labels, which calls it on the whole
+    volume) converts its input to intp and its weights to float64, 16 bytes per voxel at once
+    (5 GB for a 300x1024x1024 tomogram); per slab of about 4 M voxels that is 64 MB.
+    """
+    counts = np.zeros(n_classes + 1, np.int64)
+    sums = np.zeros(n_classes + 1, np.float64)
+    flat_labels = labels.reshape(labels.shape[0], -1)
+    flat_confidence = confidence_u8.reshape(labels.shape[0], -1)
+    step = max(1, (1 << 22) // max(1, flat_labels.shape[1]))
+    for z0 in range(0, flat_labels.shape[0], step):
+        slab = flat_labels[z0:z0 + step].ravel()
+        counts += np.bincount(slab, minlength=n_classes + 1)[:n_classes + 1]
+        sums += np.bincount(slab, weights=flat_confidence[z0:z0 + step].ravel(),
+                            minlength=n_classes + 1)[:n_classes + 1]
+    means = [float(s / c / 255.0) if c else math.nan
+             for s, c in zip(sums[1:], counts[1:], strict=True)]
+    return [int(c) for c in counts[1:]], means

@@ -59,10 +59,11 @@ def test_no_import_cycles():
     assert cycles == []
 
 
-def test_the_daemons_main_process_imports_no_torch():
-    # The main process only watches, queues, leases and serves pages: torch (about 1.7 s to
-    # import here, and its memory for the daemon's whole life) belongs to the worker processes.
-    # It once came in through the output-file names, which lived beside the PNG writer.
+def test_the_daemons_modules_import_no_torch():
+    # Watching, queueing, leases, status and pages need no network: torch (about 1.7 s to
+    # import here, and 200 MiB) comes in only where a model is run (the workers, and the
+    # registry's smoke test). It once came in through the output-file names, which lived
+    # beside the PNG writer, for `tomolive status` too.
     code = ("import sys, tomolive.daemon.cli, tomolive.daemon.service\n"
             "print(' '.join(m for m in ('torch', 'skimage', 'pandas') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

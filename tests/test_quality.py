@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
-from tomolive.core.quality import adjacent_slice_snr, class_confidence
+from tomolive.core.quality import adjacent_slice_snr, class_statistics
 from tomolive.core.synth import synthesize
 
 
@@ -36,12 +36,25 @@ def test_a_volume_too_thin_or_flat_has_no_estimate():
     assert math.isnan(adjacent_slice_snr(np.ones((16, 16, 16), np.float32)))
 
 
-def test_class_confidence_is_the_mean_probability_over_each_class():
+def test_class_statistics_count_each_class_and_average_its_probability():
     labels = np.zeros((4, 8, 8), np.int8)
     labels[0, :2] = 1
     labels[1, :1] = 2
     confidence = np.full(labels.shape, 255, np.uint8)
     confidence[0, 0] = 51  # half of class 1 at 0.2, half at 1.0
-    result = class_confidence(labels, confidence, 3)
+    counts, result = class_statistics(labels, confidence, 3)
+    assert counts == [16, 8, 0]
     assert result[:2] == pytest.approx([0.6, 1.0])
     assert math.isnan(result[2])
+
+
+def test_class_statistics_agree_with_whole_volume_sums_across_slabs():
+    # Slabs of about 4 M voxels: 70 planes of 256 x 256 are one of 64 planes and one of 6.
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, (70, 256, 256)).astype(np.int8)
+    confidence = rng.integers(0, 256, labels.shape).astype(np.uint8)
+    counts, means = class_statistics(labels, confidence, 3)
+    for value in (1, 2, 3):
+        inside = labels == value
+        assert counts[value - 1] == int(inside.sum())
+        assert means[value - 1] == pytest.approx(confidence[inside].mean() / 255.0, rel=1e-12)

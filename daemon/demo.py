@@ -49,7 +49,8 @@ def demo_tomograms(count: int) -> list[DemoTomogram]:
 
 def demo_shape_zyx(voxel_size_a: float) -> tuple[int, int, int]:
     """The voxels that hold DEMO_FIELD_NM_ZYX at `voxel_size_a`."""
-    return tuple(round(n * 10.0 / voxel_size_a) for n in DEMO_FIELD_NM_ZYX)  # type: ignore
+    z, y, x = (round(n * 10.0 / voxel_size_a) for n in DEMO_FIELD_NM_ZYX)
+    return z, y, x
 
 
 def run_demo(folder: Path, once: bool, count: int = 3) -> int:

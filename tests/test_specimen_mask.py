@@ -105,6 +105,39 @@ def test_a_wedge_shaped_lamella_gets_two_planes():
     assert thickness["min"] < thickness["mean"] < thickness["max"]  # a wedge, not a slab
 
 
+def test_tiles_lifted_by_contamination_do_not_tilt_the_plane():
+    # A flat slab z 25-70 nm; over a third of the field (two of the six tile columns and
+    # one more tile) specimen-like clutter sits 15-30 nm above the upper surface, as ice
+    # contamination or a cluster of gold beads does. A plane fitted by least squares from
+    # all tiles is pulled towards those tiles (tilted and lifted); the surface must stay flat.
+    shape = (110, 192, 192)
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=float) for n in shape), indexing="ij")
+    clutter = (z >= 85) & (z <= 100) & ((x < 64) | ((y >= 160) & (x >= 96) & (x < 128)))
+    volume = _textured(shape, ((z >= 25) & (z <= 70)) | clutter)
+    slab = find_specimen(volume, (1.0, 1.0, 1.0))
+    assert slab.upper.found and slab.lower.found
+    assert slab.upper.tilt_deg() < 1.0
+    # The texture's own blur puts both surfaces about 3 nm out (as in the wedge test).
+    assert np.abs(slab.heights_nm()[1] - 70.0).mean() < 4.0
+    assert slab.thickness_nm()["mean"] == pytest.approx(45.0, rel=0.15)
+
+
+def test_a_faint_layer_in_the_void_is_not_taken_for_the_surface():
+    # Above the slab (z 30-65) a faint textured layer (z 80-90) whose energy lies between the
+    # void's and the specimen's, like scattered ice crystals: its crossings are the outermost
+    # ones above the threshold, but the profile never rises from there to the specimen's level.
+    shape = (110, 128, 128)
+    z = np.arange(shape[0], dtype=float)[:, None, None]
+    slab_mask = np.broadcast_to((z >= 30) & (z <= 65), shape)
+    volume = _textured(shape, slab_mask)
+    faint = _textured(shape, np.broadcast_to((z >= 80) & (z <= 90), shape), seed=1)
+    rng = np.random.default_rng(2)
+    volume += 0.45 * (faint - 0.3 * rng.standard_normal(shape)).astype(np.float32)
+    slab = find_specimen(volume, (1.0, 1.0, 1.0))
+    assert slab.upper.found
+    assert np.abs(slab.heights_nm()[1] - 65.0).mean() < 4.0
+
+
 def test_a_volume_of_specimen_to_its_edges_is_all_specimen():
     shape = (80, 96, 96)
     slab = find_specimen(_textured(shape, np.ones(shape, dtype=bool)), (1.0, 1.0, 1.0))

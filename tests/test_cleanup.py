@@ -222,3 +222,23 @@ def test_removed_fraction_stays_the_share_of_the_networks_voxels_when_closing_gr
                                           min_component_nm3=100.0)], VOXEL_A, removed)
     assert (out[18:28, 38:45, 38:45] == 0).all()  # the grown piece went
     assert removed == pytest.approx({"microtubule": 18 / 1018})
+
+
+@pytest.mark.parametrize("shape", [(20, 31, 17), (5, 40, 40), (1, 12, 30), (40, 3, 50)])
+def test_ball_dilation_and_opening_equal_scipys_exactly(shape):
+    # dilate_ball and open_ball replace binary_dilation / binary_opening with a ball (10-20x
+    # faster): the same voxels, at the array's border too, for radii larger than an axis.
+    from scipy import ndimage
+    from tomolive.core.cleanup import _ball, dilate_ball, open_ball
+
+    rng = np.random.default_rng(sum(shape))
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), 1.2)
+    field /= field.std()
+    for threshold in (0.5, 1.5, -3.0):  # sparse, sparser, full
+        mask = field > threshold
+        for radius in (0.5, 1.0, 2.5, 3.7, 6.0):
+            ball = _ball(radius)
+            assert np.array_equal(dilate_ball(mask, radius),
+                                  ndimage.binary_dilation(mask, structure=ball)), radius
+            assert np.array_equal(open_ball(mask, radius),
+                                  ndimage.binary_opening(mask, structure=ball)), radius

@@ -285,7 +285,7 @@ def _extend_end(path: np.ndarray, solid: np.ndarray) -> np.ndarray:
                    for c in centre)
     local = solid[window]
     inside = tuple(c - w.start for c, w in zip(centre, window, strict=True))
-    radius = ndimage.distance_transform_edt(local)[inside] if local[inside] else 0.0
+    radius = _distance_to_background(local, inside) if local[inside] else 0.0
     step, travelled, last = 0.5, 0.0, end
     while travelled + step <= radius + 1.0:
         q = end + (travelled + step) * direction
@@ -295,6 +295,18 @@ def _extend_end(path: np.ndarray, solid: np.ndarray) -> np.ndarray:
         travelled += step
         last = q
     return last[None]
+
+
+def _distance_to_background(window: np.ndarray, point: tuple[int, ...]) -> float:
+    """`ndimage.distance_transform_edt(window)[point]`, the Euclidean distance (voxels) from
+    `point` to the window's nearest background voxel, computed for that one point: 0.2 ms
+    against 3.4 ms for the transform of a 33^3 window, and a noisy microtubule mask has
+    hundreds of free ends (516 on one realistic tomogram: 1.8 s of its 3.5 s of tracing)."""
+    background = np.argwhere(~window)
+    if not len(background):  # the transform's own convention for a window without any
+        return float(ndimage.distance_transform_edt(window)[point])
+    squared = ((background - np.asarray(point)) ** 2).sum(axis=1).min()
+    return float(np.sqrt(float(squared)))
 
 
 def _touching_junction(i: int, adj: sparse.csr_matrix, j_cluster: np.ndarray) -> int:

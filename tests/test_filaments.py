@@ -126,3 +126,25 @@ def test_empty_mask_and_bad_input():
         trace_filaments(np.zeros((8, 8), bool), SPEC, VOXEL_A)
     with pytest.raises(ValueError, match="filament has 2 points but 1 directions"):
         Filament(np.zeros((2, 3)), np.zeros((1, 3)))
+
+
+def test_the_local_radius_at_a_free_end_is_the_distance_transforms_value():
+    # _extend_end reads one voxel's distance to the background; computed for that voxel alone
+    # it must equal the whole window's Euclidean distance transform there, bit for bit.
+    from scipy import ndimage
+    from tomolive.core.filaments import _distance_to_background
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(60):
+        field = ndimage.gaussian_filter(rng.standard_normal((17, 17, 17)), 2.5)
+        window = field > rng.uniform(-1.5, 0.5) * field.std()
+        point = tuple(int(i) for i in rng.integers(0, 17, 3))
+        if window[point]:
+            assert (_distance_to_background(window, point)
+                    == ndimage.distance_transform_edt(window)[point])
+            checked += 1
+    assert checked > 20
+    full = np.ones((9, 9, 9), dtype=bool)  # no background at all: the transform's convention
+    assert (_distance_to_background(full, (4, 4, 4))
+            == ndimage.distance_transform_edt(full)[4, 4, 4])

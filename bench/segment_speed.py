@@ -53,7 +53,6 @@ from tomolive.core.infer import InferenceOptions, prepare_network, resolve_devic
 from tomolive.core.model import (
     BundleMeta,
     UNet25D,
-    architecture_dict,
     default_bundle_path,
     flops_per_voxel,
     load_bundle,
@@ -64,23 +63,17 @@ from tomolive.core.preprocess import DEFAULT_RECIPE
 from tomolive.core.repick import repick_folder
 from tomolive.core.stages import STAGES
 from tomolive.core.synth import synthesize
-from tomolive.core.training import TrainOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak import device_name, measure_peak  # noqa: E402
-
-# The shipped model's architecture: the training defaults, five synthetic classes.
-_TRAINING_DEFAULTS = TrainOptions()
-DEFAULT_ARCH = architecture_dict(_TRAINING_DEFAULTS.in_slices, len(SYNTH_CLASS_NAMES) + 1,
-                                 _TRAINING_DEFAULTS.base_width, _TRAINING_DEFAULTS.levels)
-
 
 # --- inputs ------------------------------------------------------------------------------------
 
 def write_random_bundle(path: Path, voxel_size_a: float = 10.0) -> Path:
     """A random-weight bundle with the default model's architecture."""
     torch.manual_seed(0)
-    arch = dict(DEFAULT_ARCH)
+    # The shipped model's architecture (not the training defaults: they may differ from it).
+    arch = dict(load_bundle(default_bundle_path()).meta.architecture)
     network = UNet25D(in_slices=arch["in_slices"], n_classes=arch["n_classes"],
                       base_width=arch["base_width"], levels=arch["levels"])
     meta = BundleMeta(name="bench-random", version=1, architecture=arch,

@@ -14,7 +14,7 @@ final weights, or optionally the best-scoring ones.
 
 Patches are 2.5D (K slices in, labels of the centre slice), sampled class-balanced so rare
 classes (gold, ribosomes) are seen, and augmented with flips, 90-degree and arbitrary-angle
-XY rotations, intensity scale/shift and noise; K is 31 by default (TrainOptions.in_slices).
+XY rotations, intensity scale/shift and noise; K is 5 by default (TrainOptions.in_slices).
 Loss: cross-entropy (ignore_index 255) + soft Dice over the foreground classes present in the
 batch (optionally class-weighted cross-entropy).
 AdamW with a warm-up and cosine decay over the run, whose length is `steps` or `max_minutes`,

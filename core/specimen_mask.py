@@ -332,7 +332,7 @@ def _fit_surface(centres_nm: np.ndarray, z_nm: np.ndarray, edge_nm: float) -> Su
         return Surface(edge_nm, 0.0, 0.0, False)
     design = np.column_stack([np.ones(len(z_nm)), centres_nm[:, 0], centres_nm[:, 1]])
     coefficients, sigma = _least_median_plane(design[usable], z_nm[usable])
-    keep = usable.copy()
+    keep = np.zeros_like(usable)  # so that the first pass always refits on the inliers
     for _ in range(6):
         residual = np.abs(z_nm - design @ coefficients)
         new_keep = usable & (residual <= max(REJECT_MAD * sigma, MIN_REJECT_NM))

@@ -304,13 +304,15 @@ def _crossings(energy: np.ndarray, outer: float, inner: float
         core = np.flatnonzero(row >= inner)
         if not len(core):
             continue
+        # inner > outer, so a profile that starts (ends) below `outer` has a voxel below it
+        # before its first (after its last) voxel at `inner`.
         below = row < outer
-        before = np.flatnonzero(below[:core[0]])
-        after = np.flatnonzero(below[core[-1] + 1:]) + core[-1] + 1
-        if below[0] and len(before):
-            low[t] = _interpolate(row, int(before[-1]), int(before[-1]) + 1, outer)
-        if below[-1] and len(after):
-            high[t] = _interpolate(row, int(after[0]) - 1, int(after[0]), outer)
+        if below[0]:
+            last_below = int(np.flatnonzero(below[:core[0]])[-1])
+            low[t] = _interpolate(row, last_below, last_below + 1, outer)
+        if below[-1]:
+            first_below = int(np.flatnonzero(below[core[-1] + 1:])[0]) + core[-1] + 1
+            high[t] = _interpolate(row, first_below - 1, first_below, outer)
     return low, high
 
 
